@@ -1,0 +1,75 @@
+"""The ``qsurgeon`` command line.
+
+The commands live beside the code they drive: the service commands here in the client,
+``solve``/``solvers``/``worker`` in the worker portion, ``prune``/``serve``/``evaluate``/
+``bench`` in the server portion. Each of those modules has ``register(subparsers)``.
+A portion whose optional dependencies are missing still shows its commands, and running
+one says which extra to install. Expected errors print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Callable, Sequence
+
+from qsurgeon.client.errors import QsurgeonError
+
+#: command modules, with the commands they add and the extra that installs their needs
+COMMAND_MODULES: list[tuple[str, tuple[str, ...], str]] = [
+    ("qsurgeon.worker.commands", ("solve", "solvers"), "worker"),
+]
+
+EXIT_USAGE = 2
+
+
+def _missing_extra(command: str, extra: str, error: ImportError) -> Callable[[argparse.Namespace], int]:
+    def run(_: argparse.Namespace) -> int:
+        print(
+            f"qsurgeon {command}: needs the [{extra}] extra ({error.name or error} is not installed): "
+            f"pip install 'qsurgeon[{extra}]'",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qsurgeon",
+        description="Prune neural networks with iCBS; solve block QUBOs with any solver.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for module_name, commands, extra in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            for command in commands:
+                stub = subparsers.add_parser(command, help=f"(needs qsurgeon[{extra}])", add_help=False)
+                stub.add_argument("rest", nargs=argparse.REMAINDER)
+                stub.set_defaults(func=_missing_extra(command, extra, error))
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see MEASURED.md
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except QsurgeonError as error:
+        print(f"qsurgeon {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"qsurgeon {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

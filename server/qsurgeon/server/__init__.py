@@ -1,0 +1,1 @@
+"""qsurgeon server: model adapters, scores, QUBO builders, the iCBS engine and the REST API."""

@@ -1,0 +1,69 @@
+"""The Queue: how the engine hands a round of block problems to solvers.
+
+The iCBS engine never calls a solver directly; it submits each round of independent
+blocks to a Queue and merges what comes back. Embedded runs use :class:`InProcessQueue`
+(solve in this process, one vectorised batch); the service uses a Redis Streams queue
+with the same interface, so the engine is the same code on both paths.
+
+A block that cannot be solved comes back as ``None``: the engine then keeps that block's
+current assignment, which is always feasible, and records the failure.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol, Sequence
+
+from qsurgeon.client.errors import QsurgeonError
+from qsurgeon.worker.problem import BlockProblem, BlockSolution
+from qsurgeon.worker.solve import solve, solve_batch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundRequest:
+    """One round of independent block problems, all for the same solver and parameters."""
+
+    job_id: str
+    round_id: str  # unique within the job; (round_id, problem.id) identifies a block
+    problems: Sequence[BlockProblem]
+    solver: str = "sa"
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RoundResult:
+    solutions: list[BlockSolution | None]
+    failures: dict[str, str] = field(default_factory=dict)  # problem id -> reason
+
+
+class Queue(Protocol):
+    """Carries a round of block problems to solvers and their answers back."""
+
+    def run_round(self, request: RoundRequest) -> RoundResult:
+        """Solve every problem of the round; failed blocks come back as ``None``."""
+        ...
+
+
+class InProcessQueue:
+    """The embedded default: solve the round here, as one batch."""
+
+    def run_round(self, request: RoundRequest) -> RoundResult:
+        problems = list(request.problems)
+        params = dict(request.params)
+        try:
+            return RoundResult(solutions=list(solve_batch(problems, request.solver, **params)))
+        except QsurgeonError as error:
+            if len(problems) == 1:
+                return RoundResult([None], {problems[0].id: str(error)})
+            log.warning("batch of %d blocks failed (%s); solving them one by one", len(problems), error)
+        result = RoundResult(solutions=[])
+        for problem in problems:
+            try:
+                result.solutions.append(solve(problem, request.solver, **params))
+            except QsurgeonError as error:
+                result.solutions.append(None)
+                result.failures[problem.id] = str(error)
+        return result

@@ -1,0 +1,118 @@
+"""Which solvers exist, what they can do, and how to get one by name.
+
+Built-in backends are listed here by name and imported only when first used, so a
+missing optional dependency turns into "install qsurgeon[quantum]" instead of an
+ImportError at start-up. Third-party backends register through the entry-point group
+``qsurgeon.backends`` (name -> a Solver subclass or a zero-argument factory).
+A backend is only ever chosen by its registered name: no module path from a request or
+a file is ever imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib.metadata import entry_points
+from typing import Callable
+
+from qsurgeon.client.errors import SolverUnavailableError
+from qsurgeon.worker.solvers.base import Capabilities, Solver
+
+ENTRY_POINT_GROUP = "qsurgeon.backends"
+
+
+@dataclass(frozen=True)
+class _BuiltinSpec:
+    module: str
+    attribute: str
+    extra: str
+    description: str
+
+
+#: name -> where the backend lives. Only these module paths are ever imported by name.
+BUILTIN_SOLVERS: dict[str, _BuiltinSpec] = {
+    "exhaustive": _BuiltinSpec("qsurgeon.worker.solvers.exhaustive", "ExhaustiveSolver", "worker",
+                               "exact enumeration of all feasible assignments"),
+}
+
+_instances: dict[str, Solver] = {}
+
+
+def _load_builtin(name: str) -> Solver:
+    spec = BUILTIN_SOLVERS[name]
+    try:
+        module = importlib.import_module(spec.module)
+    except ImportError as error:
+        raise SolverUnavailableError(
+            f"solver {name!r} needs the [{spec.extra}] extra ({error.name or error} is missing): "
+            f"pip install 'qsurgeon[{spec.extra}]'"
+        ) from None
+    return getattr(module, spec.attribute)()
+
+
+@lru_cache(maxsize=1)
+def _plugin_entry_points() -> dict[str, object]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name not in BUILTIN_SOLVERS}
+
+
+def _load_plugin(name: str) -> Solver:
+    entry_point = _plugin_entry_points()[name]
+    try:
+        factory: Callable[[], Solver] = entry_point.load()  # type: ignore[attr-defined]
+        solver = factory()
+    except Exception as error:  # a broken plug-in must not take the service down
+        raise SolverUnavailableError(f"plug-in solver {name!r} failed to load: {error}") from None
+    if not isinstance(solver, Solver):
+        raise SolverUnavailableError(f"plug-in solver {name!r} is not a qsurgeon Solver")
+    return solver
+
+
+def register(solver: Solver) -> None:
+    """Register a solver instance under its capabilities' name (for users' own code)."""
+    _instances[solver.name] = solver
+
+
+def solver_names() -> list[str]:
+    return sorted(set(BUILTIN_SOLVERS) | set(_plugin_entry_points()) | set(_instances))
+
+
+def get_solver(name: str) -> Solver:
+    """The solver registered under ``name``; raises SolverUnavailableError with the fix."""
+    if name in _instances:
+        return _instances[name]
+    if name in BUILTIN_SOLVERS:
+        solver = _load_builtin(name)
+    elif name in _plugin_entry_points():
+        solver = _load_plugin(name)
+    else:
+        raise SolverUnavailableError(f"unknown solver {name!r}; choose one of: {', '.join(solver_names())}")
+    _instances[name] = solver
+    return solver
+
+
+def capabilities(name: str) -> Capabilities:
+    """Capabilities of one solver, with installed=False and the reason when it cannot load."""
+    try:
+        return get_solver(name).capabilities
+    except SolverUnavailableError as error:
+        spec = BUILTIN_SOLVERS.get(name)
+        return Capabilities(
+            name=name, description=spec.description if spec else "plug-in", max_variables=0,
+            constraints="unknown", device="unknown", extra=spec.extra if spec else "",
+            installed=False, missing=str(error),
+        )
+
+
+def all_capabilities() -> list[Capabilities]:
+    return [capabilities(name) for name in solver_names()]
+
+
+def unregister(name: str) -> None:
+    _instances.pop(name, None)
+
+
+__all__ = [
+    "BUILTIN_SOLVERS", "ENTRY_POINT_GROUP", "Capabilities", "all_capabilities", "capabilities",
+    "get_solver", "register", "solver_names", "unregister",
+]

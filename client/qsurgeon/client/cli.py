@@ -19,7 +19,12 @@ from qsurgeon.client.errors import QsurgeonError
 
 #: command modules, with the commands they add and the extra that installs their needs
 COMMAND_MODULES: list[tuple[str, tuple[str, ...], str]] = [
+    ("qsurgeon.server.prune_commands", ("prune", "demo"), "server"),
+    ("qsurgeon.server.quality_commands", ("evaluate", "bench"), "server"),
     ("qsurgeon.worker.commands", ("solve", "solvers"), "worker"),
+    ("qsurgeon.worker.service_commands", ("worker",), "worker"),
+    ("qsurgeon.server.service_commands", ("serve",), "server"),
+    ("qsurgeon.client.service_commands", ("submit", "status", "watch", "download", "cancel"), ""),
 ]
 
 EXIT_USAGE = 2
@@ -48,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(module_name)
         except ImportError as error:
+            if error.name == module_name:
+                continue  # this command module is not part of this build
             for command in commands:
                 stub = subparsers.add_parser(command, help=f"(needs qsurgeon[{extra}])", add_help=False)
                 stub.add_argument("rest", nargs=argparse.REMAINDER)

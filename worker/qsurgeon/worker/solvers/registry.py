@@ -34,6 +34,18 @@ class _BuiltinSpec:
 BUILTIN_SOLVERS: dict[str, _BuiltinSpec] = {
     "exhaustive": _BuiltinSpec("qsurgeon.worker.solvers.exhaustive", "ExhaustiveSolver", "worker",
                                "exact enumeration of all feasible assignments"),
+    "sa": _BuiltinSpec("qsurgeon.worker.solvers.sa", "SimulatedAnnealingSolver", "worker",
+                       "cardinality-preserving simulated annealing with swap moves (CPU kernel or CUDA)"),
+    "neal": _BuiltinSpec("qsurgeon.worker.solvers.dimod_backends", "NealSolver", "worker",
+                         "D-Wave simulated annealing (dwave-samplers), penalty + repair"),
+    "tabu": _BuiltinSpec("qsurgeon.worker.solvers.dimod_backends", "TabuSolver", "worker",
+                         "D-Wave tabu search (dwave-samplers), penalty + repair"),
+    "steepest": _BuiltinSpec("qsurgeon.worker.solvers.dimod_backends", "SteepestDescentSolver", "worker",
+                             "D-Wave steepest descent (dwave-samplers), penalty + repair"),
+    "exact-dimod": _BuiltinSpec("qsurgeon.worker.solvers.dimod_backends", "ExactDimodSolver", "worker",
+                                "dimod ExactSolver (tiny problems), penalty + repair"),
+    "qaoa": _BuiltinSpec("qsurgeon.worker.solvers.qaoa", "QAOASolver", "quantum",
+                         "QAOA through qiskit-optimization on a local simulator"),
 }
 
 _instances: dict[str, Solver] = {}
@@ -44,6 +56,8 @@ def _load_builtin(name: str) -> Solver:
     try:
         module = importlib.import_module(spec.module)
     except ImportError as error:
+        if error.name == spec.module:
+            raise SolverUnavailableError(f"solver {name!r} is not part of this build") from None
         raise SolverUnavailableError(
             f"solver {name!r} needs the [{spec.extra}] extra ({error.name or error} is missing): "
             f"pip install 'qsurgeon[{spec.extra}]'"

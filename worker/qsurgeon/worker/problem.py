@@ -111,8 +111,21 @@ class BlockProblem:
         id: str = "",
         meta: Mapping[str, Any] | None = None,
         symmetry_tolerance: float = 1e-6,
+        validate: bool = True,
     ) -> "BlockProblem":
-        """A problem with an explicit B×B matrix (symmetrised after a tolerance check)."""
+        """A problem with an explicit B×B matrix (symmetrised after a tolerance check).
+
+        ``validate=False`` skips the O(B²) symmetry and finiteness checks and the x0 check;
+        it is for builders that produce exactly symmetric, finite float32 matrices by
+        construction and build thousands of blocks per round. Never use it on user input.
+        """
+        if not validate:
+            group_of, counts_array = _constraint(len(Q), k, groups, counts)
+            return cls(
+                group_of=group_of, counts=counts_array, Q=Q, offset=float(offset),
+                x0=None if x0 is None else np.ascontiguousarray(x0, dtype=np.uint8),
+                id=str(id), meta=dict(meta or {}),
+            )
         Q = _as_float32("Q", Q, 2)
         if Q.shape[0] != Q.shape[1]:
             raise InvalidProblemError(f"Q must be square, got shape {Q.shape}")

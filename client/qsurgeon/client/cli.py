@@ -57,8 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # this command module is not part of this build
             for command in commands:
                 stub = subparsers.add_parser(command, help=f"(needs qsurgeon[{extra}])", add_help=False)
-                stub.add_argument("rest", nargs=argparse.REMAINDER)
-                stub.set_defaults(func=_missing_extra(command, extra, error))
+                stub.set_defaults(func=_missing_extra(command, extra, error), accepts_any_arguments=True)
             continue
         module.register(subparsers)
     return parser
@@ -67,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see MEASURED.md
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "accepts_any_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args.func(args) or 0)
     except QsurgeonError as error:

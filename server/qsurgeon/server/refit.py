@@ -1,0 +1,156 @@
+"""Least-squares refit of the kept weights of a pruned linear layer (METHOD.md §5).
+
+Pruning a row changes its output by ``(w0 ∘ x)ᵀ a``; with the calibration Gram
+``H = A Aᵀ`` the layer-wise error of row weights ``w`` is ``(w − w0)ᵀ H (w − w0)``.
+Once the mask is fixed, the kept weights ``K`` that minimise it are
+
+    ŵ_K = w0_K + H[K,K]⁻¹ H[K,P] w0_P          (P = pruned, ŵ_P = 0)
+
+which is the OBS / SparseGPT weight update. Rows have different kept sets, so every
+row is its own linear system. Two solvers:
+
+- ``"exact"``: a dense solve per row (batched in chunks). Simple and exact, but it
+  costs O(rows · d³) and MEASURED.md found ~20 s per wide layer.
+- ``"cg"``: conjugate gradients on all rows at once. Each iteration is one
+  ``(rows × d) @ (d × d)`` product with the kept entries masked, so the whole layer
+  advances together; it reaches the exact solve's error in a few dozen iterations
+  because the damping bounds the condition number.
+
+Damping adds ``damp · mean(diag H)`` to the diagonal (as SparseGPT does): it keeps
+``H[K,K]`` invertible when inputs are rank-deficient (few tokens, dead features) and
+shrinks the update towards ``w0``. The damped objective is what both solvers
+minimise exactly, so the refit never increases the damped error of a row.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from qsurgeon.client.errors import UsageError
+
+RefitMethod = Literal["cg", "exact"]
+REFIT_METHODS: tuple[str, ...] = ("cg", "exact")
+
+#: bytes of float64 matrices one chunk of the exact solver may allocate
+_EXACT_CHUNK_BYTES = 256 << 20
+
+
+def damped_gram(gram: torch.Tensor, damp: float) -> torch.Tensor:
+    """``H + damp · mean(diag H) · I`` in float64; dead inputs get a unit diagonal.
+
+    A feature that is zero on every calibration token has a zero row and column in
+    ``H``; giving it a positive diagonal keeps every principal submatrix invertible
+    without changing any error (its weight never affects the output).
+    """
+    hessian = gram.to(torch.float64).clone()
+    diagonal = torch.diagonal(hessian)
+    dead = diagonal <= 0
+    if bool(dead.all()):
+        diagonal.fill_(1.0)
+        return hessian
+    diagonal[dead] = 1.0 if damp <= 0 else 0.0
+    diagonal += damp * float(diagonal[~dead].mean())
+    return hessian
+
+
+def _check_inputs(weight0: torch.Tensor, gram: torch.Tensor, mask: torch.Tensor, damp: float) -> None:
+    if weight0.ndim != 2:
+        raise UsageError(f"refit needs a 2-D weight (out, in), got shape {tuple(weight0.shape)}")
+    width = weight0.shape[1]
+    if tuple(gram.shape) != (width, width):
+        raise UsageError(f"Gram matrix must be {width}×{width} for weight {tuple(weight0.shape)}, got {tuple(gram.shape)}")
+    if tuple(mask.shape) != tuple(weight0.shape):
+        raise UsageError(f"mask shape {tuple(mask.shape)} differs from weight shape {tuple(weight0.shape)}")
+    if mask.dtype != torch.bool:
+        raise UsageError(f"mask must be a bool tensor (True = pruned), got {mask.dtype}")
+    if not damp >= 0:
+        raise UsageError(f"damping must be non-negative, got {damp}")
+
+
+def refit_rows(
+    weight0: torch.Tensor,
+    gram: torch.Tensor,
+    mask: torch.Tensor,
+    damp: float = 0.01,
+    method: RefitMethod = "cg",
+    *,
+    tol: float = 1e-7,
+    max_iter: int | None = None,
+) -> torch.Tensor:
+    """Refit the kept weights of every row by damped least squares; pruned ones become 0.
+
+    ``weight0`` (out × in) are the ORIGINAL weights, ``gram`` the input Gram ``A Aᵀ``
+    (in × in), ``mask`` True where pruned. Returns a tensor of ``weight0``'s dtype and
+    device. ``tol`` (relative residual) and ``max_iter`` only apply to ``"cg"``.
+    """
+    _check_inputs(weight0, gram, mask, damp)
+    if method not in REFIT_METHODS:
+        raise UsageError(f"refit method must be one of {', '.join(REFIT_METHODS)}, got {method!r}")
+    hessian = damped_gram(gram.to(weight0.device), damp)
+    w0 = weight0.detach().to(torch.float64)
+    kept = (~mask).to(torch.float64)
+    # right-hand side of H[K,K] δ_K = H[K,P] w0_P, laid out as full-width rows
+    rhs = (w0 * (1.0 - kept)) @ hessian * kept
+    if method == "exact":
+        delta = _solve_exact(hessian, kept, rhs)
+    else:
+        delta = _solve_cg(hessian, kept, rhs, tol=tol, max_iter=max_iter or 4 * w0.shape[1])
+    refit = (w0 + delta) * kept
+    return refit.to(weight0.dtype)
+
+
+def _solve_exact(hessian: torch.Tensor, kept: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Dense solve of every row's kept system, padded to full width.
+
+    Each row's matrix is ``H`` restricted to its kept set with an identity on the pruned
+    entries, so one batched ``torch.linalg.solve`` handles rows with different kept sets.
+    """
+    rows, width = kept.shape
+    chunk = max(1, _EXACT_CHUNK_BYTES // (8 * width * width))
+    delta = torch.zeros_like(rhs)
+    identity = torch.eye(width, dtype=hessian.dtype, device=hessian.device)
+    for start in range(0, rows, chunk):
+        keep = kept[start : start + chunk]
+        systems = keep[:, :, None] * hessian[None] * keep[:, None, :]
+        systems = systems + identity * (1.0 - keep)[:, None, :]
+        delta[start : start + chunk] = torch.linalg.solve(systems, rhs[start : start + chunk])
+    return delta
+
+
+def _solve_cg(
+    hessian: torch.Tensor, kept: torch.Tensor, rhs: torch.Tensor, *, tol: float, max_iter: int
+) -> torch.Tensor:
+    """Conjugate gradients for all rows at once, each restricted to its kept entries.
+
+    The operator of row r is ``v ↦ (v @ H) ∘ k_r`` on vectors supported on ``k_r``
+    (``H`` is symmetric), which is ``H[K,K]`` padded with zeros: SPD on the kept
+    subspace, so CG converges there. Per-row step sizes keep rows independent; rows
+    that have converged stop moving (their step is masked to zero).
+    """
+    delta = torch.zeros_like(rhs)
+    residual = rhs.clone()
+    direction = residual.clone()
+    rr = (residual * residual).sum(dim=1)
+    threshold = (tol**2) * rr.clamp_min(torch.finfo(rhs.dtype).tiny)
+    for _ in range(max_iter):
+        active = rr > threshold
+        if not bool(active.any()):
+            break
+        product = (direction @ hessian) * kept
+        curvature = (direction * product).sum(dim=1)
+        alpha = torch.where(active & (curvature > 0), rr / curvature.clamp_min(torch.finfo(rhs.dtype).tiny), 0.0)
+        delta += alpha[:, None] * direction
+        residual -= alpha[:, None] * product
+        rr_next = (residual * residual).sum(dim=1)
+        beta = torch.where(active, rr_next / rr.clamp_min(torch.finfo(rhs.dtype).tiny), 0.0)
+        direction = residual + beta[:, None] * direction
+        rr = rr_next
+    return delta
+
+
+def layer_error(weight0: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Per-row layer-wise error ``(w − w0)ᵀ H (w − w0)`` in float64 (one value per row)."""
+    difference = (weight.to(torch.float64) - weight0.to(torch.float64))
+    return ((difference @ gram.to(torch.float64)) * difference).sum(dim=1)

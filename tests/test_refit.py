@@ -1,0 +1,98 @@
+"""The least-squares refit: CG agrees with the exact solve, and never makes a row worse."""
+
+import pytest
+import torch
+
+from qsurgeon.client.errors import UsageError
+from qsurgeon.server.refit import damped_gram, layer_error, refit_rows
+
+
+def _layer(rows: int, width: int, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, width, generator=generator)
+    # correlated inputs, as real activations are: that is what makes refitting worthwhile
+    mixing = torch.randn(width, width, generator=generator) / width**0.5 + torch.eye(width)
+    inputs = mixing @ torch.randn(width, tokens, generator=generator, dtype=torch.float64).to(torch.float32)
+    gram = (inputs.double() @ inputs.double().T)
+    mask = torch.rand(rows, width, generator=generator) < 0.5
+    return weight, gram, mask
+
+
+def _brute_force_row(w0: torch.Tensor, hessian: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """Minimise (w − w0)ᵀ H (w − w0) over w with w_P = 0 by a direct dense solve."""
+    kept = (~pruned).nonzero().flatten()
+    gone = pruned.nonzero().flatten()
+    w = torch.zeros_like(w0, dtype=torch.float64)
+    w0 = w0.double()
+    if kept.numel():
+        h_kk = hessian[kept][:, kept]
+        h_kp = hessian[kept][:, gone]
+        w[kept] = w0[kept] + torch.linalg.solve(h_kk, h_kp @ w0[gone])
+    return w
+
+
+@pytest.mark.parametrize("method", ["exact", "cg"])
+def test_refit_matches_direct_solve_row_by_row(method):
+    weight, gram, mask = _layer(rows=7, width=12, tokens=40, seed=0)
+    refit = refit_rows(weight, gram, mask, damp=0.01, method=method, tol=1e-12)
+    hessian = damped_gram(gram, 0.01)
+    for row in range(weight.shape[0]):
+        expected = _brute_force_row(weight[row], hessian, mask[row])
+        torch.testing.assert_close(refit[row].double(), expected, rtol=1e-4, atol=1e-5)
+    assert bool((refit[mask] == 0).all())
+
+
+def test_cg_reaches_the_exact_error_on_a_wider_rank_deficient_layer():
+    # fewer tokens than inputs: H is singular, only the damping makes the systems solvable
+    weight, gram, mask = _layer(rows=16, width=48, tokens=30, seed=1)
+    exact = refit_rows(weight, gram, mask, method="exact")
+    iterative = refit_rows(weight, gram, mask, method="cg")
+    hessian = damped_gram(gram, 0.01)
+    error_exact = layer_error(weight, exact, hessian)
+    error_cg = layer_error(weight, iterative, hessian)
+    assert torch.allclose(error_cg, error_exact, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["exact", "cg"])
+def test_refit_never_increases_a_rows_error(method):
+    weight, gram, mask = _layer(rows=20, width=24, tokens=64, seed=2)
+    refit = refit_rows(weight, gram, mask, method=method)
+    mask_only = weight * ~mask
+    # the damped objective is minimised exactly; undamped it may differ by the damping only
+    hessian = damped_gram(gram, 0.01)
+    assert bool((layer_error(weight, refit, hessian) <= layer_error(weight, mask_only, hessian) * (1 + 1e-9)).all())
+    plain_refit = layer_error(weight, refit, gram)
+    plain_mask = layer_error(weight, mask_only, gram)
+    assert bool((plain_refit <= plain_mask * (1 + 1e-6) + 1e-9).all())
+    assert float(plain_refit.sum()) < 0.8 * float(plain_mask.sum())  # and it helps a lot here
+
+
+def test_rows_with_nothing_pruned_or_everything_pruned_are_handled():
+    weight, gram, _ = _layer(rows=3, width=8, tokens=20, seed=3)
+    mask = torch.zeros_like(weight, dtype=torch.bool)
+    mask[1] = True
+    for method in ("exact", "cg"):
+        refit = refit_rows(weight, gram, mask, method=method)
+        torch.testing.assert_close(refit[0], weight[0])
+        assert bool((refit[1] == 0).all())
+
+
+def test_dead_inputs_do_not_break_the_solve():
+    weight, gram, mask = _layer(rows=5, width=10, tokens=30, seed=4)
+    gram[3, :] = 0
+    gram[:, 3] = 0
+    for method in ("exact", "cg"):
+        refit = refit_rows(weight, gram, mask, method=method)
+        assert bool(torch.isfinite(refit).all())
+
+
+def test_bad_inputs_raise_usage_errors():
+    weight, gram, mask = _layer(rows=3, width=8, tokens=20, seed=5)
+    with pytest.raises(UsageError, match="Gram"):
+        refit_rows(weight, gram[:4, :4], mask)
+    with pytest.raises(UsageError, match="mask shape"):
+        refit_rows(weight, gram, mask[:2])
+    with pytest.raises(UsageError, match="bool"):
+        refit_rows(weight, gram, mask.float())
+    with pytest.raises(UsageError, match="refit method"):
+        refit_rows(weight, gram, mask, method="lu")  # type: ignore[arg-type]

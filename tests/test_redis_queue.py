@@ -1,0 +1,332 @@
+"""RedisQueue + Worker against the real Redis: round trips, sharing, reclaim, dead letters,
+claim renewal, cancellation, limits. Each test uses its own key prefix."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+redis = pytest.importorskip("redis")
+
+from qsurgeon.client.errors import InvalidProblemError, UsageError  # noqa: E402
+from qsurgeon.worker.consumer import Worker, current_lease  # noqa: E402
+from qsurgeon.worker.problem import BlockProblem, BlockSolution  # noqa: E402
+from qsurgeon.worker.queue import InProcessQueue, RoundRequest  # noqa: E402
+from qsurgeon.worker.redis_queue import (  # noqa: E402
+    QueueSettings, RedisQueue, RoundAborted, connect, decode_problem, encode_problem, encode_result,
+)
+from qsurgeon.worker.solve import solve  # noqa: E402
+from qsurgeon.worker.solvers.base import Capabilities, Solver  # noqa: E402
+from qsurgeon.worker.solvers.registry import register, unregister  # noqa: E402
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+def client():
+    connection = connect(REDIS_URL)
+    try:
+        connection.ping()
+    except redis.ConnectionError:
+        pytest.skip(f"no Redis at {REDIS_URL}")
+    return connection
+
+
+@pytest.fixture
+def prefix(client) -> Iterator[str]:
+    name = f"qstest-{uuid.uuid4().hex[:10]}"
+    yield name
+    keys = list(client.scan_iter(match=f"{name}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
+def random_problem(rng: np.random.Generator, size: int, k: int, block_id: str, *, factored: bool = False,
+                   Q: np.ndarray | None = None) -> BlockProblem:
+    x0 = np.zeros(size, np.uint8)
+    x0[rng.choice(size, k, replace=False)] = 1
+    if factored:
+        return BlockProblem.factored(rng.normal(size=(3, size)), rng.random(size), k=k, x0=x0, id=block_id)
+    if Q is None:
+        A = rng.normal(size=(size, size))
+        Q = (A + A.T).astype(np.float32)
+    return BlockProblem.dense(Q, k=k, x0=x0, id=block_id, meta={"row": block_id})
+
+
+@contextmanager
+def running(worker: Worker) -> Iterator[Worker]:
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+
+
+def brute_force(problem: BlockProblem) -> float:
+    size = problem.num_variables
+    best = np.inf
+    for pattern in range(1 << size):
+        x = np.array([(pattern >> i) & 1 for i in range(size)])
+        if problem.is_feasible(x):
+            best = min(best, problem.energy(x))
+    return best
+
+
+def test_round_trip_matches_in_process_and_brute_force(client, prefix):
+    rng = np.random.default_rng(0)
+    problems = [random_problem(rng, 10, 4, f"b{i}", factored=i % 2 == 1) for i in range(12)]
+    settings = QueueSettings(prefix=prefix)
+    request = RoundRequest(job_id="j1", round_id="r0", problems=problems, solver="exhaustive")
+    with running(Worker(connect(REDIS_URL), settings=settings, backends=["exhaustive"], batch_size=5)) as worker:
+        result = RedisQueue(REDIS_URL, settings=settings).run_round(request)
+    expected = InProcessQueue().run_round(request)
+    assert result.failures == {}
+    for problem, got, want in zip(problems, result.solutions, expected.solutions):
+        assert got is not None and got.problem_id == problem.id
+        np.testing.assert_array_equal(got.x, want.x)
+        assert got.energy == pytest.approx(brute_force(problem), rel=1e-9, abs=1e-12)
+        assert got.metadata["worker"] == worker.name
+    assert max(worker.stats.batches) > 1  # it really took several messages at once
+    # the round's keys are gone once collected; nothing is left pending
+    assert not list(client.scan_iter(match=f"{prefix}:res:*"))
+    assert RedisQueue(REDIS_URL, settings=settings).pending_count("exhaustive") == 0
+
+
+def test_envelope_round_trips_and_refuses_garbage():
+    rng = np.random.default_rng(1)
+    for problem in (random_problem(rng, 8, 3, "d"), random_problem(rng, 8, 3, "f", factored=True)):
+        back = decode_problem(encode_problem(problem), lambda digest: None)
+        assert back.id == problem.id and back.offset == problem.offset and dict(back.meta) == dict(problem.meta)
+        np.testing.assert_array_equal(back.dense_Q(), problem.dense_Q())
+        np.testing.assert_array_equal(back.x0, problem.x0)
+    payload = encode_problem(random_problem(rng, 8, 3, "d"))
+    with pytest.raises(InvalidProblemError):
+        decode_problem(b"junk" + payload[4:], lambda digest: None)
+    with pytest.raises(InvalidProblemError):
+        decode_problem(payload[:-3], lambda digest: None)
+    with pytest.raises(InvalidProblemError):
+        decode_problem(payload + b"x", lambda digest: None)
+
+
+def test_shared_matrices_are_stored_once(client, prefix):
+    rng = np.random.default_rng(2)
+    A = rng.normal(size=(64, 64))
+    Q = (A + A.T).astype(np.float32)  # 16 KiB, shared by every problem of the round
+    problems = [random_problem(rng, 64, 20, f"s{i}", Q=Q) for i in range(6)]
+    settings = QueueSettings(prefix=prefix, share_threshold=4096)
+    queue = RedisQueue(REDIS_URL, settings=settings)
+    request = RoundRequest(job_id="j2", round_id="r0", problems=problems, solver="exhaustive")
+    queue._enqueue(request, problems)
+    blobs = list(client.scan_iter(match=f"{prefix}:blob:*"))
+    assert len(blobs) == 1 and client.strlen(blobs[0]) == Q.nbytes
+    entries = client.xrange(queue.keys.stream("exhaustive"))
+    assert len(entries) == 6 and all(len(fields[b"body"]) < Q.nbytes / 4 for _, fields in entries)
+    worker = Worker(connect(REDIS_URL), settings=settings, backends=["exhaustive"])
+    messages = worker._read("w")
+    decoded = decode_problem(messages[0].body, lambda d: client.get(queue.keys.blob("j2", "r0", d)))
+    np.testing.assert_array_equal(decoded.Q, Q)
+
+
+def test_duplicate_results_are_ignored(client, prefix):
+    rng = np.random.default_rng(3)
+    problem = random_problem(rng, 6, 2, "only")
+    settings = QueueSettings(prefix=prefix)
+    queue = RedisQueue(REDIS_URL, settings=settings)
+    request = RoundRequest(job_id="j3", round_id="r0", problems=[problem], solver="exhaustive")
+    queue._enqueue(request, [problem])
+    worker = Worker(connect(REDIS_URL), settings=settings, backends=["exhaustive"])
+    message = worker._read("w")[0]
+    right = solve(problem, "exhaustive")
+    wrong_x = problem.x0 if not np.array_equal(problem.x0, right.x) else 1 - problem.x0
+    wrong = BlockSolution(x=wrong_x, energy=0.0, solver="late", problem_id="only")
+    worker._finish(message, encode_result(right))
+    worker._finish(message, encode_result(wrong))  # a reclaimed copy answering late
+    result = queue._collect(request, [problem], {})
+    np.testing.assert_array_equal(result.solutions[0].x, right.x)
+    assert result.solutions[0].solver == "exhaustive"
+
+
+def test_crashed_workers_messages_are_reclaimed(client, prefix):
+    rng = np.random.default_rng(4)
+    problems = [random_problem(rng, 8, 3, f"c{i}") for i in range(4)]
+    settings = QueueSettings(prefix=prefix, visibility_timeout=0.3)
+    queue = RedisQueue(REDIS_URL, settings=settings)
+    request = RoundRequest(job_id="j4", round_id="r0", problems=problems, solver="exhaustive")
+    queue._enqueue(request, problems)
+    ghost = Worker(connect(REDIS_URL), settings=settings, backends=["exhaustive"])
+    taken = ghost._read("ghost")  # takes every message, counts the delivery, then "dies"
+    ghost.count_attempts(taken)
+    assert len(taken) == 4 and queue.pending_count("exhaustive") == 4
+    time.sleep(0.4)
+    with running(Worker(connect(REDIS_URL), settings=settings, backends=["exhaustive"])) as rescuer:
+        result = queue.run_round(request)
+    assert result.failures == {} and rescuer.stats.solved == 4
+    for problem, solution in zip(problems, result.solutions):
+        assert solution.energy == pytest.approx(brute_force(problem), rel=1e-9, abs=1e-12)
+
+
+def test_dead_letter_after_max_attempts(client, prefix):
+    rng = np.random.default_rng(5)
+    problems = [random_problem(rng, 8, 3, "poison"), random_problem(rng, 8, 3, "fine")]
+    settings = QueueSettings(prefix=prefix, visibility_timeout=0.2, max_attempts=2)
+    queue = RedisQueue(REDIS_URL, settings=settings)
+    request = RoundRequest(job_id="j5", round_id="r0", problems=problems, solver="exhaustive")
+    queue._enqueue(request, problems[:1])  # the poison block alone first
+    ghost = Worker(connect(REDIS_URL), settings=settings, backends=["exhaustive"])
+    for _ in range(2):  # two deliveries that each "crash" before answering
+        time.sleep(0.25)
+        taken = ghost._reclaim("ghost") or ghost._read("ghost")
+        assert [m.block for m in taken] == ["poison"]
+        ghost.count_attempts(taken)
+    time.sleep(0.25)
+    with running(Worker(connect(REDIS_URL), settings=settings, backends=["exhaustive"])):
+        result = queue.run_round(request)
+    assert result.solutions[0] is None and "gave up after 2 attempts" in result.failures["poison"]
+    assert result.solutions[1] is not None
+    dead = queue.dead_letters()
+    assert [(d["job"], d["block"]) for d in dead] == [("j5", "poison")]
+    assert queue.stats()["blocks_dead"] == 1
+
+
+class SlowRemoteSolver(Solver):
+    """Waits like a remote service would, renewing its claim and recording a task id."""
+
+    capabilities = Capabilities(name="slow-remote-test", description="test", max_variables=64,
+                                constraints="native", device="remote")
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.seen_records: list[dict[str, str]] = []
+        self.renewed = 0
+
+    def sample(self, problem: BlockProblem, **params: Any) -> BlockSolution:
+        self.calls += 1
+        lease = current_lease()
+        assert lease is not None
+        self.seen_records.append(lease.recorded)
+        lease.record("task_id", f"remote-{problem.id}")
+        for _ in range(12):  # 1.2 s of waiting, far past the 0.3 s visibility timeout
+            time.sleep(0.1)
+            self.renewed += lease.renew()
+        return solve(problem, "exhaustive")
+
+
+def test_claim_renewal_keeps_slow_messages(client, prefix):
+    solver = SlowRemoteSolver()
+    register(solver)
+    try:
+        rng = np.random.default_rng(6)
+        problem = random_problem(rng, 8, 3, "slow")
+        settings = QueueSettings(prefix=prefix, visibility_timeout=0.3)
+        queue = RedisQueue(REDIS_URL, settings=settings)
+        request = RoundRequest(job_id="j6", round_id="r0", problems=[problem], solver=solver.name)
+        first = Worker(connect(REDIS_URL), settings=settings, backends=[solver.name], name="first")
+        second = Worker(connect(REDIS_URL), settings=settings, backends=[solver.name], name="second")
+        with running(first), running(second):
+            result = queue.run_round(request)
+        assert result.failures == {}
+        assert solver.calls == 1  # nobody reclaimed it while it was being renewed
+        assert solver.renewed >= 10
+        assert first.stats.solved + second.stats.solved == 1
+        # the recorded task id survives for a retry; a fresh lease on the same message sees it
+        stored = list(client.scan_iter(match=f"{prefix}:remote:*"))
+        assert len(stored) == 1 and client.hget(stored[0], "task_id") == b"remote-slow"
+    finally:
+        unregister(solver.name)
+
+
+def test_cancelled_jobs_blocks_are_dropped(client, prefix):
+    rng = np.random.default_rng(7)
+    problems = [random_problem(rng, 8, 3, f"x{i}") for i in range(3)]
+    settings = QueueSettings(prefix=prefix, round_timeout=1.0)
+    queue = RedisQueue(REDIS_URL, settings=settings)
+    request = RoundRequest(job_id="j7", round_id="r0", problems=problems, solver="exhaustive")
+    queue.cancel("j7")
+    with running(Worker(connect(REDIS_URL), settings=settings, backends=["exhaustive"])) as worker:
+        result = queue.run_round(request)
+    assert worker.stats.dropped == 3 and worker.stats.solved == 0
+    assert result.solutions == [None, None, None]
+    assert queue.pending_count("exhaustive") == 0
+
+
+def test_should_stop_aborts_the_round_and_resume_does_not_requeue(client, prefix):
+    rng = np.random.default_rng(8)
+    problems = [random_problem(rng, 8, 3, f"y{i}") for i in range(3)]
+    settings = QueueSettings(prefix=prefix)
+    request = RoundRequest(job_id="j8", round_id="r0", problems=problems, solver="exhaustive")
+    with pytest.raises(RoundAborted):
+        RedisQueue(REDIS_URL, settings=settings, should_stop=lambda: True).run_round(request)
+    stream = f"{prefix}:blocks:exhaustive"
+    assert client.xlen(stream) == 3
+    resumed = RedisQueue(REDIS_URL, settings=settings)
+    resumed._enqueue(request, problems)  # the orchestrator restarted and runs the same round again
+    assert client.xlen(stream) == 3  # nothing enqueued twice
+    with running(Worker(connect(REDIS_URL), settings=settings, backends=["exhaustive"])):
+        result = resumed.run_round(request)
+    assert result.failures == {} and all(s is not None for s in result.solutions)
+
+
+def test_limits_and_bad_requests(client, prefix):
+    rng = np.random.default_rng(9)
+    big = random_problem(rng, 40, 5, "big")
+    small = random_problem(rng, 6, 2, "small")
+    settings = QueueSettings(prefix=prefix, max_message_bytes=2048)
+    queue = RedisQueue(REDIS_URL, settings=settings)
+    request = RoundRequest(job_id="j9", round_id="r0", problems=[big, small], solver="exhaustive")
+    with running(Worker(connect(REDIS_URL), settings=settings, backends=["exhaustive"])):
+        result = queue.run_round(request)
+    assert result.solutions[0] is None and "message limit" in result.failures["big"]
+    assert result.solutions[1] is not None
+    with pytest.raises(UsageError):
+        queue.run_round(RoundRequest(job_id="j9", round_id="r1", problems=[small, small], solver="exhaustive"))
+    with pytest.raises(UsageError):
+        QueueSettings(prefix="bad prefix")
+
+
+def test_too_large_for_solver_fails_the_block_not_the_worker(client, prefix):
+    rng = np.random.default_rng(10)
+    problems = [random_problem(rng, 30, 4, "huge"), random_problem(rng, 8, 3, "ok")]
+    settings = QueueSettings(prefix=prefix)
+    with running(Worker(connect(REDIS_URL), settings=settings, backends=["exhaustive"])):
+        result = RedisQueue(REDIS_URL, settings=settings).run_round(
+            RoundRequest(job_id="j10", round_id="r0", problems=problems, solver="exhaustive"))
+    assert result.solutions[0] is None and "at most 24" in result.failures["huge"]
+    assert result.solutions[1] is not None
+
+
+@pytest.mark.slow
+def test_worker_cli_heartbeats_and_exits_cleanly_on_sigterm(client, prefix):
+    command = [sys.executable, "-m", "qsurgeon.client.cli", "worker", "--redis", REDIS_URL, "--prefix", prefix,
+               "--backends", "exhaustive", "--concurrency", "2"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        queue = RedisQueue(REDIS_URL, settings=QueueSettings(prefix=prefix))
+        deadline = time.monotonic() + 60
+        while not queue.live_workers() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(queue.live_workers()) == 1
+        rng = np.random.default_rng(11)
+        problem = random_problem(rng, 8, 3, "cli")
+        result = queue.run_round(RoundRequest(job_id="j11", round_id="r0", problems=[problem], solver="exhaustive"))
+        assert result.solutions[0].energy == pytest.approx(brute_force(problem), rel=1e-9, abs=1e-12)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+        assert queue.live_workers() == []
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -1,0 +1,352 @@
+"""The worker loop: read block problems from Redis, solve them in batches, publish answers.
+
+At-least-once delivery: a message is acknowledged only together with its result (one
+Lua script), so a worker that dies mid-batch leaves its messages pending; another
+worker takes them over with XAUTOCLAIM once they have been idle longer than the
+visibility timeout. Every delivery bumps an attempt counter; past ``max_attempts`` the
+message is moved to the dead-letter stream and its block fails (the engine then keeps
+the block's current assignment). Duplicated answers are harmless: results are written
+with HSETNX keyed by block id inside the round.
+
+A backend that waits on a remote service (a cloud QPU, say) keeps its messages by
+calling ``current_lease().renew()`` while it waits, and records its remote task id with
+``current_lease().record(...)``, so a retry after a crash can resume the remote task
+instead of submitting it again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import redis
+
+from qsurgeon.client.errors import QsurgeonError
+from qsurgeon.worker.problem import BlockProblem
+from qsurgeon.worker.redis_queue import (
+    GROUP, PUBLISH_SCRIPT, Keys, QueueSettings, decode_problem, encode_result, ensure_group,
+)
+from qsurgeon.worker.solve import solve, solve_batch
+from qsurgeon.worker.solvers.registry import solver_names
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 5.0
+
+
+class Lease:
+    """The messages a worker thread is solving right now, and the means to keep them.
+
+    ``renew()`` resets their idle time (XCLAIM ... JUSTID), so no other worker reclaims
+    them while a slow backend is still working. ``record(key, value)`` stores state (a
+    remote task id) that outlives this worker; ``recorded`` holds what an earlier
+    attempt stored, so a retry can pick up where it left off.
+    """
+
+    def __init__(self, client: redis.Redis, keys: Keys, stream: str, consumer: str, message_ids: list[str]) -> None:
+        self._client = client
+        self._keys = keys
+        self._stream = stream
+        self._consumer = consumer
+        self.message_ids = message_ids
+        self.renewals = 0
+
+    def renew(self) -> int:
+        """Reset the idle time of every held message; returns how many are still ours."""
+        if not self.message_ids:
+            return 0
+        claimed = self._client.xclaim(self._stream, GROUP, self._consumer, 0, self.message_ids, justid=True)
+        self.renewals += 1
+        return len(claimed)
+
+    def record(self, key: str, value: str) -> None:
+        """Store ``key = value`` for every held message (kept for a day)."""
+        pipe = self._client.pipeline(transaction=False)
+        for message_id in self.message_ids:
+            pipe.hset(self._keys.remote(message_id), key, value)
+            pipe.expire(self._keys.remote(message_id), 24 * 3600)
+        pipe.execute()
+
+    @property
+    def recorded(self) -> dict[str, str]:
+        """What earlier attempts recorded for the held messages (merged)."""
+        merged: dict[str, str] = {}
+        for message_id in self.message_ids:
+            values = self._client.hgetall(self._keys.remote(message_id))
+            merged.update({k.decode(): v.decode() for k, v in values.items()})
+        return merged
+
+
+_local = threading.local()
+
+
+def current_lease() -> Lease | None:
+    """The lease of the batch this thread is solving, or None outside a worker."""
+    return getattr(_local, "lease", None)
+
+
+@dataclass
+class _Message:
+    message_id: str
+    stream: str
+    job: str
+    round_id: str
+    block: str
+    body: bytes
+
+
+@dataclass
+class WorkerStats:
+    solved: int = 0
+    failed: int = 0
+    dead: int = 0
+    dropped: int = 0
+    solve_seconds: float = 0.0
+    batches: list[int] = field(default_factory=list)
+
+
+class Worker:
+    """Consume block problems for ``backends`` until ``stop()`` (or SIGTERM via the CLI)."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        settings: QueueSettings | None = None,
+        backends: list[str] | None = None,
+        concurrency: int = 1,
+        batch_size: int = 32,
+        name: str | None = None,
+        block_ms: int = 500,
+    ) -> None:
+        if concurrency < 1 or batch_size < 1:
+            raise ValueError("concurrency and batch_size must be at least 1")
+        self.redis = client
+        self.settings = settings or QueueSettings()
+        self.keys = Keys(self.settings.prefix)
+        self.backends = list(backends or solver_names())
+        self.concurrency = concurrency
+        self.batch_size = batch_size
+        self.block_ms = block_ms
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.stats = WorkerStats()
+        self._stop = threading.Event()
+        self._publish = client.register_script(PUBLISH_SCRIPT)
+        self._round_cache: dict[tuple[str, str], tuple[str, dict[str, Any]] | None] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def streams(self) -> dict[str, str]:
+        return {self.keys.stream(backend): backend for backend in self.backends}
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    # ------------------------------------------------------------------ main loops
+    def run(self) -> WorkerStats:
+        """Run ``concurrency`` consumer threads and a heartbeat until stopped."""
+        for stream in self.streams:
+            ensure_group(self.redis, stream)
+        threads = [threading.Thread(target=self._consume, name=f"{self.name}-{i}", args=(f"{self.name}-{i}",),
+                                    daemon=True) for i in range(self.concurrency)]
+        for thread in threads:
+            thread.start()
+        try:
+            self._heartbeat()
+            while not self._stop.wait(HEARTBEAT_SECONDS / 5):
+                self._heartbeat()
+                if not any(thread.is_alive() for thread in threads):
+                    break
+        finally:
+            self._stop.set()
+            for thread in threads:
+                thread.join()
+            self.redis.zrem(self.keys.workers, self.name)
+            self.redis.delete(self.keys.worker(self.name))
+        return self.stats
+
+    def _heartbeat(self) -> None:
+        now = time.time()
+        if now - getattr(self, "_last_beat", 0.0) < HEARTBEAT_SECONDS:
+            return
+        self._last_beat = now
+        info = {"name": self.name, "pid": os.getpid(), "backends": self.backends, "solved": self.stats.solved,
+                "failed": self.stats.failed, "concurrency": self.concurrency}
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(self.keys.workers, {self.name: now})
+        pipe.set(self.keys.worker(self.name), json.dumps(info), ex=int(HEARTBEAT_SECONDS * 6))
+        pipe.execute()
+
+    def _consume(self, consumer: str) -> None:
+        last_reclaim = 0.0
+        while not self._stop.is_set():
+            try:
+                messages: list[_Message] = []
+                if time.monotonic() - last_reclaim > min(self.settings.visibility_timeout / 2, 5.0):
+                    last_reclaim = time.monotonic()
+                    messages = self._reclaim(consumer)
+                if not messages:
+                    messages = self._read(consumer)
+                if messages:
+                    self.process(messages, consumer)
+            except redis.ConnectionError as error:
+                log.warning("Redis unreachable (%s); retrying", error)
+                self._stop.wait(1.0)
+
+    def _read(self, consumer: str) -> list[_Message]:
+        reply = self.redis.xreadgroup(GROUP, consumer, {stream: ">" for stream in self.streams},
+                                      count=self.batch_size, block=self.block_ms)
+        return [message for stream, entries in reply or [] for message in self._parse(stream, entries)]
+
+    def _reclaim(self, consumer: str) -> list[_Message]:
+        """Take over messages of crashed or stalled workers (idle past the visibility timeout)."""
+        idle_ms = int(self.settings.visibility_timeout * 1000)
+        messages: list[_Message] = []
+        for stream in self.streams:
+            reply = self.redis.xautoclaim(stream, GROUP, consumer, idle_ms, count=self.batch_size)
+            entries = reply[1] if len(reply) > 1 else []
+            if entries:
+                log.info("reclaimed %d message(s) from %s", len(entries), stream)
+            messages.extend(self._parse(stream, entries))
+            if messages:
+                break
+        return messages
+
+    @staticmethod
+    def _parse(stream: Any, entries: list) -> Iterator[_Message]:
+        stream_name = stream.decode() if isinstance(stream, bytes) else stream
+        for message_id, fields in entries:
+            if not fields:  # deleted while pending
+                continue
+            yield _Message(
+                message_id=message_id.decode(), stream=stream_name, job=fields[b"job"].decode(),
+                round_id=fields[b"round"].decode(), block=fields[b"block"].decode(), body=fields[b"body"],
+            )
+
+    # ------------------------------------------------------------------ one batch
+    def _round_info(self, job: str, round_id: str) -> tuple[str, dict[str, Any]] | None:
+        cache_key = (job, round_id)
+        with self._lock:
+            if cache_key in self._round_cache:
+                return self._round_cache[cache_key]
+        values = self.redis.hgetall(self.keys.round(job, round_id))
+        info = None
+        if values:
+            info = (values[b"solver"].decode(), json.loads(values[b"params"]))
+        with self._lock:
+            if len(self._round_cache) > 1024:
+                self._round_cache.clear()
+            self._round_cache[cache_key] = info
+        return info
+
+    def _finish(self, message: _Message, result: bytes) -> None:
+        keys = self.keys
+        self._publish(
+            keys=[keys.results(message.job, message.round_id), keys.note(message.job, message.round_id),
+                  message.stream, keys.attempts],
+            args=[message.block, result, message.message_id, GROUP, 24 * 3600],
+        )
+
+    def _drop(self, message: _Message) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xack(message.stream, GROUP, message.message_id)
+        pipe.xdel(message.stream, message.message_id)
+        pipe.hdel(self.keys.attempts, message.message_id)
+        pipe.execute()
+
+    def _fail(self, message: _Message, reason: str, *, dead: bool = False) -> None:
+        if dead:
+            self.redis.xadd(self.keys.dead, {"job": message.job, "round": message.round_id, "block": message.block,
+                                             "message": message.message_id, "reason": reason, "worker": self.name},
+                            maxlen=10000, approximate=True)
+            self.stats.dead += 1
+        self.stats.failed += 1
+        self.redis.hincrby(self.keys.stats, "blocks_dead" if dead else "blocks_failed", 1)
+        self._finish(message, encode_result(None, reason))
+
+    def count_attempts(self, messages: list[_Message]) -> list[int]:
+        """Record one more delivery of each message; returns the new counts."""
+        pipe = self.redis.pipeline(transaction=False)
+        for message in messages:
+            pipe.hincrby(self.keys.attempts, message.message_id, 1)
+        return [int(n) for n in pipe.execute()]
+
+    def process(self, messages: list[_Message], consumer: str) -> None:
+        """Solve a batch: drop cancelled jobs' blocks, dead-letter over-tried ones, group the rest."""
+        attempts = self.count_attempts(messages)
+        cancelled = {job for job in {m.job for m in messages} if self.redis.sismember(self.keys.cancelled, job)}
+        groups: dict[tuple[str, str, str], list[tuple[_Message, BlockProblem]]] = {}
+        for message, attempt in zip(messages, attempts):
+            if message.job in cancelled:
+                self.stats.dropped += 1
+                self._drop(message)
+                continue
+            if attempt > self.settings.max_attempts:
+                self._fail(message, f"gave up after {attempt - 1} attempts", dead=True)
+                continue
+            info = self._round_info(message.job, message.round_id)
+            if info is None:  # the round is over (answered elsewhere) or expired
+                self._drop(message)
+                continue
+            try:
+                problem = decode_problem(message.body, lambda digest, m=message: self.redis.get(
+                    self.keys.blob(m.job, m.round_id, digest)))
+            except QsurgeonError as error:
+                self._fail(message, f"bad problem: {error}")
+                continue
+            groups.setdefault((info[0], message.stream, json.dumps(info[1], sort_keys=True)), []).append(
+                (message, problem))
+        for (solver, stream, params_json), items in groups.items():
+            self._solve_group(solver, stream, json.loads(params_json), items, consumer)
+
+    def _solve_group(self, solver: str, stream: str, params: dict[str, Any],
+                     items: list[tuple[_Message, BlockProblem]], consumer: str) -> None:
+        lease = Lease(self.redis, self.keys, stream, consumer, [message.message_id for message, _ in items])
+        _local.lease = lease
+        problems = [problem for _, problem in items]
+        started = time.perf_counter()
+        try:
+            try:
+                solutions: list = solve_batch(problems, solver, **params)
+                reasons = [""] * len(solutions)
+            except QsurgeonError as error:
+                if len(problems) == 1:
+                    solutions, reasons = [None], [str(error)]
+                else:
+                    solutions, reasons = [], []
+                    for problem in problems:
+                        try:
+                            solutions.append(solve(problem, solver, **params))
+                            reasons.append("")
+                        except QsurgeonError as single_error:
+                            solutions.append(None)
+                            reasons.append(str(single_error))
+        except Exception as error:  # a crashing backend fails its blocks, never the worker
+            log.exception("solver %s crashed on a batch of %d", solver, len(problems))
+            solutions, reasons = [None] * len(problems), [f"solver crashed: {type(error).__name__}: {error}"] * len(problems)
+        finally:
+            _local.lease = None
+        elapsed = time.perf_counter() - started
+        self.stats.batches.append(len(problems))
+        self.stats.solve_seconds += elapsed
+        self.redis.hincrbyfloat(self.keys.stats, "solve_seconds", elapsed)
+        for (message, _), solution, reason in zip(items, solutions, reasons):
+            if solution is None:
+                self._fail(message, reason)
+            else:
+                meta = dict(solution.metadata, worker=self.name)
+                solution = type(solution)(**{**solution.__dict__, "metadata": meta})
+                self._finish(message, encode_result(solution))
+                self.stats.solved += 1
+        self.redis.hincrby(self.keys.stats, "blocks_solved", sum(s is not None for s in solutions))

@@ -1,0 +1,204 @@
+"""Sequential capture of layer statistics, one transformer block at a time.
+
+The layer-wise objective of block l must see the inputs block l receives *after* blocks
+< l are pruned (METHOD.md §5, as SparseGPT and Wanda do). So the pipeline never runs the
+whole model per block: it catches what block 0 is called with (positional and keyword
+arguments, whatever the architecture passes: attention masks, rotary embeddings...),
+then runs the blocks one by one, each on the previous block's pruned outputs. Memory
+holds one block's activations for the calibration set plus that block's Gram matrices.
+
+Padding tokens are excluded from every statistic: inputs of shape (batch, seq, d) are
+filtered with the attention mask before ``H = A Aᵀ`` (float64) is accumulated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from qsurgeon.server.adapters import ModelAdapter, StopForward, TargetLayer
+from qsurgeon.server.calibration import CalibrationData
+
+
+@dataclass
+class LayerStats:
+    """Statistics of one linear's inputs over the real calibration tokens."""
+
+    gram: torch.Tensor  # (in, in) float64: Σ a aᵀ over tokens (H of METHOD.md §5)
+    tokens: int = 0
+
+    def input_norms(self) -> torch.Tensor:
+        """||a_j||₂ over all tokens for every input feature j (Wanda's activation norms)."""
+        return self.gram.diagonal().clamp_min(0.0).sqrt()
+
+
+@dataclass
+class BlockInputs:
+    """What one block is called with, batch by batch, plus each batch's real-token mask."""
+
+    args: list[tuple[Any, ...]] = field(default_factory=list)
+    kwargs: list[dict[str, Any]] = field(default_factory=list)
+    token_masks: list[torch.Tensor | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.args)
+
+
+def capture_first_block_inputs(adapter: ModelAdapter, data: CalibrationData, batch_size: int = 16) -> BlockInputs:
+    """Run the model's embedding stage on every batch and keep block 0's call arguments."""
+    first_block = adapter.blocks()[0]
+    captured = BlockInputs()
+
+    def catch(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        captured.args.append(tuple(args))
+        captured.kwargs.append(dict(kwargs))
+        raise StopForward
+
+    handle = first_block.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in data.batches(batch_size):
+                try:
+                    adapter.run_to_first_block(batch)
+                except StopForward:
+                    pass
+                else:  # pragma: no cover - a model whose forward never reaches block 0
+                    raise RuntimeError("the model's forward pass never called its first block")
+                captured.token_masks.append(adapter.token_mask(batch))
+    finally:
+        handle.remove()
+    return captured
+
+
+def _hidden_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _real_rows(inputs: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Flatten a linear's input to (tokens, d) keeping only real tokens."""
+    width = inputs.shape[-1]
+    if token_mask is not None:
+        if inputs.shape[:-1] == token_mask.shape:
+            return inputs[token_mask]
+        if inputs.ndim == 2 and inputs.shape[0] == token_mask.numel():
+            return inputs[token_mask.reshape(-1)]
+    return inputs.reshape(-1, width)
+
+
+class _StatsCollector:
+    """Forward hooks accumulating each target's Gram; shared inputs (q, k, v) computed once."""
+
+    def __init__(self, targets: Sequence[TargetLayer]):
+        self.stats: dict[str, LayerStats] = {}
+        self.token_mask: torch.Tensor | None = None
+        self._cache: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self._handles = [layer.module.register_forward_hook(self._hook(layer)) for layer in targets]
+        for layer in targets:
+            width = layer.shape[1]
+            self.stats[layer.parameter_name] = LayerStats(torch.zeros(width, width, dtype=torch.float64))
+
+    def _hook(self, layer: TargetLayer):
+        name = layer.parameter_name
+
+        def hook(_module: nn.Module, args: tuple[Any, ...], _output: Any) -> None:
+            inputs = args[0].detach()
+            key = (inputs.data_ptr(), tuple(inputs.shape))
+            cached = self._cache.get(key)
+            if cached is None:
+                rows = _real_rows(inputs, self.token_mask).to(torch.float64)
+                # Keep ``inputs`` alive in the cache so its memory cannot be reused by
+                # another tensor of the same shape within this batch.
+                cached = (inputs, rows.T @ rows, int(rows.shape[0]))
+                self._cache[key] = cached
+            self.stats[name].gram += cached[1]
+            self.stats[name].tokens += cached[2]
+
+        return hook
+
+    def next_batch(self, token_mask: torch.Tensor | None) -> None:
+        self._cache.clear()
+        self.token_mask = token_mask
+
+    def close(self) -> None:
+        self._cache.clear()
+        for handle in self._handles:
+            handle.remove()
+
+
+def _call_block(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    output = block(*args, **kwargs)
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    if hasattr(output, "last_hidden_state"):
+        output = output.last_hidden_state
+    return output
+
+
+def collect_stats(block: nn.Module, targets: Sequence[TargetLayer], inputs: BlockInputs) -> dict[str, LayerStats]:
+    """Run ``block`` on its inputs and return the Gram of every target (keyed by parameter name)."""
+    collector = _StatsCollector(targets)
+    try:
+        with torch.no_grad():
+            for args, kwargs, token_mask in zip(inputs.args, inputs.kwargs, inputs.token_masks):
+                collector.next_batch(token_mask)
+                _call_block(block, args, kwargs)
+    finally:
+        collector.close()
+    return collector.stats
+
+
+def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
+    """Outputs of ``block`` as the next block's inputs (its other arguments are unchanged)."""
+    result = BlockInputs(token_masks=list(inputs.token_masks))
+    with torch.no_grad():
+        for args, kwargs in zip(inputs.args, inputs.kwargs):
+            hidden = _call_block(block, args, kwargs)
+            if args:
+                result.args.append((hidden, *args[1:]))
+                result.kwargs.append(kwargs)
+            else:
+                result.args.append(())
+                result.kwargs.append({**kwargs, "hidden_states": hidden})
+    return result
+
+
+def block_outputs(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
+    """The block's hidden-state outputs per batch (for output-distance checks)."""
+    with torch.no_grad():
+        return [_call_block(block, args, kwargs) for args, kwargs in zip(inputs.args, inputs.kwargs)]
+
+
+def iterate_blocks(adapter: ModelAdapter, data: CalibrationData, batch_size: int = 16) -> Iterable[tuple[int, BlockInputs]]:
+    """Yield (index, inputs) per block; the caller prunes block i before asking for i + 1.
+
+    The generator runs block i on its inputs only when the caller resumes it, so the
+    outputs passed on already reflect the caller's pruning of block i.
+    """
+    inputs = capture_first_block_inputs(adapter, data, batch_size)
+    blocks = adapter.blocks()
+    for index, block in enumerate(blocks):
+        yield index, inputs
+        if index + 1 < len(blocks):
+            inputs = run_block(block, inputs)
+
+
+def relative_error(weight0: torch.Tensor, pruned: torch.Tensor, gram: torch.Tensor) -> tuple[float, float]:
+    """Layer-wise reconstruction error ||(W0 − Ŵ) A||² and the reference ||W0 A||².
+
+    With Ŵ = W0 ∘ (1 − x) the error is Σ_rows (w0∘x)ᵀ H (w0∘x) (METHOD.md §5); the ratio of
+    the two numbers is the relative error.
+    """
+    w0 = weight0.to(torch.float64)
+    delta = w0 * pruned.to(torch.float64)
+    error = float(((delta @ gram) * delta).sum())
+    reference = float(((w0 @ gram) * w0).sum())
+    return error, reference
+
+
+def weight_error(weight0: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor) -> float:
+    """||(W0 − W) A||² for any new weight (after a refit too)."""
+    delta = (weight0.to(torch.float64) - weight.to(torch.float64))
+    return float(((delta @ gram) * delta).sum())

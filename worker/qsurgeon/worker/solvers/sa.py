@@ -1,0 +1,210 @@
+"""``sa``: cardinality-preserving simulated annealing with swap moves (METHOD.md §7).
+
+Each chain starts feasible (the problem's x0, or a random assignment with the right count
+in every group) and only ever proposes swapping one pruned and one kept variable of the
+same group, so every state it visits is feasible. β follows a geometric schedule made
+dimensionless by the problem's own energy scale, β = β_rel / median|ΔE| of 256 random
+swaps at the start state, because block energies range over orders of magnitude
+(1e-4…1e-2) and one absolute schedule cannot fit them all. A sweep is B proposals.
+
+All restarts of all problems of a batch run as independent chains of one vectorised
+kernel: numba on the CPU (:mod:`sa_cpu`), torch on CUDA (:mod:`sa_cuda`). A chain's
+random numbers depend only on (seed, restart, problem content), so a problem gets the
+same answer alone or anywhere in any batch (on the same device). The answer is the best
+state any chain of the problem visited, re-scored in float64.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from qsurgeon.client.errors import SolverUnavailableError, UsageError
+from qsurgeon.worker.problem import MAX_VARIABLES, BlockProblem, BlockSolution
+from qsurgeon.worker.solvers.base import Capabilities, Solver
+from qsurgeon.worker.solvers.sa_rng import chain_keys, problem_digest
+
+#: β_rel range from a random start: hot enough to leave it, cold enough to settle (MEASURED.md).
+DEFAULT_BETA_RANGE_RANDOM = (3.0, 1000.0)
+#: β_rel range from x0: the current assignment is already good, so start cold.
+DEFAULT_BETA_RANGE_X0 = (30.0, 3000.0)
+DEFAULT_RESTARTS = 4
+DEFAULT_SWEEPS = 1000
+_STARTS = ("auto", "x0", "random")
+_DEVICES = ("auto", "cpu", "cuda")
+_KNOWN_PARAMS = {"restarts", "sweeps", "beta_range", "time_limit", "start", "seed", "device"}
+
+
+@dataclass(frozen=True)
+class AnnealParams:
+    """Validated parameters of one ``sa`` call."""
+
+    restarts: int
+    sweeps: int
+    beta_range: tuple[float, float] | None  # None: by start (DEFAULT_BETA_RANGE_*)
+    time_limit: float | None
+    start: str
+    seed: int
+    device: str  # resolved: "cpu" or "cuda"
+
+    @classmethod
+    def parse(cls, params: dict[str, Any]) -> "AnnealParams":
+        unknown = set(params) - _KNOWN_PARAMS
+        if unknown:
+            raise UsageError(f"sa: unknown parameter(s) {sorted(unknown)}; known: {sorted(_KNOWN_PARAMS)}")
+        restarts = _positive_int(params.get("restarts"), "restarts", DEFAULT_RESTARTS, minimum=1)
+        sweeps = _positive_int(params.get("sweeps"), "sweeps", DEFAULT_SWEEPS, minimum=0)
+        beta_range = params.get("beta_range")
+        if beta_range is not None:
+            try:
+                low, high = (float(value) for value in beta_range)
+            except (TypeError, ValueError):
+                raise UsageError(f"sa: beta_range must be two numbers (start, end), got {beta_range!r}") from None
+            if not (math.isfinite(low) and math.isfinite(high) and low > 0 and high > 0):
+                raise UsageError(f"sa: beta_range values must be positive and finite, got {beta_range!r}")
+            beta_range = (low, high)
+        time_limit = params.get("time_limit")
+        if time_limit is not None:
+            time_limit = float(time_limit)
+            if not (time_limit > 0 and math.isfinite(time_limit)):
+                raise UsageError(f"sa: time_limit must be a positive number of seconds, got {params['time_limit']!r}")
+        start = params.get("start") or "auto"
+        if start not in _STARTS:
+            raise UsageError(f"sa: start must be one of {', '.join(_STARTS)}, got {start!r}")
+        seed = params.get("seed")
+        if seed is None:
+            seed = secrets.randbits(63)
+        elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not -(2**127) <= int(seed) < 2**127:
+            raise UsageError(f"sa: seed must be an integer, got {seed!r}")
+        return cls(restarts=restarts, sweeps=sweeps, beta_range=beta_range, time_limit=time_limit,
+                   start=start, seed=int(seed), device=_resolve_device(params.get("device") or "auto"))
+
+
+def _positive_int(value: Any, name: str, default: int, minimum: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < minimum:
+        raise UsageError(f"sa: {name} must be an integer ≥ {minimum}, got {value!r}")
+    return int(value)
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def _resolve_device(device: str) -> str:
+    if device not in _DEVICES:
+        raise UsageError(f"sa: device must be one of {', '.join(_DEVICES)}, got {device!r}")
+    if device == "auto":
+        return "cuda" if _cuda_available() else "cpu"
+    if device == "cuda" and not _cuda_available():
+        raise SolverUnavailableError("sa: device 'cuda' was asked for but no CUDA device is available")
+    return device
+
+
+def _beta_table(params: AnnealParams) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """Rows of dimensionless β per sweep: row 0 for random starts, row 1 for x0 starts."""
+    ranges = [params.beta_range or DEFAULT_BETA_RANGE_RANDOM, params.beta_range or DEFAULT_BETA_RANGE_X0]
+    sweeps = max(params.sweeps, 1)
+    table = np.stack([np.geomspace(low, high, sweeps) for low, high in ranges]).astype(np.float64)
+    return np.ascontiguousarray(table[:, : params.sweeps]), ranges
+
+
+def _uses_x0(problem: BlockProblem, start: str) -> bool:
+    if start == "random":
+        return False
+    if start == "x0" and problem.x0 is None:
+        label = f"problem {problem.id!r}" if problem.id else "a problem"
+        raise UsageError(f"sa: start='x0' but {label} has no x0")
+    return problem.x0 is not None
+
+
+def _digest(problem: BlockProblem) -> bytes:
+    if problem.Q is not None:
+        Q = np.asarray(problem.Q)
+        views = (np.diagonal(Q), Q[0])
+    else:
+        views = (problem.c, problem.F.sum(axis=0, dtype=np.float32), problem.F[0])
+    return problem_digest(problem.group_of, problem.counts, problem.x0, *views)
+
+
+class SimulatedAnnealingSolver(Solver):
+    """Swap-move annealing that never leaves the feasible set; vectorised over a batch."""
+
+    capabilities = Capabilities(
+        name="sa",
+        description="cardinality-preserving simulated annealing with swap moves (CPU kernel or CUDA)",
+        max_variables=MAX_VARIABLES,
+        constraints="native",
+        device="cpu/cuda",
+        deterministic=True,
+    )
+
+    def sample(self, problem: BlockProblem, **params: Any) -> BlockSolution:
+        return self.sample_batch([problem], **params)[0]
+
+    def sample_batch(self, problems: Sequence[BlockProblem], **params: Any) -> list[BlockSolution]:
+        """Anneal every problem; parameters (all optional):
+
+        restarts (4), sweeps (1000; a sweep = B proposals), beta_range ((β_rel start, end);
+        default (3, 1000) from a random start, (30, 3000) from x0), time_limit (seconds for
+        the whole call, checked between chunks of sweeps; the best so far is returned),
+        start ("auto": x0 where the problem has one, else random; "x0"; "random"),
+        seed (None: a fresh random seed, reported in the metadata), device ("auto", "cpu",
+        "cuda").
+        """
+        options = AnnealParams.parse(params)
+        problems = list(problems)
+        if not problems:
+            return []
+        started = time.perf_counter()
+        use_x0 = np.array([_uses_x0(problem, options.start) for problem in problems], np.bool_)
+        keys = np.stack([chain_keys(_digest(problem), options.seed, options.restarts) for problem in problems])
+        betas, ranges = _beta_table(options)
+        beta_rows = use_x0.astype(np.int64)
+        if options.device == "cuda":
+            from qsurgeon.worker.solvers import sa_cuda
+
+            results = sa_cuda.run_batch(problems, keys, use_x0, beta_rows, betas, options.time_limit)
+        else:
+            from qsurgeon.worker.solvers import sa_cpu
+
+            results = sa_cpu.run_batch(problems, keys, use_x0, beta_rows, betas, options.time_limit)
+        elapsed = time.perf_counter() - started
+        solutions = []
+        for problem, result, from_x0 in zip(problems, results, use_x0):
+            energies = problem.energies(result.best_x)
+            best = int(np.argmin(energies))
+            proposals = result.sweeps_done * problem.num_variables * options.restarts
+            solutions.append(BlockSolution(
+                x=result.best_x[best].astype(np.uint8),
+                energy=float(energies[best]),
+                solver=self.name,
+                seconds=elapsed / len(problems),
+                sweeps=result.sweeps_done,
+                restarts=options.restarts,
+                problem_id=problem.id,
+                metadata={
+                    "device": options.device,
+                    "seed": options.seed,
+                    "start": "x0" if from_x0 else "random",
+                    "beta_range": list(ranges[int(from_x0)]),
+                    "energy_scale": float(np.median(result.scale)),
+                    "acceptance_rate": float(result.accepted.sum() / proposals) if proposals else 0.0,
+                    "best_restart": best,
+                    "sweeps_requested": options.sweeps,
+                    "stopped_by_time_limit": result.sweeps_done < options.sweeps,
+                    "batch_size": len(problems),
+                    "batch_seconds": elapsed,
+                },
+            ))
+        return solutions

@@ -1,0 +1,686 @@
+"""The iCBS loop: block coordinate descent over the pruning masks (METHOD.md §3, §6).
+
+Every round picks many blocks that are independent of each other, builds their QUBOs
+(:mod:`qsurgeon.server.qubo`), hands them to a :class:`Queue` as one request, and merges
+the answers that lower the block's energy. Independence is what makes a round exact:
+
+- layer-wise, row blocks: rows never couple, so a round holds at most one block per
+  (tensor, row) and every block of a tensor's sweep can go in the same round;
+- layer-wise, column granularity: a block lies in one column; blocks of the same tensor in
+  one round use disjoint row sets (the rows are split between them at random);
+- fisher (and layerwise+fisher): the empirical Fisher couples every weight of a tensor,
+  so a round holds at most one block per tensor.
+
+An answer is accepted only if its energy, recomputed with the problem itself, is below
+the current assignment's energy (§3.4), so the surrogate objective — the summed
+layer-wise error, the fisher model, or their weighted sum — never increases, whatever
+the solver does. All randomness comes from (config.seed, tensor name, epoch/round index),
+never from a running generator, so a run resumed from a saved :class:`ICBSState` gives
+the same masks as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from qsurgeon.client.errors import UsageError
+from qsurgeon.server.masks import check_mask
+from qsurgeon.server.qubo import fisher_block, layerwise_blocks, row_errors, symmetric_gram, weighted_sum
+from qsurgeon.server.sparsity import Sparsity
+from qsurgeon.worker.problem import BlockProblem
+from qsurgeon.worker.queue import Queue, RoundRequest
+
+OBJECTIVES: tuple[str, ...] = ("layerwise", "fisher", "layerwise+fisher")
+SELECTIONS: tuple[str, ...] = ("score", "random")
+#: Solver parameters used when ``ICBSConfig.solver_params`` leaves them out (see benchmarks/icbs_layer.py).
+DEFAULT_SOLVER_PARAMS: dict[str, dict[str, Any]] = {
+    "sa": {"sweeps": 64, "restarts": 2, "start": "x0"},
+}
+#: Bytes of float32 block matrices one round may hold; a sweep is cut into rounds below this.
+ROUND_BYTES = 256 << 20
+_NEVER = -(1 << 30)  # last_visit of a weight that was never in a block
+
+
+@dataclass
+class ICBSConfig:
+    """How the loop searches. Defaults are the best trade-off measured on MiniLM layers."""
+
+    block_size: int = 128  # B
+    k: int | None = None  # pruned weights per block (default B // 2, clipped to what exists)
+    epochs: int = 1
+    steps_per_epoch: int | None = None  # None: a full sweep = one block in every row (column) of every tensor
+    selection: str = "score"  # "score" (§3.1) | "random"
+    tabu_size: int = 1  # blocks per row whose weights are skipped while others are left
+    fixed_pruned: float = 0.0  # fraction of each row's initial pruned set always pruned (lowest scores)
+    fixed_kept: float = 0.0  # fraction of each row's initial kept set always kept (highest scores)
+    objective: str = "layerwise"  # "layerwise" | "fisher" | "layerwise+fisher"
+    fisher_weight: float = 1.0
+    gamma: float = 0.75
+    ridge: float = 1e-3
+    solver: str = "sa"
+    solver_params: dict = field(default_factory=dict)
+    seed: int = 0
+    round_blocks: int | None = None  # most blocks in one round (None: bounded by ROUND_BYTES)
+
+    def validate(self) -> None:
+        if self.block_size < 2:
+            raise UsageError(f"block_size must be at least 2, got {self.block_size}")
+        if self.k is not None and not 0 < self.k < self.block_size:
+            raise UsageError(f"k must lie in 1..{self.block_size - 1}, got {self.k}")
+        if self.epochs < 0:
+            raise UsageError(f"epochs must be non-negative, got {self.epochs}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise UsageError(f"steps_per_epoch must be positive, got {self.steps_per_epoch}")
+        if self.selection not in SELECTIONS:
+            raise UsageError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if self.objective not in OBJECTIVES:
+            raise UsageError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.tabu_size < 0:
+            raise UsageError(f"tabu_size must be non-negative, got {self.tabu_size}")
+        for name in ("fixed_pruned", "fixed_kept"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UsageError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+        if self.round_blocks is not None and self.round_blocks < 1:
+            raise UsageError(f"round_blocks must be positive, got {self.round_blocks}")
+
+    def block_k(self, block: int) -> int:
+        return max(1, min(block - 1, self.k if self.k is not None else block // 2))
+
+    def params(self) -> dict[str, Any]:
+        return {**DEFAULT_SOLVER_PARAMS.get(self.solver, {}), **self.solver_params}
+
+
+@dataclass
+class FisherTerms:
+    """Per-sample gradients of one tensor, taken once at the reference (initially pruned) weights.
+
+    The fisher surrogate is the quadratic model around the reference weights
+    w_ref = w0∘(1 − initial mask): M(w) = γ·gᵀ(w − w_ref) + ½(w − w_ref)ᵀH(w − w_ref) with
+    H = GᵀG/N, so its gradient at the current weights is γg + H(w − w_ref): exact for the
+    model, no re-differentiation of the network between rounds.
+    """
+
+    per_sample_grads: Tensor  # (N, out, in)
+    grad: Tensor  # (out, in), the mean loss gradient at the reference weights
+
+
+@dataclass
+class TensorTask:
+    """One prunable weight tensor, handed in by the pipeline."""
+
+    name: str
+    weight: Tensor  # (out, in) ORIGINAL weights w0
+    mask: Tensor  # (out, in) bool, True = pruned: the initial mask (exact density)
+    scores: Tensor  # (out, in) selection scores (higher = keep)
+    sparsity: Sparsity
+    gram: Tensor | None = None  # (in, in) float64, H = A Aᵀ over calibration tokens
+    fisher: FisherTerms | None = None
+
+
+@dataclass
+class RoundReport:
+    round_index: int
+    epoch: int
+    blocks: int
+    accepted: int
+    unchanged: int
+    rejected: int
+    failed: int
+    surrogate: float  # after the round
+    build_seconds: float
+    solve_seconds: float
+    merge_seconds: float
+
+
+_COUNTERS = ("accepted", "unchanged", "rejected", "failed")
+
+
+@dataclass
+class ICBSState:
+    """Everything needed to continue a run: masks, tabu memory, schedule position, history."""
+
+    masks: dict[str, Tensor]  # current masks, True = pruned
+    frozen: dict[str, Tensor]  # weights never put in a block (fixed fractions)
+    last_visit: dict[str, Tensor]  # (out, in) int32: the line's block number when the weight was last in a block
+    visits: dict[str, Tensor]  # (lines,) int32: blocks done per row (per column for column granularity)
+    round_index: int = 0
+    epoch: int = 0
+    cursor: int = 0  # next step of the current epoch's plan
+    counters: dict[str, dict[str, int]] = field(default_factory=dict)
+    surrogate_per_tensor: dict[str, float] = field(default_factory=dict)
+    initial_surrogate: float = 0.0
+    history_round: list[float] = field(default_factory=list)
+    history_epoch: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    done: bool = False
+
+    @property
+    def surrogate(self) -> float:
+        return float(sum(self.surrogate_per_tensor.values()))
+
+    def to_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Tensors (for safetensors) and a JSON-friendly dict: enough to resume exactly."""
+        tensors: dict[str, Tensor] = {}
+        for group in ("masks", "frozen", "last_visit", "visits"):
+            for name, tensor in getattr(self, group).items():
+                tensors[f"{group}/{name}"] = tensor.contiguous()
+        meta = {
+            "tensors": list(self.masks),
+            "round_index": self.round_index, "epoch": self.epoch, "cursor": self.cursor,
+            "counters": self.counters, "surrogate_per_tensor": self.surrogate_per_tensor,
+            "initial_surrogate": self.initial_surrogate, "history_round": self.history_round,
+            "history_epoch": self.history_epoch, "seconds": self.seconds, "done": self.done,
+        }
+        return tensors, meta
+
+    @classmethod
+    def from_dict(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> "ICBSState":
+        names = list(meta["tensors"])
+        try:
+            groups = {
+                group: {name: tensors[f"{group}/{name}"] for name in names}
+                for group in ("masks", "frozen", "last_visit", "visits")
+            }
+        except KeyError as missing:
+            raise UsageError(f"iCBS checkpoint lacks tensor {missing}") from None
+        return cls(
+            **groups, round_index=int(meta["round_index"]), epoch=int(meta["epoch"]), cursor=int(meta["cursor"]),
+            counters={k: dict(v) for k, v in meta["counters"].items()},
+            surrogate_per_tensor={k: float(v) for k, v in meta["surrogate_per_tensor"].items()},
+            initial_surrogate=float(meta["initial_surrogate"]), history_round=list(meta["history_round"]),
+            history_epoch=list(meta["history_epoch"]), seconds=float(meta["seconds"]), done=bool(meta["done"]),
+        )
+
+
+# ---------------------------------------------------------------------- error helpers
+def layer_error(weight0: Tensor, gram: Tensor, mask: Tensor) -> Tensor:
+    """Exact layer-wise error of every row, ‖(w0_r∘x_r)ᵀA‖² = (w0∘x)_r H (w0∘x)_rᵀ, float64 (out,)."""
+    return row_errors(weight0, gram, mask)
+
+
+def dense_error(weight0: Tensor, gram: Tensor) -> float:
+    """Σ_rows w0ᵀHw0 = ‖W0 A‖²: the error of pruning everything, the denominator of relative errors."""
+    return float(layer_error(weight0, gram, torch.ones(weight0.shape, dtype=torch.bool)).sum())
+
+
+def relative_layer_error(weight0: Tensor, gram: Tensor, mask: Tensor) -> float:
+    """Σ_rows e / Σ_rows w0ᵀHw0 for one tensor: ‖(W − Ŵ)A‖² / ‖WA‖²."""
+    return float(layer_error(weight0, gram, mask).sum()) / max(dense_error(weight0, gram), 1e-300)
+
+
+# ---------------------------------------------------------------------- randomness
+def _generator(seed: int, *parts: Any) -> torch.Generator:
+    """A generator keyed by (seed, parts): no state is shared between rounds or tensors."""
+    key = zlib.crc32(repr((int(seed),) + tuple(parts)).encode())
+    return torch.Generator().manual_seed(key)
+
+
+def _round_seed(seed: int, round_index: int) -> int:
+    return zlib.crc32(repr(("solver", int(seed), int(round_index))).encode()) & 0x7FFFFFFF
+
+
+# ---------------------------------------------------------------------- per-tensor context
+@dataclass
+class _Context:
+    """Per-run, per-tensor data derived from the task (never saved: recomputed on resume)."""
+
+    task: TensorTask
+    weight: Tensor  # float64 (out, in)
+    gram: Tensor | None  # float64 symmetric
+    rank: Tensor  # (lines, line_length) score rank within each line, in [0, 1)
+    by_column: bool  # lines are columns (column granularity)
+    block: int  # block size used for this tensor
+    fisher_g: Tensor | None = None  # (N, out*in) float64
+    fisher_grad: Tensor | None = None  # (out*in,) float64
+    reference: Tensor | None = None  # (out*in,) float64 reference weights
+    row_error: Tensor | None = None  # (out,) float64 cache of the current layer-wise error per row
+
+    @property
+    def lines(self) -> int:
+        return self.task.weight.shape[1] if self.by_column else self.task.weight.shape[0]
+
+    def line_view(self, tensor: Tensor) -> Tensor:
+        return tensor.T if self.by_column else tensor
+
+
+def _score_rank(scores: Tensor) -> Tensor:
+    """Rank of each score within its row, scaled to [0, 1): higher = more important."""
+    order = torch.argsort(scores, dim=1, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(scores.shape[1]).expand_as(order).contiguous())
+    return rank.to(torch.float64) / scores.shape[1]
+
+
+def _prepare(task: TensorTask, config: ICBSConfig) -> _Context:
+    weight = task.weight.detach()
+    if weight.ndim != 2:
+        raise UsageError(f"{task.name}: weight must be 2-D (out, in), got {tuple(weight.shape)}")
+    if task.mask.shape != weight.shape or task.scores.shape != weight.shape:
+        raise UsageError(f"{task.name}: mask and scores must have the weight's shape {tuple(weight.shape)}")
+    check_mask(task.mask, task.sparsity, task.name)
+    needs_gram = config.objective in ("layerwise", "layerwise+fisher")
+    needs_fisher = config.objective in ("fisher", "layerwise+fisher")
+    if needs_gram and task.gram is None:
+        raise UsageError(f"{task.name}: objective {config.objective!r} needs the Gram matrix (gram)")
+    if needs_fisher and task.fisher is None:
+        raise UsageError(f"{task.name}: objective {config.objective!r} needs per-sample gradients (fisher)")
+    by_column = task.sparsity.pattern is None and task.sparsity.granularity == "column"
+    if by_column and config.objective != "layerwise":
+        raise UsageError("column granularity is supported with the layerwise objective only")
+    line_scores = task.scores.detach().float().T if by_column else task.scores.detach().float()
+    line_length = line_scores.shape[1]
+    block = min(config.block_size, line_length)
+    if task.sparsity.pattern is not None:
+        m = task.sparsity.pattern[1]
+        block = max(m, block - block % m)
+    context = _Context(task=task, weight=weight.to(torch.float64),
+                       gram=symmetric_gram(task.gram) if needs_gram else None,
+                       rank=_score_rank(line_scores), by_column=by_column, block=block)
+    if needs_fisher:
+        grads = task.fisher.per_sample_grads
+        if grads.ndim != 3 or grads.shape[1:] != weight.shape or task.fisher.grad.shape != weight.shape:
+            raise UsageError(f"{task.name}: fisher gradients must be (N, out, in) and (out, in)")
+        context.fisher_g = grads.detach().reshape(grads.shape[0], -1).to(torch.float64)
+        context.fisher_grad = task.fisher.grad.detach().reshape(-1).to(torch.float64)
+        context.reference = (context.weight * (~task.mask).to(torch.float64)).reshape(-1)
+    return context
+
+
+def _frozen_mask(context: _Context, config: ICBSConfig) -> Tensor:
+    """Fixed fractions: per line, the lowest-scoring pruned and highest-scoring kept weights."""
+    frozen = torch.zeros(context.task.mask.shape, dtype=torch.bool)
+    if context.task.sparsity.pattern is not None or (config.fixed_pruned == 0 and config.fixed_kept == 0):
+        return frozen
+    pruned = context.line_view(context.task.mask)
+    rank = context.rank
+    frozen_lines = context.line_view(frozen)
+    for fraction, is_pruned, lowest in ((config.fixed_pruned, pruned, True), (config.fixed_kept, ~pruned, False)):
+        if fraction <= 0:
+            continue
+        counts = torch.floor(is_pruned.sum(dim=1).to(torch.float64) * fraction).to(torch.int64)
+        key = torch.where(is_pruned, rank if lowest else -rank, torch.full_like(rank, math.inf))
+        order = torch.argsort(key, dim=1, stable=True)
+        take = torch.arange(rank.shape[1])[None, :] < counts[:, None]
+        frozen_lines.scatter_(1, order, take | frozen_lines.gather(1, order))
+    return frozen
+
+
+def _surrogate(context: _Context, mask: Tensor, config: ICBSConfig, rows: Tensor | None = None) -> float:
+    """The tensor's surrogate; ``rows`` limits the layer-wise recomputation to rows that changed."""
+    value = 0.0
+    if context.gram is not None:
+        if context.row_error is None or rows is None:
+            context.row_error = row_errors(context.weight, context.gram, mask)
+        elif rows.numel():
+            context.row_error[rows] = row_errors(context.weight[rows], context.gram, mask[rows])
+        value += float(context.row_error.sum())
+    if context.fisher_g is not None:
+        weight = config.fisher_weight if config.objective == "layerwise+fisher" else 1.0
+        value += weight * _fisher_model(context, mask, config)
+    return value
+
+
+def _fisher_model(context: _Context, mask: Tensor, config: ICBSConfig) -> float:
+    change = (context.weight * (~mask).to(torch.float64)).reshape(-1) - context.reference
+    projected = context.fisher_g @ change
+    return float(config.gamma * (context.fisher_grad @ change)
+                 + 0.5 * (projected @ projected) / context.fisher_g.shape[0])
+
+
+def initial_state(tasks: list[TensorTask], config: ICBSConfig) -> ICBSState:
+    """The state before any round: initial masks, no tabu memory, the initial surrogate."""
+    contexts = [_prepare(task, config) for task in tasks]
+    return _initial_state(contexts, config)
+
+
+def _initial_state(contexts: list[_Context], config: ICBSConfig) -> ICBSState:
+    state = ICBSState(masks={}, frozen={}, last_visit={}, visits={})
+    for context in contexts:
+        name = context.task.name
+        state.masks[name] = context.task.mask.clone()
+        state.frozen[name] = _frozen_mask(context, config)
+        state.last_visit[name] = torch.full(context.task.mask.shape, _NEVER, dtype=torch.int32)
+        state.visits[name] = torch.zeros(context.lines, dtype=torch.int32)
+        state.counters[name] = dict.fromkeys(_COUNTERS, 0)
+        state.surrogate_per_tensor[name] = _surrogate(context, state.masks[name], config)
+    state.initial_surrogate = state.surrogate
+    return state
+
+
+# ---------------------------------------------------------------------- schedule
+def _plan(contexts: list[_Context], config: ICBSConfig, epoch: int) -> list[tuple[int, int]]:
+    """The epoch's steps as (tensor index, line): a full sweep, or steps ∝ log10(size)."""
+    couples_tensor = config.objective != "layerwise"
+    if config.steps_per_epoch is None:
+        per_tensor = [list(range(context.lines)) for context in contexts]
+        if not couples_tensor and not any(context.by_column for context in contexts):
+            return [(t, line) for t, lines in enumerate(per_tensor) for line in lines]
+        steps = []  # interleave tensors so consecutive steps rarely conflict
+        for position in range(max(len(lines) for lines in per_tensor)):
+            steps.extend((t, lines[position]) for t, lines in enumerate(per_tensor) if position < len(lines))
+        return steps
+    sizes = [math.log10(max(10, context.task.weight.numel())) for context in contexts]
+    share = [max(1, int(round(config.steps_per_epoch * size / sum(sizes)))) for size in sizes]
+    steps = []
+    for t, (context, count) in enumerate(zip(contexts, share)):
+        generator = _generator(config.seed, "lines", context.task.name, epoch)
+        lines = torch.cat([torch.randperm(context.lines, generator=generator)
+                           for _ in range(-(-count // context.lines))])[:count]
+        steps.extend((t, int(line)) for line in lines)
+    order = torch.randperm(len(steps), generator=_generator(config.seed, "order", epoch))
+    return [steps[int(i)] for i in order]
+
+
+def _round_limit(config: ICBSConfig) -> int:
+    if config.round_blocks is not None:
+        return config.round_blocks
+    return max(1, ROUND_BYTES // (4 * config.block_size * config.block_size))
+
+
+def _next_round(plan: list[tuple[int, int]], cursor: int, contexts: list[_Context], config: ICBSConfig) -> int:
+    """End of the round that starts at ``cursor``: consecutive steps while they stay independent."""
+    limit = _round_limit(config)
+    couples_tensor = config.objective != "layerwise"
+    taken: set[tuple[int, int]] = set()
+    per_tensor: dict[int, int] = {}
+    end = cursor
+    while end < len(plan) and end - cursor < limit:
+        t, line = plan[end]
+        context = contexts[t]
+        if couples_tensor:
+            cap = 1
+        elif context.by_column:
+            cap = max(1, context.task.weight.shape[0] // context.block)
+        else:
+            cap = context.lines
+        if (t, line) in taken or per_tensor.get(t, 0) >= cap:
+            break
+        taken.add((t, line))
+        per_tensor[t] = per_tensor.get(t, 0) + 1
+        end += 1
+    return end
+
+
+# ---------------------------------------------------------------------- block selection
+def _select_in_lines(pruned: Tensor, priority: Tensor, allowed: Tensor, tabu: Tensor, block: int, k: int
+                     ) -> tuple[Tensor, Tensor] | None:
+    """Positions (m, B') of each line's block: the k pruned with the highest priority plus the
+    B'−k kept with the lowest, non-tabu weights first (tabu ones only fill a shortfall).
+
+    Returns (positions, keep_line) or None when no line has a move. B' and k shrink to what
+    every line can supply, so all blocks of the call have one size.
+    """
+    avail_pruned = (allowed & pruned).sum(dim=1)
+    avail_kept = (allowed & ~pruned).sum(dim=1)
+    size = int(min(block, int((avail_pruned + avail_kept).min())))
+    if size < 2:
+        return None
+    k_line = torch.clamp(torch.full_like(avail_pruned, k), max=avail_pruned)
+    kept_line = torch.clamp(size - k_line, max=avail_kept)
+    k_line = size - kept_line
+    useful = (k_line > 0) & (kept_line > 0)
+    if not bool(useful.any()):
+        return None
+    boost = (~tabu).to(torch.float64) * 2.0
+    minus = torch.full_like(priority, -1.0)
+    pruned_key = torch.where(allowed & pruned, priority + boost, minus)
+    kept_key = torch.where(allowed & ~pruned, (1.0 - priority) + boost, minus)
+    most_pruned = int(k_line.max())
+    most_kept = int(kept_line.max())
+    top_pruned = torch.topk(pruned_key, most_pruned, dim=1, sorted=True).indices
+    top_kept = torch.topk(kept_key, most_kept, dim=1, sorted=True).indices
+    slots = torch.arange(size)[None, :]
+    from_pruned = slots < k_line[:, None]
+    positions = torch.where(
+        from_pruned,
+        top_pruned.gather(1, slots.clamp(max=most_pruned - 1).expand(len(k_line), size)),
+        top_kept.gather(1, (slots - k_line[:, None]).clamp(min=0, max=most_kept - 1)),
+    )
+    return positions, useful
+
+
+def _select_nm_groups(pruned: Tensor, priority: Tensor, tabu: Tensor, block: int, m: int) -> Tensor:
+    """Positions (lines, B) of whole N:M groups: the groups most likely to hold a wrong choice.
+
+    A group's suspicion is its highest pruned priority minus its lowest kept priority (the
+    best single swap the scores suggest); groups touched by a tabu block come last.
+    """
+    lines, length = pruned.shape
+    n_groups = block // m
+    grouped_priority = priority.reshape(lines, length // m, m)
+    grouped_pruned = pruned.reshape(lines, length // m, m)
+    best_pruned = torch.where(grouped_pruned, grouped_priority, torch.full_like(grouped_priority, -1.0)).amax(dim=2)
+    worst_kept = torch.where(~grouped_pruned, grouped_priority, torch.full_like(grouped_priority, 2.0)).amin(dim=2)
+    group_tabu = tabu.reshape(lines, length // m, m).any(dim=2)
+    key = best_pruned - worst_kept + (~group_tabu).to(torch.float64) * 4.0
+    chosen = torch.topk(key, n_groups, dim=1, sorted=True).indices.sort(dim=1).values
+    return (chosen[:, :, None] * m + torch.arange(m)).reshape(lines, n_groups * m)
+
+
+@dataclass
+class _Pending:
+    """Blocks of one tensor in a round: where they are and their problems."""
+
+    tensor: int
+    rows: Tensor  # (n,) or (n, B)
+    cols: Tensor  # (n, B)
+    lines: Tensor  # (n,) line index of each block (for tabu bookkeeping)
+    problems: list[BlockProblem]
+
+
+def _build_tensor_blocks(context: _Context, state: ICBSState, lines: Tensor, config: ICBSConfig,
+                         round_index: int) -> _Pending | None:
+    task = context.task
+    name = task.name
+    mask = state.masks[name]
+    pruned = context.line_view(mask)[lines]
+    tabu_since = state.visits[name][lines].to(torch.int64) - config.tabu_size
+    tabu = context.line_view(state.last_visit[name])[lines].to(torch.int64) >= tabu_since[:, None]
+    if config.selection == "random":
+        priority = torch.rand(pruned.shape, generator=_generator(config.seed, "select", name, round_index),
+                              dtype=torch.float64)
+    else:
+        priority = context.rank[lines]
+    pattern = task.sparsity.pattern
+    groups = None
+    if pattern is not None:
+        positions = _select_nm_groups(pruned, priority, tabu, context.block, pattern[1])
+        groups = torch.arange(context.block // pattern[1]).repeat_interleave(pattern[1])
+    else:
+        allowed = ~context.line_view(state.frozen[name])[lines]
+        if context.by_column:
+            allowed = allowed & _row_split(context, lines, config, round_index)
+        chosen = _select_in_lines(pruned, priority, allowed, tabu, context.block, config.block_k(context.block))
+        if chosen is None:
+            return None
+        positions, useful = chosen
+        lines, positions = lines[useful], positions[useful]
+    if context.by_column:
+        rows, cols = positions, lines[:, None].expand_as(positions)
+    else:
+        rows, cols = lines, positions
+    ids = [f"{name}:{int(line)}:{round_index}" for line in lines]
+    if config.objective == "layerwise":
+        problems = layerwise_blocks(context.weight, context.gram, mask, rows, cols, groups=groups, ids=ids,
+                                    gram_is_symmetric=True)
+    else:
+        problems = _fisher_problems(context, mask, rows, cols, groups, ids, config)
+    return _Pending(tensor=-1, rows=rows, cols=cols, lines=lines, problems=problems)
+
+
+def _row_split(context: _Context, columns: Tensor, config: ICBSConfig, round_index: int) -> Tensor:
+    """Column blocks of one round get disjoint random row sets (so they stay independent)."""
+    out = context.task.weight.shape[0]
+    order = torch.randperm(out, generator=_generator(config.seed, "rows", context.task.name, round_index))
+    owner = torch.empty(out, dtype=torch.int64)
+    owner[order] = torch.arange(out) % len(columns)
+    return owner[None, :] == torch.arange(len(columns))[:, None]
+
+
+def _fisher_problems(context: _Context, mask: Tensor, rows: Tensor, cols: Tensor, groups: Tensor | None,
+                     ids: list[str], config: ICBSConfig) -> list[BlockProblem]:
+    """Fisher (or layerwise+fisher) blocks; the gradient is the model's at the current weights."""
+    width = context.task.weight.shape[1]
+    current = (context.weight * (~mask).to(torch.float64)).reshape(-1)
+    projected = context.fisher_g @ (current - context.reference)
+    samples = context.fisher_g.shape[0]
+    if config.objective == "layerwise+fisher":
+        layer = layerwise_blocks(context.weight, context.gram, mask, rows, cols, groups=groups, ids=ids,
+                                 gram_is_symmetric=True)
+    problems = []
+    for index in range(cols.shape[0]):
+        block_rows = rows[index] if rows.ndim == 2 else rows[index].expand(cols.shape[1])
+        flat = block_rows * width + cols[index]
+        w0 = context.weight.reshape(-1)[flat]
+        x0 = mask.reshape(-1)[flat].to(torch.float64)
+        g_block = context.fisher_g[:, flat]
+        gradient = config.gamma * context.fisher_grad[flat] + g_block.T @ projected / samples
+        fisher = fisher_block(w0, -w0 * x0, g_block, gradient, 1.0, config.ridge, x0=x0, groups=groups,
+                              id=ids[index])
+        if config.objective == "layerwise+fisher":
+            problems.append(weighted_sum(layer[index], fisher, config.fisher_weight))
+        else:
+            problems.append(fisher)
+    return problems
+
+
+# ---------------------------------------------------------------------- the loop
+def run_icbs(
+    tasks: list[TensorTask],
+    config: ICBSConfig,
+    queue: Queue,
+    *,
+    state: ICBSState | None = None,
+    on_round: Callable[[ICBSState, RoundReport], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    job_id: str = "embedded",
+) -> ICBSState:
+    """Run (or resume) iCBS over ``tasks``; returns the final state (``state.masks`` are the result).
+
+    The state passed in is updated in place and returned. ``should_stop`` is checked
+    between rounds; a stopped run can be resumed with the returned state.
+    """
+    config.validate()
+    names = [task.name for task in tasks]
+    if len(set(names)) != len(names):
+        raise UsageError("tensor names must be unique")
+    contexts = [_prepare(task, config) for task in tasks]
+    if state is None:
+        state = _initial_state(contexts, config)
+    elif set(state.masks) != set(names):
+        raise UsageError("the saved iCBS state is for other tensors than the ones given")
+    started = time.perf_counter() - state.seconds
+    while state.epoch < config.epochs:
+        plan = _plan(contexts, config, state.epoch)
+        while state.cursor < len(plan):
+            if should_stop is not None and should_stop():
+                state.seconds = time.perf_counter() - started
+                return state
+            end = _next_round(plan, state.cursor, contexts, config)
+            report = _run_round(contexts, state, plan[state.cursor:end], config, queue, job_id)
+            state.cursor = end
+            state.round_index += 1
+            state.history_round.append(state.surrogate)
+            state.seconds = time.perf_counter() - started
+            if on_round is not None:
+                on_round(state, report)
+        state.history_epoch.append(state.surrogate)
+        state.epoch += 1
+        state.cursor = 0
+    state.done = True
+    state.seconds = time.perf_counter() - started
+    return state
+
+
+def _run_round(contexts: list[_Context], state: ICBSState, steps: list[tuple[int, int]], config: ICBSConfig,
+               queue: Queue, job_id: str) -> RoundReport:
+    build_start = time.perf_counter()
+    round_index = state.round_index
+    by_tensor: dict[int, list[int]] = {}
+    for t, line in steps:
+        by_tensor.setdefault(t, []).append(line)
+    pending: list[_Pending] = []
+    for t, lines in by_tensor.items():
+        built = _build_tensor_blocks(contexts[t], state, torch.tensor(lines, dtype=torch.int64), config, round_index)
+        if built is not None and built.problems:
+            built.tensor = t
+            pending.append(built)
+    problems = [problem for item in pending for problem in item.problems]
+    solve_start = time.perf_counter()
+    if problems:
+        params = {**config.params(), "seed": _round_seed(config.seed, round_index)}
+        result = queue.run_round(RoundRequest(job_id, f"r{round_index}", problems, config.solver, params))
+        solutions = list(result.solutions)
+        if len(solutions) != len(problems):
+            raise RuntimeError(f"queue returned {len(solutions)} answers for {len(problems)} blocks")
+    else:
+        solutions = []
+    merge_start = time.perf_counter()
+    totals = dict.fromkeys(_COUNTERS, 0)
+    offset = 0
+    for item in pending:
+        context = contexts[item.tensor]
+        name = context.task.name
+        answers = solutions[offset:offset + len(item.problems)]
+        offset += len(item.problems)
+        accepted_blocks, accepted_x = [], []
+        for index, (problem, answer) in enumerate(zip(item.problems, answers)):
+            outcome = _judge(problem, answer)
+            state.counters[name][outcome] += 1
+            totals[outcome] += 1
+            if outcome == "accepted":
+                accepted_blocks.append(index)
+                accepted_x.append(answer.x)
+        _record_visits(context, state, item)
+        if accepted_blocks:
+            chosen = torch.tensor(accepted_blocks, dtype=torch.int64)
+            values = torch.as_tensor(np.stack(accepted_x)).to(torch.bool)
+            rows = item.rows[chosen]
+            rows = rows if rows.ndim == 2 else rows[:, None].expand_as(values)
+            state.masks[name][rows, item.cols[chosen]] = values
+            state.surrogate_per_tensor[name] = _surrogate(context, state.masks[name], config, rows.unique())
+    done = time.perf_counter()
+    return RoundReport(
+        round_index=round_index, epoch=state.epoch, blocks=len(problems), surrogate=state.surrogate,
+        build_seconds=solve_start - build_start, solve_seconds=merge_start - solve_start,
+        merge_seconds=done - merge_start, **totals,
+    )
+
+
+def _judge(problem: BlockProblem, answer) -> str:
+    """§3.4: accept only a feasible answer whose energy, recomputed here, is below the current one."""
+    if answer is None:
+        return "failed"
+    x = np.asarray(answer.x, dtype=np.uint8)
+    if not problem.is_feasible(x):
+        return "failed"
+    if np.array_equal(x, problem.x0):
+        return "unchanged"
+    current, proposed = problem.energies(np.stack([problem.x0, x]))
+    if proposed < current:
+        return "accepted"
+    return "unchanged" if proposed == current else "rejected"
+
+
+def _record_visits(context: _Context, state: ICBSState, item: _Pending) -> None:
+    """Tabu memory: the block's weights remember the line's block number; the line counts one more."""
+    name = context.task.name
+    visits = state.visits[name]
+    numbers = visits[item.lines].to(torch.int32)
+    rows = item.rows if item.rows.ndim == 2 else item.rows[:, None].expand_as(item.cols)
+    state.last_visit[name][rows, item.cols] = numbers[:, None].expand_as(item.cols)
+    visits[item.lines] += 1
+
+
+__all__ = [
+    "DEFAULT_SOLVER_PARAMS", "FisherTerms", "ICBSConfig", "ICBSState", "OBJECTIVES", "RoundReport", "SELECTIONS",
+    "TensorTask", "dense_error", "initial_state", "layer_error", "relative_layer_error", "run_icbs",
+]

@@ -341,8 +341,12 @@ def check_model_folder(folder: str | Path) -> Path:
     return folder
 
 
-def load_adapter(reference: str, include: Sequence[str] = (), exclude: Sequence[str] = DEFAULT_EXCLUDE) -> HFTextAdapter:
+def load_adapter(reference: str, include: Sequence[str] = (), exclude: Sequence[str] = DEFAULT_EXCLUDE) -> ModelAdapter:
     """The CLI's way in: a ``builtin:`` name or a local Hugging Face folder."""
+    from qsurgeon.server.vision import HFImageAdapter, is_image_model_folder  # image classifiers (vision.py)
+
+    if is_image_model_folder(resolve_model(reference)):
+        return HFImageAdapter.from_folder(resolve_model(reference), include=include, exclude=exclude)
     return HFTextAdapter.from_folder(resolve_model(reference), include=include, exclude=exclude)
 
 

@@ -210,6 +210,8 @@ def load_calibration(source: str, tokenizer: Any, samples: int, seq_len: int) ->
     """``builtin``, a text file, or a token file -> padded token batches."""
     if samples < 1 or seq_len < 2:
         raise UsageError(f"need samples >= 1 and seq_len >= 2, got {samples} and {seq_len}")
+    if source.startswith(("images:", "npz:")):  # image calibration (vision.py) given to a text model
+        raise UsageError(f"--calibration {source.split(':', 1)[0]}:... is image data, but the model is not an image classifier")
     if source == "builtin":
         data = tokenize_texts(tokenizer, builtin_texts(samples, "calibration"), seq_len)
         data.source = "builtin"

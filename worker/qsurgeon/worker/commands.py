@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from qsurgeon.client.errors import UsageError
+from qsurgeon.worker.export import block_file, read_manifest
 from qsurgeon.worker.problem import BlockProblem
 from qsurgeon.worker.solve import solve_batch
 from qsurgeon.worker.solvers.registry import all_capabilities
@@ -29,21 +30,57 @@ def _solver_params(args: argparse.Namespace) -> dict:
     return params
 
 
-def run_solve(args: argparse.Namespace) -> int:
-    paths = [Path(name) for name in args.files]
-    problems = []
-    for path in paths:
-        if not path.is_file():
-            raise UsageError(f"{path}: no such file")
-        problems.append(BlockProblem.load_npz(path))
-    solutions = solve_batch(problems, args.solver, **_solver_params(args))
-    for path, solution in zip(paths, solutions):
-        solution.save_npz(solution_path(path))
-        if args.json:
-            print(json.dumps({"file": str(path), **solution.to_dict()}))
+def _problem_files(names: list[str]) -> list[tuple[Path, dict | None]]:
+    """(problem file, its manifest entry or None) for every FILE or DIR argument.
+
+    A directory with a manifest.json (written by ExportingQueue) stands for every block
+    listed in it.
+    """
+    files: list[tuple[Path, dict | None]] = []
+    for name in names:
+        path = Path(name)
+        if path.is_dir():
+            files.extend((block_file(path, entry["file"]), entry) for entry in read_manifest(path)["blocks"])
+        elif path.is_file():
+            files.append((path, None))
         else:
-            print(f"{path}: energy {solution.energy:.10g}  ones {int(solution.x.sum())}/{solution.x.size}  "
-                  f"{solution.solver} {solution.seconds:.3f}s -> {solution_path(path)}")
+            raise UsageError(f"{path}: no such file or directory")
+    return files
+
+
+def exported_solution_path(problem_path: Path, solver: str) -> Path:
+    """Where the answer to an exported block goes: ``NAME.<solver>.solution.npz``, so the
+    answer the pruning run used (``NAME.solution.npz``) is kept for comparison."""
+    tag = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in solver) or "solver"
+    return problem_path.with_name(problem_path.name.removesuffix(".npz") + f".{tag}.solution.npz")
+
+
+def run_solve(args: argparse.Namespace) -> int:
+    files = _problem_files(args.files)
+    problems = [BlockProblem.load_npz(path) for path, _ in files]
+    solutions = solve_batch(problems, args.solver, **_solver_params(args))
+    better = equal = worse = 0
+    for (path, entry), solution in zip(files, solutions):
+        answer_path = solution_path(path) if entry is None else exported_solution_path(path, args.solver)
+        solution.save_npz(answer_path)
+        exported = None if entry is None else entry.get("answer_energy")
+        if isinstance(exported, (int, float)):
+            tolerance = 1e-9 * max(1.0, abs(exported))
+            better += solution.energy < exported - tolerance
+            worse += solution.energy > exported + tolerance
+            equal += abs(solution.energy - exported) <= tolerance
+        if args.json:
+            record = {"file": str(path), **solution.to_dict()}
+            if entry is not None:
+                record["exported_answer_energy"] = exported
+                record["current_energy"] = entry.get("current_energy")
+            print(json.dumps(record))
+        else:
+            versus = f"  (exported answer {exported:.10g})" if isinstance(exported, (int, float)) else ""
+            print(f"{path}: energy {solution.energy:.10g}{versus}  ones {int(solution.x.sum())}/{solution.x.size}  "
+                  f"{solution.solver} {solution.seconds:.3f}s -> {answer_path}")
+    if better + equal + worse and not args.json:
+        print(f"{args.solver} vs exported answers: {better} better, {equal} equal, {worse} worse")
     return 0
 
 
@@ -61,8 +98,10 @@ def run_solvers(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    solve = subparsers.add_parser("solve", help="solve block problems stored as .npz files")
-    solve.add_argument("files", nargs="+", metavar="FILE.npz")
+    solve = subparsers.add_parser(
+        "solve", help="solve block problems stored as .npz files or exported directories (with manifest.json)"
+    )
+    solve.add_argument("files", nargs="+", metavar="FILE.npz|DIR")
     solve.add_argument("--solver", default="sa", help="solver name (see `qsurgeon solvers`)")
     solve.add_argument("--restarts", type=int, help="independent restarts per problem")
     solve.add_argument("--sweeps", type=int, help="annealing sweeps per restart")

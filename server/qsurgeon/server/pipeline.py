@@ -450,7 +450,12 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
         _check_shapes(adapter, sparsity)
     with _Timer(timings, "calibrate"):
         if calibration is None:
-            calibration = load_calibration(options.calibration, adapter.tokenizer, options.samples, options.seq_len)
+            if adapter.kind == "image-classifier":  # images:DIR, npz:FILE or builtin digits (vision.py)
+                from qsurgeon.server.vision import load_image_calibration
+
+                calibration = load_image_calibration(options.calibration, adapter, options.samples, options.seed)
+            else:
+                calibration = load_calibration(options.calibration, adapter.tokenizer, options.samples, options.seq_len)
         inputs = capture_first_block_inputs(adapter, calibration, options.batch_size)
 
     saved = checkpoint.load() if checkpoint is not None else None

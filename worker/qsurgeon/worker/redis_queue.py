@@ -35,7 +35,7 @@ import json
 import logging
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -272,6 +272,9 @@ class RedisQueue:
 
     ``should_stop`` is polled while a round waits; when it returns True the round raises
     :class:`RoundAborted` and nothing of it is applied, so a resumed job redoes it whole.
+    ``namespace`` (the service's job id) replaces the engine's own job ids in every key
+    and message, so concurrent jobs never share a round and cancelling reaches all
+    blocks of a job; the engine's job id then becomes part of the round id.
     """
 
     def __init__(
@@ -281,7 +284,9 @@ class RedisQueue:
         settings: QueueSettings | None = None,
         client: redis.Redis | None = None,
         should_stop: Callable[[], bool] | None = None,
+        namespace: str | None = None,
     ) -> None:
+        self.namespace = namespace
         self.settings = settings or QueueSettings()
         self.keys = Keys(self.settings.prefix)
         self.redis = client if client is not None else connect(url)
@@ -290,6 +295,8 @@ class RedisQueue:
 
     # ------------------------------------------------------------------ producer side
     def run_round(self, request: RoundRequest) -> RoundResult:
+        if self.namespace is not None:
+            request = replace(request, job_id=self.namespace, round_id=f"{request.job_id}:{request.round_id}")
         problems = list(request.problems)
         ids = [problem.id for problem in problems]
         if len(set(ids)) != len(ids) or any(not block_id for block_id in ids):

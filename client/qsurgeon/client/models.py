@@ -1,0 +1,206 @@
+"""The REST API's request and response bodies, shared by the server and the SDK.
+
+Pydantic only (the base install): the server validates requests with these classes and
+FastAPI publishes them in the OpenAPI document; the SDK parses responses with them, so
+both sides always agree on field names and types.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+API_PREFIX = "/v1"
+BUILTIN_MODELS = ("builtin:minilm",)
+#: a model name in the operator's models folder: one path component, no dots first
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class JobState(str, Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.succeeded, JobState.failed, JobState.cancelled)
+
+
+class JobKind(str, Enum):
+    prune = "prune"
+    solve = "solve"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class JobCreate(_Strict):
+    """A prune job. ``options`` are the fields of ``qsurgeon prune`` (see ``GET /v1/options``);
+    ``model`` is ``builtin:minilm``, a name in the server's models folder, or ``upload``
+    (multipart: the archive travels in the ``model_archive`` part). ``calibration`` is
+    ``builtin`` or ``upload`` (a UTF-8 text file in the ``calibration`` part)."""
+
+    model: str = Field("builtin:minilm", examples=["builtin:minilm"])
+    calibration: str = Field("builtin", examples=["builtin"])
+    options: dict[str, Any] = Field(default_factory=dict, examples=[{"density": 0.5, "seed": 0}])
+
+    @field_validator("model")
+    @classmethod
+    def _model_name(cls, value: str) -> str:
+        if value in BUILTIN_MODELS or value == "upload" or MODEL_NAME.fullmatch(value):
+            return value
+        raise ValueError(
+            "model must be 'builtin:minilm', 'upload', or the name of a folder in the server's models folder "
+            "(letters, digits, '.', '_', '-'; no paths)"
+        )
+
+    @field_validator("calibration")
+    @classmethod
+    def _calibration(cls, value: str) -> str:
+        if value not in ("builtin", "upload"):
+            raise ValueError("calibration must be 'builtin' or 'upload'")
+        return value
+
+    @field_validator("options")
+    @classmethod
+    def _density(cls, value: dict[str, Any]) -> dict[str, Any]:
+        density = value.get("density")
+        if density is not None and (isinstance(density, bool) or not isinstance(density, (int, float))
+                                    or not 0.0 < float(density) <= 1.0):
+            raise ValueError(f"options.density must be a number in (0, 1], got {density!r}")
+        return value
+
+
+class Progress(BaseModel):
+    """Where a job is; fields the engine does not report stay None."""
+
+    fraction: float = 0.0
+    round: int = 0
+    rounds_total: int | None = None
+    epoch: int | None = None
+    stage: str | None = None
+    blocks_solved: int = 0
+    blocks_accepted: int = 0
+    blocks_failed: int = 0
+    energy: float | None = None
+    message: str | None = None
+    model_config = ConfigDict(extra="allow")
+
+
+class Job(BaseModel):
+    id: str
+    kind: JobKind = JobKind.prune
+    state: JobState
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    model: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    progress: Progress = Field(default_factory=Progress)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    error: str | None = None
+    artifacts: list[str] = Field(default_factory=list)
+    resumed: int = 0  # how many times an orchestrator restart resumed this job
+
+
+class JobList(BaseModel):
+    jobs: list[Job]
+
+
+class JobEvent(BaseModel):
+    """One server-sent event of ``GET /v1/jobs/{id}/events``."""
+
+    id: str  # the event's position; send it back as Last-Event-ID to resume
+    type: str  # state, round, progress, log
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class SolveRequest(_Strict):
+    """One raw block problem: ``Q`` (B×B) or ``F`` (r×B) with optional ``c``; ``k`` or
+    ``groups`` (a label per variable) with ``counts``."""
+
+    Q: list[list[float]] | None = None
+    F: list[list[float]] | None = None
+    c: list[float] | None = None
+    k: int | None = None
+    groups: list[int] | None = None
+    counts: list[int] | None = None
+    x0: list[int] | None = None
+    offset: float = 0.0
+    solver: str = Field("sa", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    params: dict[str, Any] = Field(default_factory=dict)
+    id: str = Field("", max_length=200)
+
+    @model_validator(mode="after")
+    def _one_matrix(self) -> "SolveRequest":
+        if (self.Q is None) == (self.F is None):
+            raise ValueError("give exactly one of Q or F")
+        if self.k is None and (self.groups is None or self.counts is None):
+            raise ValueError("give k, or groups with counts")
+        for name, value in self.params.items():
+            if not isinstance(value, (int, float, str, bool)) or value is None:
+                raise ValueError(f"params.{name} must be a number, string or boolean")
+        return self
+
+    @property
+    def num_variables(self) -> int:
+        return len(self.Q) if self.Q is not None else (len(self.F[0]) if self.F else 0)
+
+
+class SolveResult(BaseModel):
+    x: list[int]
+    energy: float
+    solver: str
+    seconds: float = 0.0
+    sweeps: int = 0
+    restarts: int = 0
+    problem_id: str = ""
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class SolveAccepted(BaseModel):
+    """A large problem runs as a job; its answer becomes the artifact ``solution.json``."""
+
+    job: Job
+
+
+class SolverInfo(BaseModel):
+    name: str
+    description: str
+    max_variables: int
+    constraints: str
+    device: str
+    needs_gpu: bool = False
+    deterministic: bool = True
+    exact: bool = False
+    extra: str = ""
+    installed: bool = True
+    missing: str = ""
+
+
+class Health(BaseModel):
+    status: str = "ok"
+    version: str = ""
+
+
+class Readiness(BaseModel):
+    ready: bool
+    redis: bool
+    workers: int
+    detail: str = ""
+
+
+class ErrorBody(BaseModel):
+    detail: Any
+
+
+__all__ = [
+    "API_PREFIX", "BUILTIN_MODELS", "ErrorBody", "Health", "Job", "JobCreate", "JobEvent", "JobKind", "JobList",
+    "JobState", "Progress", "Readiness", "SolveAccepted", "SolveRequest", "SolveResult", "SolverInfo",
+]

@@ -1,0 +1,151 @@
+"""CLI for the service: ``qsurgeon submit|status|watch|download|cancel --url --api-key``.
+
+Base install only: these commands talk HTTP through :mod:`qsurgeon.client.sdk`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from qsurgeon.client.errors import UsageError
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _client(args: argparse.Namespace):
+    from qsurgeon.client.sdk import Client
+
+    return Client(args.url, api_key=args.api_key)
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise UsageError(f"--option needs KEY=VALUE, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.replace("-", "_"), value
+
+
+def _job_line(job) -> str:
+    progress = job.progress
+    parts = [job.id, job.state.value, f"{100 * progress.fraction:.0f}%"]
+    if progress.stage:
+        parts.append(progress.stage)
+    if progress.round:
+        parts.append(f"round {progress.round}")
+    if job.error:
+        parts.append(f"error: {job.error}")
+    return "  ".join(parts)
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    options: dict[str, Any] = {}
+    for name in ("method", "density", "pattern", "epochs", "solver", "seed", "block_size", "samples", "seq_len"):
+        value = getattr(args, name)
+        if value is not None:
+            options[name] = value
+    for text in args.option or []:
+        key, value = _parse_option(text)
+        options[key] = value
+    with _client(args) as client:
+        job = client.submit_prune(args.model, calibration=args.calibration, **options)
+        if args.wait:
+            job = client.wait(job, raise_on_failure=False)
+    print(job.model_dump_json(indent=2) if args.json else _job_line(job))
+    return 0 if job.state.value != "failed" else 1
+
+
+def run_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        jobs = [client.get(args.job)] if args.job else client.list()
+    if args.json:
+        print(json.dumps([job.model_dump(mode="json") for job in jobs], indent=2))
+    else:
+        for job in jobs:
+            print(_job_line(job))
+    return 0
+
+
+def run_watch(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        for event in client.events(args.job):
+            if args.json:
+                print(event.model_dump_json(), flush=True)
+            elif event.type != "end":
+                details = " ".join(f"{key}={value}" for key, value in event.data.items() if value is not None)
+                print(f"{event.type:<10} {details}", flush=True)
+        job = client.get(args.job)
+    print(_job_line(job), file=sys.stderr)
+    return 0 if job.state.value == "succeeded" else 1
+
+
+def run_download(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        paths = client.download(args.job, args.dest, names=args.name or None)
+    for path in paths:
+        print(path)
+    return 0
+
+
+def run_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.cancel(args.job)
+    print(_job_line(job))
+    return 0
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=os.environ.get("QSURGEON_URL", DEFAULT_URL),
+                        help=f"server URL (default: $QSURGEON_URL or {DEFAULT_URL})")
+    parser.add_argument("--api-key", default=os.environ.get("QSURGEON_API_KEY"),
+                        help="API key (default: $QSURGEON_API_KEY)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    submit = subparsers.add_parser("submit", help="submit a prune job to a qsurgeon server")
+    submit.add_argument("model", help="builtin:minilm, a model name on the server, or a local folder/archive to upload")
+    submit.add_argument("--calibration", default="builtin", help="builtin, or a local text file to upload")
+    submit.add_argument("--method")
+    submit.add_argument("--density", type=float)
+    submit.add_argument("--pattern")
+    submit.add_argument("--epochs", type=int)
+    submit.add_argument("--solver")
+    submit.add_argument("--seed", type=int)
+    submit.add_argument("--block-size", type=int)
+    submit.add_argument("--samples", type=int)
+    submit.add_argument("--seq-len", type=int)
+    submit.add_argument("--option", action="append", metavar="KEY=VALUE",
+                        help="any other prune option (value parsed as JSON when it can be)")
+    submit.add_argument("--wait", action="store_true", help="wait for the job to finish")
+    _common(submit)
+    submit.set_defaults(func=run_submit)
+
+    status = subparsers.add_parser("status", help="show a job (or list jobs) on a qsurgeon server")
+    status.add_argument("job", nargs="?")
+    _common(status)
+    status.set_defaults(func=run_status)
+
+    watch = subparsers.add_parser("watch", help="follow a job's events until it finishes")
+    watch.add_argument("job")
+    _common(watch)
+    watch.set_defaults(func=run_watch)
+
+    download = subparsers.add_parser("download", help="download a job's artifacts")
+    download.add_argument("job")
+    download.add_argument("dest", help="folder to write into")
+    download.add_argument("--name", action="append", help="only this artifact (repeatable)")
+    _common(download)
+    download.set_defaults(func=run_download)
+
+    cancel = subparsers.add_parser("cancel", help="cancel a job")
+    cancel.add_argument("job")
+    _common(cancel)
+    cancel.set_defaults(func=run_cancel)

@@ -1,0 +1,125 @@
+"""How a job runs: the same ``run_prune`` as ``qsurgeon prune``, with a RedisQueue.
+
+The request's options become a :class:`~qsurgeon.server.pipeline.PruneOptions`; the
+fields that name server-side paths (model, calibration file, output and export folders)
+are never taken from a request: the server fills them in from what it resolved itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from qsurgeon.client.errors import UsageError
+from qsurgeon.worker.problem import BlockProblem
+from qsurgeon.worker.queue import Queue, RoundRequest
+
+#: options a request may not set: they are server-side paths or server decisions
+SERVER_OWNED_OPTIONS = frozenset({"model", "out", "calibration", "export_blocks", "json"})
+OUTPUT_FOLDER = "output"
+CHECKPOINT_FOLDER = "checkpoint"
+
+
+def option_names() -> list[str]:
+    """Names a request's ``options`` may hold (every PruneOptions field the server does not own)."""
+    from qsurgeon.server.pipeline import PruneOptions
+
+    return sorted(f.name for f in dataclasses.fields(PruneOptions) if f.name not in SERVER_OWNED_OPTIONS)
+
+
+def build_options(options: dict[str, Any], *, model_path: str, calibration: str, out_dir: Path):
+    """A validated PruneOptions (UsageError says which option is wrong)."""
+    from qsurgeon.server.pipeline import PruneOptions
+
+    owned = sorted(set(options) & SERVER_OWNED_OPTIONS)
+    if owned:
+        raise UsageError(f"options {', '.join(owned)} are set by the server, not by a request")
+    allowed = set(option_names())
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise UsageError(f"unknown option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    try:
+        return PruneOptions(**options, model=model_path, calibration=calibration, out=str(out_dir))
+    except TypeError as error:
+        raise UsageError(f"invalid options: {error}") from None
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def run_prune_job(spec: dict[str, Any], job_dir: Path, *, queue: Queue, progress: Callable[..., None],
+                  should_stop: Callable[[], bool]) -> tuple[dict[str, Any], list[str]]:
+    """Run (or resume) one prune job; returns (metrics, artifact names)."""
+    from qsurgeon.server.pipeline import DirectoryCheckpoint, run_prune
+
+    out_dir = job_dir / OUTPUT_FOLDER
+    _clear_partial_output(out_dir)
+    options = build_options(spec["options"], model_path=spec["model_path"], calibration=spec["calibration"],
+                            out_dir=out_dir)
+    checkpoint = DirectoryCheckpoint(job_dir / CHECKPOINT_FOLDER)
+    # Stopping aborts (the RedisQueue raises RoundAborted at the next round) instead of asking
+    # the engine to wind down: a wound-down run would checkpoint its truncated blocks as
+    # finished, and a resumed job would then differ from an uninterrupted one.
+    result = run_prune(options, queue=queue, progress=progress, checkpoint=checkpoint, should_stop=None)
+    return _metrics_of(result, out_dir), list_artifacts(job_dir)
+
+
+def _clear_partial_output(out_dir: Path) -> None:
+    """A resumed job starts its output afresh; the checkpoint (a separate folder) carries the state."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    for partial in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _metrics_of(result: Any, out_dir: Path) -> dict[str, Any]:
+    """The headline numbers of the run's report: summary, seconds per phase, iCBS counts."""
+    report = getattr(result, "report", None)
+    metrics: dict[str, Any] = {}
+    if isinstance(report, dict):
+        for key in ("summary", "seconds", "icbs"):
+            if report.get(key) is not None:
+                metrics[key] = _jsonable(report[key])
+    metrics["completed"] = bool(getattr(result, "completed", True))
+    return metrics
+
+
+def list_artifacts(job_dir: Path) -> list[str]:
+    """Downloadable files: the top level of the job's output folder, plus solution.json."""
+    names = []
+    out_dir = job_dir / OUTPUT_FOLDER
+    if out_dir.is_dir():
+        names.extend(sorted(entry.name for entry in out_dir.iterdir() if entry.is_file()))
+    if (job_dir / "solution.json").is_file():
+        names.append("solution.json")
+    return names
+
+
+def artifact_path(job_dir: Path, name: str) -> Path | None:
+    """The file behind an artifact name, or None; names are looked up, never joined blindly."""
+    if name not in list_artifacts(job_dir):
+        return None
+    return job_dir / "solution.json" if name == "solution.json" else job_dir / OUTPUT_FOLDER / name
+
+
+def run_solve_job(spec: dict[str, Any], job_dir: Path, *, queue: Queue,
+                  progress: Callable[..., None], should_stop: Callable[[], bool]) -> tuple[dict[str, Any], list[str]]:
+    """A large raw problem: one round of one block through the queue; the answer is saved."""
+    problem = BlockProblem.load_npz(job_dir / "problem.npz")
+    started = time.perf_counter()
+    result = queue.run_round(RoundRequest(job_id=spec["job_id"], round_id="solve", problems=[problem],
+                                          solver=spec["solver"], params=spec.get("params", {})))
+    solution = result.solutions[0]
+    if solution is None:
+        raise UsageError(f"the problem could not be solved: {result.failures.get(problem.id, 'unknown reason')}")
+    (job_dir / "solution.json").write_text(json.dumps(solution.to_dict()))
+    progress({"fraction": 1.0, "energy": solution.energy, "blocks_solved": 1})
+    return {"energy": solution.energy, "seconds": time.perf_counter() - started}, list_artifacts(job_dir)

@@ -1,0 +1,141 @@
+"""Job records and job events, kept in Redis so they outlive the orchestrator process.
+
+``{p}:job:{id}``     hash: ``doc`` (the public :class:`Job` as JSON) and ``spec`` (what the
+                     job runs: resolved model path, calibration, options; never sent out)
+``{p}:jobs``         sorted set id -> creation time (listing order)
+``{p}:events:{id}``  stream of events (state, round, progress); SSE clients read it with
+                     XREAD and resume from their Last-Event-ID
+``{p}:lock:{id}``    which orchestrator runs the job now (a short TTL, renewed)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import uuid
+from typing import Any, Iterator
+
+import redis
+
+from qsurgeon.client.models import Job, JobKind, JobState
+
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+MAX_EVENTS_PER_JOB = 20000
+
+
+class JobStore:
+    def __init__(self, client: redis.Redis, prefix: str) -> None:
+        self.redis = client
+        self.prefix = prefix
+        self._lock = threading.Lock()
+
+    def _key(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    @property
+    def index(self) -> str:
+        return f"{self.prefix}:jobs"
+
+    def events_key(self, job_id: str) -> str:
+        return f"{self.prefix}:events:{job_id}"
+
+    def lock_key(self, job_id: str) -> str:
+        return f"{self.prefix}:lock:{job_id}"
+
+    # ------------------------------------------------------------------ records
+    def create(self, kind: JobKind, spec: dict[str, Any], *, model: str | None, options: dict[str, Any],
+               job_id: str | None = None) -> Job:
+        job = Job(id=job_id or uuid.uuid4().hex, kind=kind, state=JobState.queued, created=time.time(),
+                  model=model, options=options)
+        pipe = self.redis.pipeline()
+        pipe.hset(self._key(job.id), mapping={"doc": job.model_dump_json(), "spec": json.dumps(spec)})
+        pipe.zadd(self.index, {job.id: job.created})
+        pipe.execute()
+        self.event(job.id, "state", {"state": job.state.value})
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        if not JOB_ID.fullmatch(job_id):
+            return None
+        raw = self.redis.hget(self._key(job_id), "doc")
+        return None if raw is None else Job.model_validate_json(raw)
+
+    def spec(self, job_id: str) -> dict[str, Any]:
+        raw = self.redis.hget(self._key(job_id), "spec")
+        return {} if raw is None else json.loads(raw)
+
+    def update(self, job_id: str, **changes: Any) -> Job:
+        """Read-modify-write of one job's public record (one writer per job: its runner)."""
+        with self._lock:
+            job = self.get(job_id)
+            if job is None:
+                raise KeyError(job_id)
+            data = job.model_dump()
+            for name, value in changes.items():
+                if name == "progress" and isinstance(value, dict):
+                    data["progress"] = {**data["progress"], **value}
+                else:
+                    data[name] = value
+            updated = Job.model_validate(data)
+            self.redis.hset(self._key(job_id), "doc", updated.model_dump_json())
+        if "state" in changes:
+            self.event(job_id, "state", {"state": updated.state.value, "error": updated.error})
+        return updated
+
+    def list(self, limit: int = 100, state: JobState | None = None) -> list[Job]:
+        ids = [raw.decode() for raw in self.redis.zrevrange(self.index, 0, -1)]
+        jobs = []
+        for job_id in ids:
+            job = self.get(job_id)
+            if job is not None and (state is None or job.state == state):
+                jobs.append(job)
+                if len(jobs) >= limit:
+                    break
+        return jobs
+
+    def unfinished(self) -> list[Job]:
+        ids = [raw.decode() for raw in self.redis.zrange(self.index, 0, -1)]
+        return [job for job in (self.get(i) for i in ids) if job is not None and not job.state.finished]
+
+    def count_by_state(self) -> dict[str, int]:
+        counts = {state.value: 0 for state in JobState}
+        for job_id in self.redis.zrange(self.index, 0, -1):
+            job = self.get(job_id.decode())
+            if job is not None:
+                counts[job.state.value] += 1
+        return counts
+
+    # ------------------------------------------------------------------ events
+    def event(self, job_id: str, kind: str, data: dict[str, Any]) -> str:
+        entry_id = self.redis.xadd(self.events_key(job_id), {"type": kind, "data": json.dumps(data, default=str)},
+                                   maxlen=MAX_EVENTS_PER_JOB, approximate=True)
+        return entry_id.decode()
+
+    def read_events(self, job_id: str, after: str = "0-0", block_ms: int = 1000) -> list[tuple[str, str, dict]]:
+        reply = self.redis.xread({self.events_key(job_id): after}, count=500, block=block_ms)
+        events = []
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                events.append((entry_id.decode(), fields[b"type"].decode(), json.loads(fields[b"data"])))
+        return events
+
+    def iter_all_events(self, job_id: str) -> Iterator[tuple[str, str, dict]]:
+        for entry_id, fields in self.redis.xrange(self.events_key(job_id)):
+            yield entry_id.decode(), fields[b"type"].decode(), json.loads(fields[b"data"])
+
+    # ------------------------------------------------------------------ ownership
+    def try_lock(self, job_id: str, owner: str, ttl: float) -> bool:
+        key = self.lock_key(job_id)
+        if self.redis.set(key, owner, nx=True, px=int(ttl * 1000)):
+            return True
+        if self.redis.get(key) == owner.encode():
+            self.redis.pexpire(key, int(ttl * 1000))
+            return True
+        return False
+
+    def unlock(self, job_id: str, owner: str) -> None:
+        key = self.lock_key(job_id)
+        if self.redis.get(key) == owner.encode():
+            self.redis.delete(key)

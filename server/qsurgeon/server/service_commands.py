@@ -1,0 +1,59 @@
+"""CLI ``qsurgeon serve``: the orchestrator (REST API + job runner) under uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from qsurgeon.client.errors import UsageError
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import redis
+    import uvicorn
+
+    from qsurgeon.server.api import ServiceConfig, create_app, load_api_keys
+    from qsurgeon.worker.redis_queue import QueueSettings, connect
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        connect(args.redis).ping()
+    except redis.ConnectionError as error:
+        raise UsageError(f"cannot reach Redis at {args.redis}: {error}") from None
+    if args.max_upload_mb <= 0:
+        raise UsageError("--max-upload-mb must be positive")
+    config = ServiceConfig(
+        data_dir=args.data,
+        redis_url=args.redis,
+        models_dir=args.models,
+        api_keys=load_api_keys(args.api_keys_file),
+        queue=QueueSettings(prefix=args.prefix, visibility_timeout=args.visibility_timeout,
+                            max_attempts=args.max_attempts),
+        max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
+        max_running_jobs=args.max_jobs,
+    )
+    app = create_app(config)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
+                timeout_graceful_shutdown=10)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser("serve", help="run the orchestrator: REST API and job runner")
+    serve.add_argument("--redis", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+                       help="Redis URL (default: $REDIS_URL or redis://127.0.0.1:6379/0)")
+    serve.add_argument("--data", required=True, help="folder for job inputs, checkpoints and artifacts")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--models", help="folder of model folders that jobs may name")
+    serve.add_argument("--api-keys-file", help="file with one API key a line (also: $QSURGEON_API_KEYS)")
+    serve.add_argument("--prefix", default=os.environ.get("QSURGEON_REDIS_PREFIX", "qsurgeon"),
+                       help="Redis key prefix (default: $QSURGEON_REDIS_PREFIX or qsurgeon)")
+    serve.add_argument("--visibility-timeout", type=float, default=60.0)
+    serve.add_argument("--max-attempts", type=int, default=3)
+    serve.add_argument("--max-upload-mb", type=float, default=512.0, help="largest request body")
+    serve.add_argument("--max-jobs", type=int, default=2, help="jobs run at once; more wait queued")
+    serve.add_argument("--verbose", action="store_true")
+    serve.set_defaults(func=run_serve)

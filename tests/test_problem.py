@@ -1,0 +1,192 @@
+"""The block problem format and the exhaustive solver, checked against direct computation."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from qsurgeon.client.errors import InfeasibleSolutionError, InvalidProblemError
+from qsurgeon.worker.problem import BlockProblem, BlockSolution
+from qsurgeon.worker.solve import solve
+
+
+def _symmetric(rng: np.random.Generator, size: int) -> np.ndarray:
+    A = rng.standard_normal((size, size))
+    return ((A + A.T) / 2).astype(np.float32)
+
+
+def _brute_force(Q: np.ndarray, feasible) -> tuple[float, tuple[int, ...]]:
+    """Minimum of xᵀQx over all 0/1 vectors accepted by ``feasible``, by plain Python loops."""
+    size = Q.shape[0]
+    best = (np.inf, ())
+    for bits in itertools.product((0, 1), repeat=size):
+        if not feasible(bits):
+            continue
+        x = np.array(bits, dtype=np.float64)
+        value = float(x @ Q.astype(np.float64) @ x)
+        if value < best[0]:
+            best = (value, bits)
+    return best
+
+
+# ---------------------------------------------------------------------- construction
+def test_dense_with_k_builds_one_group():
+    Q = _symmetric(np.random.default_rng(0), 6)
+    problem = BlockProblem.dense(Q, k=2, offset=1.5, id="blk")
+    assert problem.num_variables == 6 and problem.num_groups == 1 and problem.k == 2
+    assert problem.Q.dtype == np.float32 and not problem.is_factored and problem.rank is None
+    assert problem.offset == 1.5 and problem.id == "blk"
+
+
+def test_factored_keeps_f_and_c_without_forming_q():
+    rng = np.random.default_rng(1)
+    F = rng.standard_normal((3, 7))
+    c = rng.standard_normal(7)
+    problem = BlockProblem.factored(F, c, k=3)
+    assert problem.is_factored and problem.rank == 3 and problem.Q is None
+    assert np.allclose(problem.dense_Q(), F.astype(np.float32).astype(np.float64).T @ F.astype(np.float32)
+                       + np.diag(c.astype(np.float32)))
+
+
+def test_groups_as_labels_and_as_index_rows_agree():
+    Q = _symmetric(np.random.default_rng(2), 8)
+    by_labels = BlockProblem.dense(Q, groups=np.arange(8) // 4, counts=[2, 1])
+    by_rows = BlockProblem.dense(Q, groups=[[0, 1, 2, 3], [4, 5, 6, 7]], counts=[2, 1])
+    assert np.array_equal(by_labels.group_of, by_rows.group_of)
+    assert by_labels.k == 3
+    assert [list(m) for m in by_labels.group_members()] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_nearly_symmetric_q_is_symmetrised_exactly():
+    Q = _symmetric(np.random.default_rng(3), 5)
+    Q[0, 1] += 1e-9
+    problem = BlockProblem.dense(Q, k=2)
+    assert np.array_equal(problem.Q, problem.Q.T)
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda Q: BlockProblem.dense(Q[:, :3], k=1), "square"),
+        (lambda Q: BlockProblem.dense(Q + np.triu(np.ones_like(Q), 1), k=1), "symmetric"),
+        (lambda Q: BlockProblem.dense(Q, k=5), "k must lie"),
+        (lambda Q: BlockProblem.dense(Q, k=-1), "k must lie"),
+        (lambda Q: BlockProblem.dense(Q, groups=[[0, 1], [1, 2]], counts=[1, 1]), "overlap"),
+        (lambda Q: BlockProblem.dense(Q, groups=[[0, 1], [2, 0]], counts=[1, 1]), "overlap"),
+        (lambda Q: BlockProblem.dense(Q, groups=[[0, 1]], counts=[1]), "miss"),
+        (lambda Q: BlockProblem.dense(Q, groups=[0, 0, 1, 1], counts=[3, 1]), "must hold 3 ones"),
+        (lambda Q: BlockProblem.dense(np.where(np.eye(4, dtype=bool), np.nan, Q), k=1), "NaN"),
+        (lambda Q: BlockProblem.dense(np.where(np.eye(4, dtype=bool), np.inf, Q), k=1), "NaN or infinite"),
+        (lambda Q: BlockProblem.dense(Q, k=2, x0=[1, 0, 0, 0]), "x0"),
+        (lambda Q: BlockProblem.dense(Q, k=2, x0=[1, 2, 0, 0]), "only 0 and 1"),
+        (lambda Q: BlockProblem.dense(Q, k=2, offset=np.nan), "offset"),
+        (lambda Q: BlockProblem.factored(np.ones((2, 4)), np.ones(3), k=1), "c must have"),
+        (lambda Q: BlockProblem.dense(Q), "constraint is required"),
+    ],
+)
+def test_bad_input_is_refused_with_a_reason(build, message):
+    Q = _symmetric(np.random.default_rng(4), 4)
+    with pytest.raises(InvalidProblemError, match=message):
+        build(Q)
+
+
+# ---------------------------------------------------------------------- serialisation
+def _assert_same_problem(a: BlockProblem, b: BlockProblem) -> None:
+    for name in ("group_of", "counts", "Q", "F", "c", "x0"):
+        left, right = getattr(a, name), getattr(b, name)
+        assert (left is None) == (right is None), name
+        if left is not None:
+            assert left.dtype == right.dtype and np.array_equal(left, right), name
+    assert a.offset == b.offset and a.id == b.id and dict(a.meta) == dict(b.meta)
+
+
+def _examples() -> list[BlockProblem]:
+    rng = np.random.default_rng(5)
+    Q = _symmetric(rng, 8)
+    return [
+        BlockProblem.dense(Q, k=3, offset=0.123456789012345, x0=[1, 1, 1, 0, 0, 0, 0, 0], id="d", meta={"row": 4}),
+        BlockProblem.dense(Q, groups=np.arange(8) // 4, counts=[2, 2]),
+        BlockProblem.factored(rng.standard_normal((3, 8)), rng.standard_normal(8), k=4, offset=-2.5, id="f"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_bytes_round_trip_is_bit_exact(index):
+    problem = _examples()[index]
+    _assert_same_problem(problem, BlockProblem.from_bytes(problem.to_bytes()))
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_npz_round_trip_is_bit_exact(index, tmp_path):
+    problem = _examples()[index]
+    problem.save_npz(tmp_path / "p.npz")
+    _assert_same_problem(problem, BlockProblem.load_npz(tmp_path / "p.npz"))
+
+
+def test_solution_round_trips(tmp_path):
+    solution = BlockSolution(x=np.array([1, 0, 1, 0], np.uint8), energy=1.0000000000000002, solver="sa",
+                             seconds=0.25, sweeps=10, restarts=2, problem_id="p", metadata={"seed": 3})
+    again = BlockSolution.from_bytes(solution.to_bytes())
+    assert np.array_equal(again.x, solution.x) and again.x.dtype == np.uint8
+    assert (again.energy, again.solver, again.sweeps, again.restarts, again.problem_id) == (
+        solution.energy, "sa", 10, 2, "p")
+    assert dict(again.metadata) == {"seed": 3}
+    solution.save_npz(tmp_path / "s.npz")
+    with np.load(tmp_path / "s.npz", allow_pickle=False) as data:
+        assert np.array_equal(data["x"], solution.x) and float(data["energy"]) == solution.energy
+
+
+def test_corrupt_payload_is_refused():
+    payload = _examples()[0].to_bytes()
+    with pytest.raises(InvalidProblemError):
+        BlockProblem.from_bytes(payload[:-3])
+    with pytest.raises(InvalidProblemError):
+        BlockProblem.from_bytes(b"XXXX" + payload[4:])
+
+
+# ---------------------------------------------------------------------- evaluation
+def test_energy_equals_direct_quadratic_form():
+    rng = np.random.default_rng(6)
+    for problem in _examples():
+        Q = problem.dense_Q()
+        for _ in range(5):
+            x = rng.integers(0, 2, problem.num_variables)
+            direct = sum(Q[i, j] * x[i] * x[j] for i in range(len(x)) for j in range(len(x))) + problem.offset
+            assert problem.energy(x) == pytest.approx(direct, rel=1e-12, abs=1e-12)
+
+
+def test_check_feasible_names_the_wrong_group():
+    problem = _examples()[1]
+    assert problem.check_feasible([1, 1, 0, 0, 0, 0, 1, 1]).dtype == np.uint8
+    with pytest.raises(InfeasibleSolutionError, match="group 1 has 3 ones"):
+        problem.check_feasible([1, 1, 0, 0, 0, 1, 1, 1])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_exhaustive_matches_brute_force_with_k(seed):
+    rng = np.random.default_rng(seed)
+    size, k = 9, int(rng.integers(0, 10))
+    Q = _symmetric(rng, size)
+    problem = BlockProblem.dense(Q, k=k, offset=0.5)
+    answer = solve(problem, "exhaustive")
+    expected, _ = _brute_force(problem.Q, lambda bits: sum(bits) == k)
+    assert answer.energy == pytest.approx(expected + 0.5, rel=1e-9, abs=1e-9)
+    assert int(answer.x.sum()) == k
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_exhaustive_matches_brute_force_with_groups(seed):
+    rng = np.random.default_rng(10 + seed)
+    groups = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 2])
+    counts = [1, 2, 2]
+    problem = BlockProblem.factored(rng.standard_normal((3, 10)), rng.standard_normal(10), groups=groups, counts=counts)
+    answer = solve(problem, "exhaustive")
+
+    def feasible(bits):
+        return all(sum(b for b, g in zip(bits, groups) if g == group) == count for group, count in enumerate(counts))
+
+    expected, _ = _brute_force(problem.dense_Q(), feasible)
+    assert answer.energy == pytest.approx(expected, rel=1e-9, abs=1e-9)
+    assert problem.is_feasible(answer.x)

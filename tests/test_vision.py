@@ -144,18 +144,20 @@ def test_npz_uint8_layouts_match_the_processor(tmp_path, deit_dir):
 
 def test_builtin_digits_fit_the_model_and_hold_out_a_split(deit_dir):
     adapter = HFImageAdapter.from_folder(deit_dir)
-    calibration = builtin_digits(adapter.processor, 3, samples=32)
+    calibration = builtin_digits(adapter.processor, 3, samples=64)
     heldout = builtin_digits(adapter.processor, 3, split="heldout")
-    assert tuple(calibration.pixel_values.shape) == (32, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert tuple(calibration.pixel_values.shape) == (64, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert heldout.num_samples == 1797 - int(0.8 * 1797)
-    assert set(calibration.labels.tolist()) <= set(range(10))
-    # grey digits replicated over RGB: channels identical after conversion (same mean/std per channel)
+    assert set(calibration.labels.tolist()) <= set(range(10)) and len(set(heldout.labels.tolist())) == 10
+    # grey digits replicated over RGB: the channels agree (same mean/std on every channel)
     torch.testing.assert_close(calibration.pixel_values[:, 0], calibration.pixel_values[:, 2])
-    # the two splits share no image
-    flat_c = {tuple(row) for row in calibration.pixel_values.flatten(1).numpy().round(4).tolist()}
-    full = builtin_digits(adapter.processor, 3)
-    assert full.num_samples == int(0.8 * 1797)
-    assert len(flat_c) > 0
+    # no calibration image is in the held-out split
+    distances = torch.cdist(calibration.pixel_values.flatten(1), heldout.pixel_values.flatten(1))
+    assert distances.min() > 0
+    # a one-channel model gets one-channel digits
+    grey = builtin_digits(adapter.processor.__class__(size={"height": 8, "width": 8}, image_mean=[0.5], image_std=[0.5]),
+                          1, samples=4)
+    assert tuple(grey.pixel_values.shape) == (4, 1, 8, 8)
 
 
 def test_calibration_batches_feed_the_model(deit_dir):
@@ -229,3 +231,111 @@ def test_class_names_must_match_labels():
     assert match_class_names(["cat", "dog", "2"], labels) == {"cat": 0, "dog": 1, "2": 2}
     with pytest.raises(UsageError, match="horse"):
         match_class_names(["cat", "horse"], labels)
+
+
+# ---------------------------------------------------------------------------- pruning through the CLI
+def _write_images(folder: Path, count: int = 12) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(_random_images(count, seed=5)):
+        image.save(folder / f"{index}.png")
+    return folder
+
+
+@pytest.mark.parametrize(("method", "sparsity_args", "keep_per_row"), [
+    ("icbs", ["--density", "0.4"], lambda width: round(0.4 * width)),
+    ("wanda", ["--pattern", "2:4"], lambda width: width // 2),
+])
+def test_prune_cli_prunes_every_encoder_linear_exactly(tmp_path, deit_dir, method, sparsity_args, keep_per_row, capsys):
+    from safetensors.torch import load_file
+    from transformers import DeiTForImageClassificationWithTeacher
+
+    from qsurgeon.client.cli import main
+
+    images = _write_images(tmp_path / "calibration")
+    out = tmp_path / "pruned"
+    code = main(["prune", str(deit_dir), "--method", method, *sparsity_args, "--block-size", "16",
+                 "--calibration", f"images:{images}", "--out", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    dense = DeiTForImageClassificationWithTeacher.from_pretrained(deit_dir).state_dict()
+    pruned_model = DeiTForImageClassificationWithTeacher.from_pretrained(out)
+    pruned = pruned_model.state_dict()
+    masks = load_file(str(out / "masks.safetensors"))
+    assert len(masks) == LAYERS * LINEARS_PER_LAYER
+    for name, mask in masks.items():
+        weight = pruned[name]
+        kept = (~mask).sum(dim=1)
+        assert torch.all(kept == keep_per_row(weight.shape[1])), name
+        assert torch.all(weight[mask] == 0), name
+        torch.testing.assert_close(weight[~mask], dense[name][~mask])
+        if method == "wanda":  # 2:4 holds group by group
+            assert torch.all((~mask).reshape(weight.shape[0], -1, 4).sum(-1) == 2)
+    for name in ("cls_classifier.weight", "distillation_classifier.weight", "cls_classifier.bias"):
+        assert torch.equal(pruned[name], dense[name]), f"{name} changed"
+    assert (out / "preprocessor_config.json").is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration"]["samples"] == 12
+    # the pruned folder evaluates against the dense one
+    np.savez(tmp_path / "eval.npz", pixel_values=np.stack([np.asarray(i) for i in _random_images(6, 9)]),
+             labels=np.arange(6))
+    result = evaluate_classification(deit_dir, out, tmp_path / "eval.npz")
+    assert 0.0 <= result["agreement"] <= 1.0 and result["images"] == 6
+
+
+def _error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qsurgeon")]
+    assert len(err) == 1
+    return err[0]
+
+
+def test_prune_cli_refuses_a_folder_without_readable_images(tmp_path, deit_dir, capsys):
+    from qsurgeon.client.cli import main
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.png").write_bytes(b"\x89PNG broken")
+    (bad / "b.jpg").write_text("text")
+    out = tmp_path / "out"
+    code = main(["prune", str(deit_dir), "--method", "wanda", "--calibration", f"images:{bad}", "--out", str(out), "--quiet"])
+    assert code == 2
+    assert "no readable image" in _error_line(capsys)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_prune_cli_accepts_mixed_modes_and_sizes(tmp_path, vit_dir, capsys):
+    from qsurgeon.client.cli import main
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (5, 7), dtype=np.uint8), "L").save(mixed / "grey.png")
+    Image.fromarray(rng.integers(0, 256, (33, 21, 4), dtype=np.uint8), "RGBA").save(mixed / "alpha.png")
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), "RGB").save(mixed / "rgb.jpg")
+    code = main(["prune", str(vit_dir), "--method", "magnitude", "--calibration", f"images:{mixed}",
+                 "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["calibration"]["samples"] == 3
+
+
+def test_text_model_given_image_calibration_exits_2(tmp_path, capsys):
+    from transformers import BertConfig, BertModel
+
+    from qsurgeon.client.cli import main
+
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    BertModel(config).save_pretrained(tmp_path / "bert", safe_serialization=True)
+    images = _write_images(tmp_path / "images", 2)
+    for spec in (f"images:{images}", f"npz:{tmp_path / 'x.npz'}"):
+        code = main(["prune", str(tmp_path / "bert"), "--method", "wanda", "--calibration", spec,
+                     "--out", str(tmp_path / "out"), "--quiet"])
+        assert code == 2
+        assert "not an image classifier" in _error_line(capsys)
+
+
+def test_image_model_given_a_text_file_exits_2(tmp_path, deit_dir, capsys):
+    from qsurgeon.client.cli import main
+
+    (tmp_path / "text.txt").write_text("one sentence\n")
+    code = main(["prune", str(deit_dir), "--method", "wanda", "--calibration", str(tmp_path / "text.txt"),
+                 "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == 2
+    assert "images:DIR" in _error_line(capsys)

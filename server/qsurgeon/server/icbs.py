@@ -33,7 +33,10 @@ from torch import Tensor
 
 from qsurgeon.client.errors import UsageError
 from qsurgeon.server.masks import check_mask
-from qsurgeon.server.qubo import fisher_block, layerwise_blocks, row_errors, symmetric_gram, weighted_sum
+from qsurgeon.server.qubo import (
+    block_energies, fisher_block, layerwise_arrays, layerwise_blocks, problems_from_arrays, row_errors,
+    symmetric_gram, weighted_sum,
+)
 from qsurgeon.server.sparsity import Sparsity
 from qsurgeon.worker.problem import BlockProblem
 from qsurgeon.worker.queue import Queue, RoundRequest
@@ -474,6 +477,8 @@ class _Pending:
     cols: Tensor  # (n, B)
     lines: Tensor  # (n,) line index of each block (for tabu bookkeeping)
     problems: list[BlockProblem]
+    stacked: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # layer-wise (Q, x0, offsets)
+    groups: np.ndarray | None = None  # (B,) N:M group labels of every block, if any
 
 
 def _build_tensor_blocks(context: _Context, state: ICBSState, lines: Tensor, config: ICBSConfig,
@@ -502,18 +507,21 @@ def _build_tensor_blocks(context: _Context, state: ICBSState, lines: Tensor, con
         if chosen is None:
             return None
         positions, useful = chosen
-        lines, positions = lines[useful], positions[useful]
+        # ascending positions: the builder then reads H in order (block order is free)
+        lines, positions = lines[useful], positions[useful].sort(dim=1).values
     if context.by_column:
         rows, cols = positions, lines[:, None].expand_as(positions)
     else:
         rows, cols = lines, positions
     ids = [f"{name}:{int(line)}:{round_index}" for line in lines]
+    labels = None if groups is None else groups.numpy()
     if config.objective == "layerwise":
-        problems = layerwise_blocks(context.weight, context.gram, mask, rows, cols, groups=groups, ids=ids,
-                                    gram_is_symmetric=True)
-    else:
-        problems = _fisher_problems(context, mask, rows, cols, groups, ids, config)
-    return _Pending(tensor=-1, rows=rows, cols=cols, lines=lines, problems=problems)
+        stacked = layerwise_arrays(context.weight, context.gram, mask, rows, cols, gram_is_symmetric=True)
+        problems = problems_from_arrays(*stacked, ids, labels)
+        return _Pending(tensor=-1, rows=rows, cols=cols, lines=lines, problems=problems, stacked=stacked,
+                        groups=labels)
+    problems = _fisher_problems(context, mask, rows, cols, groups, ids, config)
+    return _Pending(tensor=-1, rows=rows, cols=cols, lines=lines, problems=problems, groups=labels)
 
 
 def _row_split(context: _Context, columns: Tensor, config: ICBSConfig, round_index: int) -> Tensor:
@@ -631,18 +639,16 @@ def _run_round(contexts: list[_Context], state: ICBSState, steps: list[tuple[int
         name = context.task.name
         answers = solutions[offset:offset + len(item.problems)]
         offset += len(item.problems)
-        accepted_blocks, accepted_x = [], []
-        for index, (problem, answer) in enumerate(zip(item.problems, answers)):
-            outcome = _judge(problem, answer)
-            state.counters[name][outcome] += 1
-            totals[outcome] += 1
-            if outcome == "accepted":
-                accepted_blocks.append(index)
-                accepted_x.append(answer.x)
+        outcomes, proposals = _judge_all(item, answers)
+        for outcome in _COUNTERS:
+            count = int((outcomes == _COUNTERS.index(outcome)).sum())
+            state.counters[name][outcome] += count
+            totals[outcome] += count
         _record_visits(context, state, item)
-        if accepted_blocks:
-            chosen = torch.tensor(accepted_blocks, dtype=torch.int64)
-            values = torch.as_tensor(np.stack(accepted_x)).to(torch.bool)
+        accepted_blocks = np.nonzero(outcomes == _ACCEPTED)[0]
+        if accepted_blocks.size:
+            chosen = torch.as_tensor(accepted_blocks, dtype=torch.int64)
+            values = torch.as_tensor(proposals[accepted_blocks]).to(torch.bool)
             rows = item.rows[chosen]
             rows = rows if rows.ndim == 2 else rows[:, None].expand_as(values)
             state.masks[name][rows, item.cols[chosen]] = values
@@ -655,19 +661,53 @@ def _run_round(contexts: list[_Context], state: ICBSState, steps: list[tuple[int
     )
 
 
-def _judge(problem: BlockProblem, answer) -> str:
-    """§3.4: accept only a feasible answer whose energy, recomputed here, is below the current one."""
-    if answer is None:
-        return "failed"
-    x = np.asarray(answer.x, dtype=np.uint8)
-    if not problem.is_feasible(x):
-        return "failed"
-    if np.array_equal(x, problem.x0):
-        return "unchanged"
-    current, proposed = problem.energies(np.stack([problem.x0, x]))
-    if proposed < current:
-        return "accepted"
-    return "unchanged" if proposed == current else "rejected"
+_ACCEPTED, _UNCHANGED, _REJECTED, _FAILED = range(4)  # indices into _COUNTERS
+
+
+def _judge_all(item: _Pending, answers: list) -> tuple[np.ndarray, np.ndarray]:
+    """§3.4 for every block of a tensor: accept only a feasible answer whose energy, recomputed
+    from the problem itself, is below the current assignment's. Returns (outcome codes, answers).
+
+    Layer-wise blocks are judged together from their stacked matrices (the same float64
+    value as ``problem.energy``); other blocks one by one with ``problem.energies``.
+    """
+    n_blocks = len(item.problems)
+    x0 = np.stack([problem.x0 for problem in item.problems]) if item.stacked is None else item.stacked[1]
+    proposals = x0.copy()
+    outcomes = np.full(n_blocks, _FAILED, np.int64)
+    present = np.zeros(n_blocks, bool)
+    for index, answer in enumerate(answers):
+        if answer is not None:
+            x = np.asarray(answer.x)
+            if x.shape == x0[index].shape and np.isin(x, (0, 1)).all():
+                proposals[index] = x
+                present[index] = True
+    counts_now = _group_counts(x0, item)
+    feasible = present & (_group_counts(proposals, item) == counts_now).all(axis=1)
+    same = (proposals == x0).all(axis=1)
+    if item.stacked is not None:
+        Q, _, offsets = item.stacked
+        current = block_energies(Q, x0, offsets)
+        proposed = block_energies(Q, proposals, offsets)
+    else:
+        pairs = [problem.energies(np.stack([problem.x0, x])) for problem, x in zip(item.problems, proposals)]
+        current = np.array([pair[0] for pair in pairs])
+        proposed = np.array([pair[1] for pair in pairs])
+    outcomes[feasible & same] = _UNCHANGED
+    moved = feasible & ~same
+    outcomes[moved & (proposed < current)] = _ACCEPTED
+    outcomes[moved & (proposed == current)] = _UNCHANGED
+    outcomes[moved & (proposed > current)] = _REJECTED
+    proposals[outcomes != _ACCEPTED] = x0[outcomes != _ACCEPTED]
+    return outcomes, proposals
+
+
+def _group_counts(X: np.ndarray, item: _Pending) -> np.ndarray:
+    """Ones per constraint group of every block: (n, 1) totals, or (n, G) with N:M groups."""
+    if item.groups is None:
+        return X.sum(axis=1, dtype=np.int64)[:, None]
+    n_groups = int(item.groups.max()) + 1
+    return X.reshape(X.shape[0], n_groups, -1).sum(axis=2, dtype=np.int64)
 
 
 def _record_visits(context: _Context, state: ICBSState, item: _Pending) -> None:

@@ -1,0 +1,259 @@
+"""The ``sa`` solver: feasibility, energies, optimality on small blocks, reproducibility, CLI."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from qsurgeon.client.cli import main
+from qsurgeon.client.errors import SolverUnavailableError, UsageError
+from qsurgeon.worker.problem import BlockProblem
+from qsurgeon.worker.solve import solve, solve_batch
+from qsurgeon.worker.solvers import sa_rng
+
+
+def pruning_block(size: int, seed: int, *, k: int | None = None, groups=None, counts=None,
+                  with_x0: bool = False) -> BlockProblem:
+    """Q = diag(w) X Xᵀ diag(w) with heavy-tailed weights and correlated inputs, as in pruning."""
+    rng = np.random.default_rng(seed)
+    tokens = 3 * size
+    latent = rng.standard_normal((size, 4))
+    X = latent @ rng.standard_normal((4, tokens)) + 0.5 * rng.standard_normal((size, tokens))
+    w = rng.standard_t(3, size) * 0.05
+    Q = (w[:, None] * (X @ X.T / tokens) * w[None, :]).astype(np.float32)
+    if k is None and groups is None:
+        k = int(rng.integers(1, size))
+    x0 = None
+    if with_x0:
+        x0 = np.zeros(size, np.uint8)
+        if groups is None:
+            x0[np.argsort(np.abs(w))[:k]] = 1  # magnitude pruning: a plausible current mask
+        else:
+            for group, count in enumerate(counts):
+                members = np.nonzero(np.asarray(groups) == group)[0]
+                x0[members[np.argsort(np.abs(w[members]))[:count]]] = 1
+    return BlockProblem.dense(Q, k=k, groups=groups, counts=counts, x0=x0, offset=float(rng.normal()) * 1e-3)
+
+
+def factored_block(size: int, rank: int, seed: int, **constraint) -> BlockProblem:
+    rng = np.random.default_rng(seed)
+    F = rng.standard_normal((rank, size)) * rng.standard_t(3, size) * 0.05
+    c = rng.normal(0, 1e-3, size)
+    return BlockProblem.factored(F, c, offset=0.01, **constraint)
+
+
+def direct_energy(problem: BlockProblem, x: np.ndarray) -> float:
+    Q = problem.dense_Q()
+    x = x.astype(np.float64)
+    return float(x @ Q @ x) + problem.offset
+
+
+@functools.lru_cache(maxsize=None)
+def _all_assignments(size: int, k: int) -> np.ndarray:
+    rows = list(itertools.combinations(range(size), k))
+    X = np.zeros((len(rows), size))
+    X[np.repeat(np.arange(len(rows)), k), np.array(rows, dtype=np.int64).reshape(-1)] = 1.0
+    return X
+
+
+def enumerated_minimum(problem: BlockProblem) -> float:
+    """min xᵀQx + offset over every x with exactly k ones (one group), by itertools."""
+    X = _all_assignments(problem.num_variables, problem.k)
+    return float(np.einsum("nb,nb->n", X @ problem.dense_Q(), X).min()) + problem.offset
+
+
+# ---------------------------------------------------------------------- kernel conventions
+def test_kernel_random_numbers_follow_the_reference():
+    from qsurgeon.worker.solvers import sa_cpu
+
+    for key, counter in [(0, 0), (12345, 7), (2**64 - 1, 3 * 10**9), (0x9E3779B97F4A7C15, 42)]:
+        assert int(sa_cpu._draw(np.uint64(key), counter)) == sa_rng.draw(key, counter)
+
+
+def test_chain_keys_depend_on_seed_restart_and_content_only():
+    digest = sa_rng.problem_digest(np.zeros(4, np.int32), np.array([2], np.int32), None, np.ones(4, np.float32))
+    keys = sa_rng.chain_keys(digest, seed=1, restarts=3)
+    assert np.array_equal(keys, sa_rng.chain_keys(digest, seed=1, restarts=3))
+    assert len({int(k) for k in keys.reshape(-1)}) == 9
+    assert not np.array_equal(keys, sa_rng.chain_keys(digest, seed=2, restarts=3))
+
+
+# ---------------------------------------------------------------------- answers
+def test_energies_equal_an_independent_computation():
+    problems = [pruning_block(24, 1, k=10), factored_block(20, 3, 2, k=7),
+                pruning_block(16, 3, groups=np.arange(16) // 4, counts=[2, 2, 2, 2])]
+    for problem, answer in zip(problems, solve_batch(problems, "sa", seed=0, sweeps=50)):
+        assert answer.energy == pytest.approx(direct_energy(problem, answer.x), rel=1e-9, abs=1e-12)
+        assert "reported_energy" not in answer.metadata  # our own float64 figure agreed with solve's
+        assert answer.solver == "sa" and answer.restarts == 4 and answer.sweeps == 50
+
+
+def test_finds_the_exhaustive_optimum_on_small_pruning_blocks():
+    problems = [pruning_block(16, seed) for seed in range(200)]
+    answers = solve_batch(problems, "sa", seed=7)
+    optimal = 0
+    for problem, answer in zip(problems, answers):
+        exact = enumerated_minimum(problem)
+        assert answer.energy >= exact - 1e-12 * max(1.0, abs(exact))
+        optimal += answer.energy <= exact + 1e-9 * abs(exact) + 1e-15
+    rate = optimal / len(problems)
+    print(f"sa found the exhaustive optimum on {rate:.1%} of {len(problems)} blocks")
+    assert rate >= 0.95
+
+
+@pytest.mark.parametrize("start", ["random", "x0"])
+def test_every_answer_keeps_exact_group_counts(start):
+    groups = np.arange(32) // 4  # N:M-like: 2 of every 4 pruned
+    counts = [2] * 8
+    problems = [pruning_block(32, seed, groups=groups, counts=counts, with_x0=True) for seed in range(6)]
+    problems += [pruning_block(40, 50 + seed, k=13, with_x0=True) for seed in range(3)]
+    for problem, answer in zip(problems, solve_batch(problems, "sa", seed=1, sweeps=100, start=start)):
+        assert np.array_equal(problem.group_sums(answer.x), problem.counts)
+        assert set(np.unique(answer.x)) <= {0, 1}
+        assert answer.metadata["start"] == start
+
+
+def test_x0_start_never_returns_worse_than_x0():
+    problems = [pruning_block(48, seed, k=20, with_x0=True) for seed in range(5)]
+    for problem, answer in zip(problems, solve_batch(problems, "sa", seed=3, sweeps=30, restarts=2)):
+        assert answer.energy <= problem.energy(problem.x0) + 1e-15
+    untouched = solve(problems[0], "sa", seed=3, sweeps=0)
+    assert np.array_equal(untouched.x, problems[0].x0)
+
+
+def test_factored_problem_agrees_with_its_dense_equivalent():
+    for seed in range(5):
+        factored = factored_block(18, 4, 100 + seed, k=9)
+        dense = BlockProblem.dense(factored.dense_Q(), k=9, offset=factored.offset)
+        exact = solve(dense, "exhaustive").energy
+        from_factored = solve(factored, "sa", seed=seed)
+        from_dense = solve(dense, "sa", seed=seed)
+        assert from_factored.energy == pytest.approx(exact, rel=1e-6)
+        assert from_dense.energy == pytest.approx(exact, rel=1e-6)
+        assert dense.energy(from_factored.x) == pytest.approx(from_factored.energy, rel=1e-6)
+
+
+def test_problems_without_any_possible_swap_return_their_only_answer():
+    problems = [pruning_block(8, 1, k=0), pruning_block(8, 2, k=8),
+                pruning_block(8, 3, groups=np.arange(8) // 4, counts=[0, 4])]
+    for problem, answer in zip(problems, solve_batch(problems, "sa", seed=0)):
+        assert problem.is_feasible(answer.x)
+        assert answer.metadata["acceptance_rate"] == 0.0
+
+
+# ---------------------------------------------------------------------- reproducibility
+def test_same_seed_same_answer_alone_and_inside_a_mixed_batch():
+    target = pruning_block(40, 11, groups=np.arange(40) // 8, counts=[3, 4, 2, 5, 4], with_x0=True)
+    factored = factored_block(30, 5, 12, k=11)
+    others = [pruning_block(64, 13, k=20), factored_block(50, 8, 14, k=9), pruning_block(20, 15, k=4)]
+    alone = solve(target, "sa", seed=5, sweeps=60, restarts=3)
+    alone_factored = solve(factored, "sa", seed=5, sweeps=60, restarts=3)
+    again = solve(target, "sa", seed=5, sweeps=60, restarts=3)
+    batch = solve_batch(others[:2] + [factored, others[2], target], "sa", seed=5, sweeps=60, restarts=3)
+    for answer in (again, batch[4]):
+        assert np.array_equal(answer.x, alone.x) and answer.energy == alone.energy
+        assert answer.metadata["acceptance_rate"] == alone.metadata["acceptance_rate"]
+    assert np.array_equal(batch[2].x, alone_factored.x) and batch[2].energy == alone_factored.energy
+    other_seed = solve(target, "sa", seed=6, sweeps=60, restarts=3)
+    assert other_seed.metadata["acceptance_rate"] != alone.metadata["acceptance_rate"]
+
+
+def test_time_limit_is_honoured_and_the_best_so_far_returned():
+    problem = pruning_block(512, 21, k=256)
+    solve(problem, "sa", seed=0, sweeps=1)  # compile / warm up outside the timing
+    started = time.perf_counter()
+    answer = solve(problem, "sa", seed=0, sweeps=1_000_000, restarts=2, time_limit=0.3)
+    elapsed = time.perf_counter() - started
+    assert elapsed < 2.0
+    assert answer.metadata["stopped_by_time_limit"] and 0 < answer.sweeps < 1_000_000
+    assert problem.is_feasible(answer.x)
+
+
+# ---------------------------------------------------------------------- parameters
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"restarts": 0}, "restarts"),
+        ({"sweeps": -1}, "sweeps"),
+        ({"sweeps": 1.5}, "sweeps"),
+        ({"beta_range": (0, 10)}, "beta_range"),
+        ({"beta_range": "hot"}, "beta_range"),
+        ({"time_limit": -1}, "time_limit"),
+        ({"start": "warm"}, "start"),
+        ({"start": "x0"}, "no x0"),
+        ({"device": "tpu"}, "device"),
+        ({"seed": "abc"}, "seed"),
+        ({"temperature": 1}, "unknown parameter"),
+    ],
+)
+def test_bad_parameters_are_usage_errors(params, message):
+    with pytest.raises(UsageError, match=message):
+        solve(pruning_block(8, 0, k=3), "sa", **params)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised when no CUDA device exists")
+def test_cuda_without_a_device_says_so():
+    with pytest.raises(SolverUnavailableError, match="no CUDA device"):
+        solve(pruning_block(8, 0, k=3), "sa", device="cuda")
+
+
+# ---------------------------------------------------------------------- command line
+def test_cli_solve_prints_json_lines_and_writes_solutions(tmp_path, capsys):
+    first, second = tmp_path / "a.npz", tmp_path / "b.npz"
+    pruning_block(12, 1, k=5).save_npz(first)
+    factored_block(10, 3, 2, groups=np.arange(10) // 5, counts=[2, 3]).save_npz(second)
+    assert main(["solve", str(first), str(second), "--json", "--seed", "4", "--sweeps", "200"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    for line, path in zip(lines, (first, second)):
+        record = json.loads(line)
+        problem = BlockProblem.load_npz(path)
+        assert record["file"] == str(path) and record["solver"] == "sa" and record["seconds"] >= 0
+        assert record["energy"] == pytest.approx(direct_energy(problem, np.array(record["x"])), rel=1e-9)
+        assert record["energy"] == pytest.approx(solve(problem, "exhaustive").energy, rel=1e-9)
+        with np.load(path.with_name(path.stem + ".solution.npz")) as saved:
+            assert saved["x"].tolist() == record["x"]
+
+
+def _write_npz(path, **arrays):
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+@pytest.mark.parametrize(
+    "arrays, extra, reason",
+    [
+        ({"Q": np.triu(np.ones((4, 4), np.float32)), "k": np.int64(2)}, [], "symmetric"),
+        ({"Q": np.eye(4, dtype=np.float32), "k": np.int64(7)}, [], "k must lie"),
+        ({"Q": np.eye(30, dtype=np.float32), "k": np.int64(3)}, ["--solver", "exhaustive"], "at most 24"),
+    ],
+)
+def test_cli_solve_refuses_bad_files_with_one_line(tmp_path, capsys, arrays, extra, reason):
+    path = tmp_path / "bad.npz"
+    _write_npz(path, **arrays)
+    assert main(["solve", str(path), *extra]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and reason in error
+
+
+# ---------------------------------------------------------------------- CUDA
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none is present")
+def test_cuda_answers_are_feasible_correct_and_reproducible():
+    problems = [pruning_block(32, seed, groups=np.arange(32) // 4, counts=[2] * 8) for seed in range(4)]
+    problems += [factored_block(40, 6, 9, k=17), pruning_block(16, 77, k=6)]
+    first = solve_batch(problems, "sa", seed=2, sweeps=200, device="cuda")
+    second = solve_batch(problems[::-1], "sa", seed=2, sweeps=200, device="cuda")[::-1]
+    for problem, a, b in zip(problems, first, second):
+        assert np.array_equal(problem.group_sums(a.x), problem.counts)
+        assert a.energy == pytest.approx(direct_energy(problem, a.x), rel=1e-9, abs=1e-12)
+        assert np.array_equal(a.x, b.x) and a.energy == b.energy
+        assert a.metadata["device"] == "cuda"
+    exact = solve(problems[-1], "exhaustive").energy
+    assert first[-1].energy == pytest.approx(exact, rel=1e-6)

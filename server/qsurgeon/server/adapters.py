@@ -197,6 +197,9 @@ class HFTextAdapter(ModelAdapter):
                     dtype: torch.dtype = torch.float32) -> "HFTextAdapter":
         folder = check_model_folder(folder)
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # our own progress goes to stderr
 
         try:
             config = AutoConfig.from_pretrained(folder, trust_remote_code=False, local_files_only=True)

@@ -1,0 +1,119 @@
+"""Sequential capture: Grams equal direct computation, padding excluded, block l sees pruned blocks < l."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qsurgeon.server.adapters import load_adapter
+from qsurgeon.server.calibration import builtin_texts, tokenize_texts
+from qsurgeon.server.capture import (
+    _real_rows,
+    capture_first_block_inputs,
+    collect_stats,
+    iterate_blocks,
+    relative_error,
+    run_block,
+)
+from test_adapters import save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def bert_folder(tmp_path_factory):
+    return save_tiny_model("bert", tmp_path_factory.mktemp("capture") / "bert", layers=3)
+
+
+@pytest.fixture()
+def adapter(bert_folder):
+    return load_adapter(str(bert_folder))
+
+
+@pytest.fixture(scope="module")
+def data(bert_folder):
+    from transformers import AutoTokenizer
+
+    return tokenize_texts(AutoTokenizer.from_pretrained(bert_folder), builtin_texts(12), seq_len=32)
+
+
+def _direct_gram(adapter, data, block_index: int) -> torch.Tensor:
+    """Σ h hᵀ over real tokens of the hidden states entering block ``block_index``, from a full forward."""
+    with torch.no_grad():
+        hidden = adapter.model(input_ids=data.input_ids, attention_mask=data.attention_mask,
+                               output_hidden_states=True).hidden_states[block_index]
+    rows = hidden[data.attention_mask.bool()].double()
+    return rows.T @ rows
+
+
+def _query_stats(adapter, block_index, inputs):
+    stats = collect_stats(adapter.blocks()[block_index], adapter.targets(block_index), inputs)
+    return stats[f"encoder.layer.{block_index}.attention.self.query.weight"]
+
+
+def test_gram_of_every_block_equals_direct_computation(adapter, data):
+    for index, inputs in iterate_blocks(adapter, data, batch_size=5):
+        stats = _query_stats(adapter, index, inputs)
+        assert stats.tokens == data.num_tokens
+        torch.testing.assert_close(stats.gram, _direct_gram(adapter, data, index), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(stats.input_norms(), stats.gram.diagonal().sqrt())
+
+
+def test_padding_is_excluded(adapter, data):
+    assert (data.attention_mask == 0).any()  # the batch really holds padding
+    single = capture_first_block_inputs(adapter, data, batch_size=1)  # no padding left after trimming
+    padded = capture_first_block_inputs(adapter, data, batch_size=12)
+    gram_single = _query_stats(adapter, 0, single).gram
+    gram_padded = _query_stats(adapter, 0, padded).gram
+    torch.testing.assert_close(gram_padded, gram_single, rtol=1e-6, atol=1e-6)
+    # had padding been counted, the Gram would differ
+    hidden = padded.args[0][0]
+    everything = hidden.reshape(-1, hidden.shape[-1]).double()
+    assert not torch.allclose(everything.T @ everything, gram_padded)
+
+
+def test_capture_is_sequential(adapter, data):
+    dense = {index: _query_stats(adapter, index, inputs).gram for index, inputs in iterate_blocks(adapter, data)}
+    pruned_grams = {}
+    for index, inputs in iterate_blocks(adapter, data):
+        pruned_grams[index] = _query_stats(adapter, index, inputs).gram
+        for layer in adapter.targets(index):  # prune block index before block index + 1 is captured
+            weight = layer.weight()
+            layer.apply_mask(weight.abs() < weight.abs().median())
+    torch.testing.assert_close(pruned_grams[0], dense[0])  # nothing before block 0
+    assert not torch.allclose(pruned_grams[1], dense[1], rtol=1e-3)  # block 1 saw pruned block 0
+    # and it is exactly what the pruned model feeds block 1 (blocks 1.. are pruned too now, block 1's input is not)
+    torch.testing.assert_close(pruned_grams[1], _direct_gram(adapter, data, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_run_block_matches_the_model(adapter, data):
+    inputs = capture_first_block_inputs(adapter, data, batch_size=4)
+    for block in adapter.blocks():
+        inputs = run_block(block, inputs)
+    with torch.no_grad():
+        last = adapter.model(input_ids=data.input_ids, attention_mask=data.attention_mask).last_hidden_state
+    start = 0
+    for args, mask in zip(inputs.args, inputs.token_masks):
+        hidden = args[0]
+        expected = last[start:start + hidden.shape[0], :hidden.shape[1]]
+        torch.testing.assert_close(hidden[mask], expected[mask], rtol=1e-5, atol=1e-5)
+        start += hidden.shape[0]
+
+
+def test_real_rows_shapes():
+    inputs = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
+    mask = torch.tensor([[True, False, True], [False, False, True]])
+    assert torch.equal(_real_rows(inputs, mask), inputs[mask])
+    assert torch.equal(_real_rows(inputs.reshape(6, 4), mask), inputs[mask])
+    assert _real_rows(inputs, None).shape == (6, 4)
+
+
+def test_relative_error_is_reconstruction_error():
+    torch.manual_seed(1)
+    weight = torch.randn(5, 7)
+    activations = torch.randn(7, 40, dtype=torch.float64)
+    gram = activations @ activations.T
+    mask = torch.rand(5, 7) < 0.5
+    error, reference = relative_error(weight, mask, gram)
+    pruned = weight.double() * (~mask)
+    direct = ((weight.double() - pruned) @ activations).pow(2).sum()
+    assert error == pytest.approx(float(direct), rel=1e-10)
+    assert reference == pytest.approx(float((weight.double() @ activations).pow(2).sum()), rel=1e-10)

@@ -71,7 +71,8 @@ def test_layerwise_surrogate_never_increases_and_density_stays_exact(sparsity):
         reports.append(report)
         direct = _direct_surrogate(tasks, activations, state.masks)
         assert direct <= surrogates[-1] * (1 + 1e-9)
-        assert state.surrogate == pytest.approx(direct, rel=1e-9)
+        # tracked from block energies (float32 matrices): equal to the direct value to float32 rounding
+        assert state.surrogate == pytest.approx(direct, rel=1e-6)
         surrogates.append(direct)
         for task in tasks:
             check_mask(state.masks[task.name], sparsity, task.name)
@@ -82,7 +83,7 @@ def test_layerwise_surrogate_never_increases_and_density_stays_exact(sparsity):
     assert state.done and reports
     assert surrogates[-1] < surrogates[0]  # it found something on these random layers
     assert sum(r.accepted for r in reports) == sum(c["accepted"] for c in state.counters.values())
-    assert len(state.history_epoch) == 3 and state.history_epoch[-1] == pytest.approx(surrogates[-1], rel=1e-9)
+    assert len(state.history_epoch) == 3 and state.history_epoch[-1] == pytest.approx(surrogates[-1], rel=1e-6)
 
 
 def test_a_whole_row_block_reaches_the_brute_force_optimum():
@@ -121,7 +122,7 @@ def test_resumed_run_equals_uninterrupted_run():
     assert resumed.done and resumed.round_index == whole.round_index
     for task in tasks:
         assert torch.equal(resumed.masks[task.name], whole.masks[task.name])
-    assert resumed.history_round == pytest.approx(whole.history_round, rel=1e-12)
+    assert resumed.history_round == pytest.approx(whole.history_round, rel=1e-6)
     assert resumed.counters == whole.counters
 
 

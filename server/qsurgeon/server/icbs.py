@@ -639,7 +639,7 @@ def _run_round(contexts: list[_Context], state: ICBSState, steps: list[tuple[int
         name = context.task.name
         answers = solutions[offset:offset + len(item.problems)]
         offset += len(item.problems)
-        outcomes, proposals = _judge_all(item, answers)
+        outcomes, proposals, energies = _judge_all(item, answers)
         for outcome in _COUNTERS:
             count = int((outcomes == _COUNTERS.index(outcome)).sum())
             state.counters[name][outcome] += count
@@ -649,10 +649,15 @@ def _run_round(contexts: list[_Context], state: ICBSState, steps: list[tuple[int
         if accepted_blocks.size:
             chosen = torch.as_tensor(accepted_blocks, dtype=torch.int64)
             values = torch.as_tensor(proposals[accepted_blocks]).to(torch.bool)
-            rows = item.rows[chosen]
-            rows = rows if rows.ndim == 2 else rows[:, None].expand_as(values)
+            block_rows = item.rows[chosen]
+            rows = block_rows if block_rows.ndim == 2 else block_rows[:, None].expand_as(values)
             state.masks[name][rows, item.cols[chosen]] = values
-            state.surrogate_per_tensor[name] = _surrogate(context, state.masks[name], config, rows.unique())
+            if item.stacked is not None and block_rows.ndim == 1 and context.row_error is not None:
+                # a one-row layer-wise block's energy IS that row's new error: no recomputation
+                context.row_error[block_rows] = torch.as_tensor(energies[accepted_blocks])
+                state.surrogate_per_tensor[name] = _surrogate(context, state.masks[name], config, rows[:0, 0])
+            else:
+                state.surrogate_per_tensor[name] = _surrogate(context, state.masks[name], config, rows.unique())
     done = time.perf_counter()
     return RoundReport(
         round_index=round_index, epoch=state.epoch, blocks=len(problems), surrogate=state.surrogate,
@@ -664,9 +669,10 @@ def _run_round(contexts: list[_Context], state: ICBSState, steps: list[tuple[int
 _ACCEPTED, _UNCHANGED, _REJECTED, _FAILED = range(4)  # indices into _COUNTERS
 
 
-def _judge_all(item: _Pending, answers: list) -> tuple[np.ndarray, np.ndarray]:
+def _judge_all(item: _Pending, answers: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """§3.4 for every block of a tensor: accept only a feasible answer whose energy, recomputed
-    from the problem itself, is below the current assignment's. Returns (outcome codes, answers).
+    from the problem itself, is below the current assignment's. Returns (outcome codes, the
+    assignments to apply, their energies).
 
     Layer-wise blocks are judged together from their stacked matrices (the same float64
     value as ``problem.energy``); other blocks one by one with ``problem.energies``.
@@ -699,7 +705,7 @@ def _judge_all(item: _Pending, answers: list) -> tuple[np.ndarray, np.ndarray]:
     outcomes[moved & (proposed == current)] = _UNCHANGED
     outcomes[moved & (proposed > current)] = _REJECTED
     proposals[outcomes != _ACCEPTED] = x0[outcomes != _ACCEPTED]
-    return outcomes, proposals
+    return outcomes, proposals, proposed
 
 
 def _group_counts(X: np.ndarray, item: _Pending) -> np.ndarray:

@@ -1,0 +1,117 @@
+"""``qsurgeon prune`` and ``qsurgeon demo`` from the command line: outputs, --json, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qsurgeon.client.cli import main
+from qsurgeon.server.outputs import load_masks
+from test_adapters import save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    return save_tiny_model("bert", tmp_path_factory.mktemp("cli") / "bert")
+
+
+def _prune(bert, out, *extra):
+    return main(["prune", str(bert), "--samples", "8", "--seq-len", "24", "--block-size", "16",
+                 "--out", str(out), "--quiet", *extra])
+
+
+def test_prune_json_report_and_outputs(bert, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _prune(bert, out, "--method", "icbs", "--density", "0.3", "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["options"]["density"] == 0.3 and report["options"]["method"] == "icbs"
+    assert report["summary"]["density"] == pytest.approx(0.3, abs=0.02)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["config.json", "model.safetensors", "masks.safetensors", "report.json", "tokenizer.json",
+         "tokenizer_config.json"]
+    )
+    assert json.loads((out / "report.json").read_text())["summary"] == report["summary"]
+    masks = load_masks(out / "masks.safetensors")
+    assert all(mask.dtype == torch.bool for mask in masks.values())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
+def test_prune_plain_output_and_include(bert, tmp_path, capsys):
+    assert _prune(bert, tmp_path / "out", "--method", "magnitude", "--include", "*.intermediate.*") == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("pruned 2 tensors to density 0.5 per row")
+
+
+def _pickled_only_folder(bert, tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    shutil.copy(bert / "config.json", folder / "config.json")
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04N.")
+    return folder
+
+
+@pytest.mark.parametrize("case, message", [
+    (["--density", "0"], "density must lie strictly between 0 and 1"),
+    (["--density", "1"], "density must lie strictly between 0 and 1"),
+    (["--density", "1.5"], "density"),
+    (["--pattern", "2:24"], "multiple of 24"),
+    (["--method", "prayer"], "unknown method 'prayer'"),
+    (["--solver", "oracle"], "unknown solver 'oracle'"),
+    (["--objective", "vibes"], "unknown objective 'vibes'"),
+    (["MISSING"], "does not exist"),
+    (["PICKLED"], "no .safetensors weights"),
+    (["EMPTY-CALIBRATION"], "is empty"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(bert, tmp_path, capsys, case, message):
+    model, extra = str(bert), list(case)
+    if case == ["MISSING"]:
+        model, extra = str(tmp_path / "no-such-model"), []
+    elif case == ["PICKLED"]:
+        model, extra = str(_pickled_only_folder(bert, tmp_path)), []
+    elif case == ["EMPTY-CALIBRATION"]:
+        (tmp_path / "empty.txt").write_text("\n\n")
+        extra = ["--calibration", str(tmp_path / "empty.txt")]
+    out = tmp_path / "out"
+    code = main(["prune", model, "--samples", "8", "--seq-len", "24", "--out", str(out), "--quiet", *extra])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("qsurgeon prune: error: ") and message in err, err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_refuses_a_non_empty_out_folder(bert, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert _prune(bert, out) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.slow
+def test_prune_builtin_minilm_subprocess(tmp_path):
+    """The installed console script on the real model, limited to block 0 to stay quick."""
+    out = tmp_path / "minilm"
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "qsurgeon.client.cli", "prune", "builtin:minilm", "--method", "icbs",
+         "--include", "encoder.layer.0.*", "--samples", "32", "--seq-len", "64", "--out", str(out), "--json"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr
+    report = json.loads(completed.stdout)
+    assert report["summary"]["tensors"] == 6
+    assert report["summary"]["relative_error_final"] < report["summary"]["relative_error_initial"]
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(out, use_safetensors=True)
+    masks = load_masks(out / "masks.safetensors")
+    for name, mask in masks.items():
+        assert torch.equal(model.get_parameter(name) == 0, mask)

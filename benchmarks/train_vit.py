@@ -36,7 +36,6 @@ from PIL import Image
 CACHE = Path(__file__).resolve().parent / "cache" / "deit-digits"
 IMAGE_SIZE = 32
 SEED = 0
-TEST_FRACTION = 0.2
 CALIBRATION_IMAGES = 128
 
 
@@ -54,18 +53,22 @@ def digits_rgb(size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
 
 
 def split(images: np.ndarray, labels: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Stratified seeded split: test held out; calibration drawn from the training part."""
-    from sklearn.model_selection import train_test_split
+    """qsurgeon's fixed digits split: train on its ``calibration`` part, test on ``heldout``.
 
-    train_x, test_x, train_y, test_y = train_test_split(
-        images, labels, test_size=TEST_FRACTION, random_state=SEED, stratify=labels
-    )
+    The same split backs ``--calibration builtin`` and ``qsurgeon evaluate --data builtin``
+    for image models, so those stay held out from this model's test set too. The 128
+    calibration images of the benchmark are drawn (seeded) from the training part.
+    """
+    from qsurgeon.server.vision import digits_split
+
+    indices = digits_split()
+    train_x, train_y = images[indices["calibration"]], labels[indices["calibration"]]
     rng = np.random.default_rng(SEED)
     calibration = rng.choice(len(train_x), size=CALIBRATION_IMAGES, replace=False)
     return {
         "train": (train_x, train_y),
         "calibration": (train_x[calibration], train_y[calibration]),
-        "test": (test_x, test_y),
+        "test": (images[indices["heldout"]], labels[indices["heldout"]]),
     }
 
 

@@ -33,15 +33,17 @@ LAYERS = 2
 LINEARS_PER_LAYER = 6  # query, key, value, attention output, intermediate, output
 
 
-def _save_classifier(folder: Path, architecture: str, seed: int = 0, num_channels: int = 3) -> Path:
+def _save_classifier(folder: Path, architecture: str, seed: int = 0, num_channels: int = 3,
+                     labels: list[str] | None = None) -> Path:
     import transformers
     from transformers import ViTImageProcessor
 
+    labels = labels or [f"class_{i}" for i in range(NUM_LABELS)]
     config_class = transformers.DeiTConfig if architecture.startswith("DeiT") else transformers.ViTConfig
     config = config_class(
         image_size=IMAGE_SIZE, patch_size=4, num_channels=num_channels, hidden_size=32, num_hidden_layers=LAYERS,
-        num_attention_heads=2, intermediate_size=64, num_labels=NUM_LABELS,
-        id2label={i: f"class_{i}" for i in range(NUM_LABELS)}, label2id={f"class_{i}": i for i in range(NUM_LABELS)},
+        num_attention_heads=2, intermediate_size=64, num_labels=len(labels),
+        id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
     )
     torch.manual_seed(seed)
     model = getattr(transformers, architecture)(config)
@@ -224,6 +226,23 @@ def test_evaluate_classification_from_npz(tmp_path, deit_dir):
     np.savez(tmp_path / "unlabelled.npz", pixel_values=array)
     with pytest.raises(UsageError, match="labels"):
         evaluate_classification(deit_dir, deit_dir, tmp_path / "unlabelled.npz")
+
+
+def test_evaluate_builtin_digits_on_a_grey_digit_classifier(tmp_path, deit_dir):
+    from transformers import ViTForImageClassification
+
+    from qsurgeon.server.vision import builtin_digits, load_image_processor
+
+    folder = _save_classifier(tmp_path / "digits", "ViTForImageClassification", num_channels=1,
+                              labels=[str(d) for d in range(10)])
+    report = evaluate_classification(folder, folder, "builtin")
+    heldout = builtin_digits(load_image_processor(folder), 1, split="heldout")
+    with torch.no_grad():
+        logits = ViTForImageClassification.from_pretrained(folder)(pixel_values=heldout.pixel_values).logits
+    assert report["images"] == 360 and report["agreement"] == 1.0
+    assert report["dense"]["top1"] == pytest.approx((logits.argmax(-1) == heldout.labels).float().mean().item())
+    with pytest.raises(UsageError, match="match no label"):  # class_0..class_5 are not digits
+        evaluate_classification(deit_dir, deit_dir, "builtin")
 
 
 def test_class_names_must_match_labels():

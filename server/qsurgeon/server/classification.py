@@ -1,9 +1,10 @@
 """Top-1/top-5 accuracy of a dense and a pruned image classifier on labelled images.
 
 Labelled data comes as a folder ``DIR/<class name>/*.png`` (class names matched to the
-model's ``id2label``: exactly, then case-insensitively, then as the class index) or an
+model's ``id2label``: exactly, then case-insensitively, then as the class index), an
 ``.npz`` with ``pixel_values`` (see :func:`qsurgeon.server.vision.load_npz_images`) and
-integer ``labels``. Both models see the same pixels, preprocessed with the DENSE model's
+integer ``labels``, or ``builtin`` (the held-out split of scikit-learn's digits, for digit
+classifiers). Both models see the same pixels, preprocessed with the DENSE model's
 processor (the pruned folder carries a copy of it). Besides the two accuracies, the
 agreement (fraction of images where both predict the same class) shows how far pruning
 moved the decisions, independently of the labels.
@@ -20,6 +21,7 @@ from torch import nn
 from qsurgeon.client.errors import UsageError
 from qsurgeon.server.vision import (
     ImageCalibrationData,
+    builtin_digits,
     list_image_files,
     load_image_classifier,
     load_image_processor,
@@ -72,8 +74,18 @@ def labelled_folder(folder: str | Path, processor: Any, num_channels: int,
 
 def load_labelled(data: str | Path, processor: Any, num_channels: int, id2label: Mapping[int, str],
                   image_size: tuple[int, int] | None = None) -> ImageCalibrationData:
-    """An npz with labels, or a folder of class sub-folders."""
+    """An npz with labels, a folder of class sub-folders, or ``builtin`` (held-out digits).
+
+    ``builtin`` is the held-out part of scikit-learn's digits, which calibration never
+    uses; it needs a model whose labels are the digits 0–9.
+    """
     text = str(data)
+    if text == "builtin":
+        digits = [str(digit) for digit in range(10)]
+        mapping = match_class_names(digits, id2label)
+        heldout = builtin_digits(processor, num_channels, split="heldout")
+        lookup = torch.tensor([mapping[digit] for digit in digits])
+        return ImageCalibrationData(heldout.pixel_values, lookup[heldout.labels], source="builtin:digits-heldout")
     if text.startswith("npz:"):
         text = text[4:]
     elif text.startswith("images:"):

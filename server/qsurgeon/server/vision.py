@@ -345,21 +345,42 @@ def load_npz_images(path: str | Path, processor: Any, num_channels: int,
     return ImageCalibrationData(pixels, label_tensor, source=f"npz:{path}")
 
 
+#: the digits split is fixed (stratified 80/20, seed 0) so that ``heldout`` never meets calibration
+DIGITS_SPLIT_SEED = 0
+DIGITS_HELDOUT_FRACTION = 0.2
+
+
+def digits_split() -> dict[str, np.ndarray]:
+    """Indices of scikit-learn's digits: ``calibration`` (80 %) and ``heldout`` (20 %), stratified.
+
+    ``benchmarks/train_vit.py`` trains on the same ``calibration`` part and tests on
+    ``heldout``, so ``builtin`` evaluation of that model is a true held-out test.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    labels = load_digits().target
+    calibration, heldout = train_test_split(
+        np.arange(len(labels)), test_size=DIGITS_HELDOUT_FRACTION, random_state=DIGITS_SPLIT_SEED, stratify=labels
+    )
+    return {"calibration": calibration, "heldout": heldout}
+
+
 def builtin_digits(processor: Any, num_channels: int, samples: int | None = None, seed: int = 0,
                    split: str = "calibration") -> ImageCalibrationData:
     """scikit-learn's handwritten digits (8×8 scans, 10 classes), in the model's format.
 
-    A seeded 80/20 split keeps a ``heldout`` part that calibration never touches.
+    ``samples`` images of the split, chosen by ``seed``; the split itself never changes.
     """
     from PIL import Image
     from sklearn.datasets import load_digits
 
+    if split not in ("calibration", "heldout"):
+        raise UsageError(f"digits split must be calibration or heldout, got {split!r}")
     digits = load_digits()
-    order = np.random.default_rng(seed).permutation(len(digits.target))
-    cut = int(0.8 * len(order))
-    chosen = order[:cut] if split == "calibration" else order[cut:]
+    chosen = digits_split()[split]
     if samples is not None:
-        chosen = chosen[:samples]
+        chosen = np.random.default_rng(seed).permutation(chosen)[:samples]
     grey = np.clip(digits.images[chosen] * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
     images = [Image.fromarray(image, mode="L") for image in grey]
     labels = torch.from_numpy(digits.target[chosen].astype(np.int64))

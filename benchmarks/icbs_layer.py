@@ -125,7 +125,8 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="all 36 encoder linears with one setting")
     parser.add_argument("--density", type=float, default=0.5)
     parser.add_argument("--solver", default="sa")
-    parser.add_argument("--setting", default=None, help="block,epochs,sweeps,restarts,tabu (default: the config's)")
+    parser.add_argument("--setting", action="append", default=None,
+                        help="block,epochs,sweeps,restarts,tabu (repeatable; default: the grid, or the config's)")
     args = parser.parse_args()
     sparsity = Sparsity(args.density)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -133,7 +134,7 @@ def main() -> None:
     tasks = [wanda_task(name, weight, gram, sparsity) for name, (weight, gram) in captured.items()]
     wanda = {task.name: relative_layer_error(task.weight, task.gram, task.mask) for task in tasks}
     if args.setting:
-        grid = [tuple(int(v) for v in args.setting.split(","))]
+        grid = [tuple(int(v) for v in setting.split(",")) for setting in args.setting]
     elif args.full:
         defaults = ICBSConfig()
         params = defaults.params()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import time
 from typing import Any
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 
 from qsurgeon.client.errors import UsageError
@@ -116,8 +118,9 @@ def test_resumed_run_equals_uninterrupted_run():
     stopped = run_icbs(tasks, config, InProcessQueue(), on_round=count, should_stop=lambda: rounds["n"] >= 3)
     assert not stopped.done and stopped.round_index == 3
     tensors, meta = stopped.to_dict()
-    import json
-    restored = ICBSState.from_dict({k: v.clone() for k, v in tensors.items()}, json.loads(json.dumps(meta)))
+    # the pipeline's checkpoint format: safetensors for the tensors, JSON for the rest
+    restored = ICBSState.from_dict(safetensors.torch.load(safetensors.torch.save(tensors)),
+                                   json.loads(json.dumps(meta)))
     resumed = run_icbs(tasks, config, InProcessQueue(), state=restored)
     assert resumed.done and resumed.round_index == whole.round_index
     for task in tasks:

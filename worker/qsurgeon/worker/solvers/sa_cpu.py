@@ -133,14 +133,13 @@ def _median_scale(deltas):
 
 # ---------------------------------------------------------------------- dense problems
 @njit(cache=True, inline="always")
-def _delta_dense(Q, qo, n, h, co, i, j):
-    """ΔE of x_i: 0→1, x_j: 1→0 from the local fields h = Qx."""
-    qi = qo + i * n
-    return 2.0 * h[co + i] + Q[qi + i] - 2.0 * h[co + j] + Q[qo + j * n + j] - 2.0 * Q[qi + j]
+def _delta_dense(Q, qo, n, diag, vo, h, co, i, j):
+    """ΔE of x_i: 0→1, x_j: 1→0 from the local fields h = Qx (diag: Q's diagonal, contiguous)."""
+    return 2.0 * h[co + i] + diag[vo + i] - 2.0 * h[co + j] + diag[vo + j] - 2.0 * np.float64(Q[qo + i * n + j])
 
 
 @njit(parallel=True, cache=True)
-def init_dense(Q, q_off, nvar, var_off, var_group, x0, grp_off, ngrp, g_start, g_size, g_count,
+def init_dense(Q, diag, q_off, nvar, var_off, var_group, x0, grp_off, ngrp, g_start, g_size, g_count,
                sw_off, nsw, sw_groups, chain_problem, chain_var_off, chain_use_x0, key_start, key_scale,
                x, best_x, slot, h, energy, best_energy, scale):
     for c in prange(chain_problem.shape[0]):
@@ -171,12 +170,12 @@ def init_dense(Q, q_off, nvar, var_off, var_group, x0, grp_off, ngrp, g_start, g
         deltas = np.empty(_SCALE_SAMPLES, np.float64)
         for m in range(_SCALE_SAMPLES):
             a, b = _pick(key_scale[c], m, nsw[p], sw_off[p], sw_groups, grp_off[p], g_start, g_size, g_count)
-            deltas[m] = _delta_dense(Q, qo, n, h, co, slot[co + b], slot[co + a])
+            deltas[m] = _delta_dense(Q, qo, n, diag, vo, h, co, slot[co + b], slot[co + a])
         scale[c] = _median_scale(deltas)
 
 
 @njit(parallel=True, cache=True)
-def anneal_dense(Q, q_off, nvar, grp_off, g_start, g_size, g_count, sw_off, nsw, sw_groups,
+def anneal_dense(Q, diag, q_off, nvar, var_off, grp_off, g_start, g_size, g_count, sw_off, nsw, sw_groups,
                  chain_problem, chain_var_off, chain_beta_row, key_run, betas, scale, sweep_begin, sweep_end,
                  x, best_x, slot, h, energy, best_energy, accepted):
     for c in prange(chain_problem.shape[0]):
@@ -184,11 +183,13 @@ def anneal_dense(Q, q_off, nvar, grp_off, g_start, g_size, g_count, sw_off, nsw,
         if nsw[p] == 0:
             continue
         n = nvar[p]
+        vo = var_off[p]
         co = chain_var_off[c]
         qo = q_off[p]
         key = key_run[c]
         current = energy[c]
         best = best_energy[c]
+        at_best = False  # best_x already holds the best state until a move beats it
         moves = 0
         for sweep in range(sweep_begin, sweep_end):
             beta = betas[chain_beta_row[c], sweep] / scale[c]
@@ -197,13 +198,17 @@ def anneal_dense(Q, q_off, nvar, grp_off, g_start, g_size, g_count, sw_off, nsw,
                 a, b = _pick(key, t, nsw[p], sw_off[p], sw_groups, grp_off[p], g_start, g_size, g_count)
                 j = slot[co + a]
                 i = slot[co + b]
-                delta = _delta_dense(Q, qo, n, h, co, i, j)
+                delta = _delta_dense(Q, qo, n, diag, vo, h, co, i, j)
                 if delta > 0.0:
                     exponent = beta * delta
                     if exponent > _MAX_BETA_DELTA:
                         continue
                     if _uniform(_draw(key, 3 * t + 1)) >= np.exp(-exponent):
                         continue
+                if at_best and delta > 0.0:  # climbing out of the best state seen: keep a copy
+                    for v in range(n):
+                        best_x[co + v] = x[co + v]
+                    at_best = False
                 slot[co + a] = i
                 slot[co + b] = j
                 x[co + i] = 1
@@ -214,10 +219,12 @@ def anneal_dense(Q, q_off, nvar, grp_off, g_start, g_size, g_count, sw_off, nsw,
                     h[co + v] += np.float64(Q[row_i + v]) - np.float64(Q[row_j + v])
                 current += delta
                 moves += 1
-                if current < best:
+                if current < best:  # invariant: at_best implies current == best
                     best = current
-                    for v in range(n):
-                        best_x[co + v] = x[co + v]
+                    at_best = True
+        if at_best:
+            for v in range(n):
+                best_x[co + v] = x[co + v]
         energy[c] = current
         best_energy[c] = best
         accepted[c] += moves
@@ -293,6 +300,7 @@ def anneal_factored(FT, f_off, rank, c_diag, nvar, var_off, grp_off, g_start, g_
         key = key_run[c]
         current = energy[c]
         best = best_energy[c]
+        at_best = False  # best_x already holds the best state until a move beats it
         moves = 0
         for sweep in range(sweep_begin, sweep_end):
             beta = betas[chain_beta_row[c], sweep] / scale[c]
@@ -308,6 +316,10 @@ def anneal_factored(FT, f_off, rank, c_diag, nvar, var_off, grp_off, g_start, g_
                         continue
                     if _uniform(_draw(key, 3 * t + 1)) >= np.exp(-exponent):
                         continue
+                if at_best and delta > 0.0:  # climbing out of the best state seen: keep a copy
+                    for v in range(n):
+                        best_x[co + v] = x[co + v]
+                    at_best = False
                 slot[co + a] = i
                 slot[co + b] = j
                 x[co + i] = 1
@@ -318,10 +330,12 @@ def anneal_factored(FT, f_off, rank, c_diag, nvar, var_off, grp_off, g_start, g_
                     u[uo + k] += np.float64(FT[fi + k]) - np.float64(FT[fj + k])
                 current += delta
                 moves += 1
-                if current < best:
+                if current < best:  # invariant: at_best implies current == best
                     best = current
-                    for v in range(n):
-                        best_x[co + v] = x[co + v]
+                    at_best = True
+        if at_best:
+            for v in range(n):
+                best_x[co + v] = x[co + v]
         energy[c] = current
         best_energy[c] = best
         accepted[c] += moves
@@ -427,14 +441,15 @@ def _run_part(problems: list[BlockProblem], keys: np.ndarray, use_x0: np.ndarray
         q_off = np.zeros(num_problems, np.int64)
         q_off[1:] = np.cumsum(L["nvar"] * L["nvar"])[:-1]
         Q = np.concatenate([np.asarray(p.Q, np.float32).reshape(-1) for p in problems])
+        diag = np.concatenate([np.diagonal(p.Q).astype(np.float64) for p in problems])
         fields = np.zeros(total_vars, np.float64)
-        init_dense(Q, q_off, L["nvar"], L["var_off"], L["var_group"], L["x0"], L["grp_off"], L["ngrp"],
+        init_dense(Q, diag, q_off, L["nvar"], L["var_off"], L["var_group"], L["x0"], L["grp_off"], L["ngrp"],
                    L["g_start"], L["g_size"], L["g_count"], L["sw_off"], L["nsw"], L["sw_groups"], chain_problem,
                    chain_var_off, chain_use_x0, key_start, key_scale, x, best_x, slot, fields, energy,
                    best_energy, scale)
 
         def run(begin: int, end: int) -> None:
-            anneal_dense(Q, q_off, L["nvar"], L["grp_off"], L["g_start"], L["g_size"], L["g_count"], L["sw_off"],
+            anneal_dense(Q, diag, q_off, L["nvar"], L["var_off"], L["grp_off"], L["g_start"], L["g_size"], L["g_count"], L["sw_off"],
                          L["nsw"], L["sw_groups"], chain_problem, chain_var_off, chain_beta_row, key_run, betas,
                          scale, begin, end, x, best_x, slot, fields, energy, best_energy, accepted)
 

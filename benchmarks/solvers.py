@@ -1,0 +1,201 @@
+"""``sa`` block-solver benchmark: energy gap to the best known, wall time, proposals per second.
+
+For B ∈ {16, 64, 256, 1024, 4096} and two instance families from ``instances.py`` (real
+MiniLM layer-wise blocks, full rank; Fisher blocks, N = 128 < B, semi-synthetic gradients):
+
+- best known energy: the exhaustive optimum where B ≤ 24, else the lowest of a long
+  multi-restart ``sa`` run (random starts and x0 starts) and a greedy best-swap descent
+  from each of those answers and from x0;
+- ``sa`` with default parameters from x0 (``start=auto``) and from random starts: gap
+  ``(E − E_best)/|E_best|``, ``missed`` = ``(E − E_best)/(E_x0 − E_best)`` (the share of the
+  possible improvement over x0 left on the table; the constant part of a layer-wise
+  block's energy makes ``gap`` look small), wall seconds, proposals per second;
+- throughput on a batch of 64 problems (16 at dense B = 4096: 64 MiB each), 4 restarts
+  × 100 sweeps each;
+- the fastest of a few short configurations that reaches 0.1 % of the best known on the
+  B = 256 layer-wise blocks (the "≤ 100 ms" goal).
+
+Proposals per second are also given per CPU-second (process time of all threads), which
+is the per-core rate and is less disturbed by other processes sharing the machine; wall
+figures on a shared machine are noisy.
+
+    .venv/bin/python benchmarks/solvers.py            # full (~10 minutes on 2 busy cores)
+    .venv/bin/python benchmarks/solvers.py --quick    # B ≤ 1024, fewer seeds (< 2 minutes)
+
+Prints a table and writes benchmarks/out/solvers.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+import instances  # noqa: E402
+from qsurgeon.worker.problem import BlockProblem  # noqa: E402
+from qsurgeon.worker.solve import solve, solve_batch  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "out"
+SIZES = (16, 64, 256, 1024, 4096)
+QUICK_SIZES = (16, 64, 256, 1024)
+#: sweeps per restart in the batch throughput runs (the rate hardly depends on it)
+BATCH_SWEEPS = 100
+FAMILIES: dict[str, Callable[[int, int], BlockProblem]] = {
+    "layerwise": instances.layerwise_block,
+    "fisher": instances.fisher_block,
+}
+
+
+def greedy_swap(problem: BlockProblem, x: np.ndarray, max_steps: int = 5000) -> np.ndarray:
+    """Steepest descent over single swaps (one 1 ↔ one 0) for one-group problems."""
+    Q = problem.dense_Q()
+    diag = np.diag(Q)
+    x = x.astype(np.float64).copy()
+    h = Q @ x
+    for _ in range(max_steps):
+        ones = np.nonzero(x == 1)[0]
+        zeros = np.nonzero(x == 0)[0]
+        if not ones.size or not zeros.size:
+            break
+        # ΔE of x_i: 0→1 (rows) and x_j: 1→0 (columns)
+        gain = (2 * h[zeros] + diag[zeros])[:, None] + (diag[ones] - 2 * h[ones])[None, :] - 2 * Q[np.ix_(zeros, ones)]
+        flat = int(np.argmin(gain))
+        row, column = divmod(flat, ones.size)
+        if gain[row, column] >= -1e-15 * max(1.0, abs(float(h @ x))):
+            break
+        i, j = zeros[row], ones[column]
+        x[i], x[j] = 1.0, 0.0
+        h += Q[:, i] - Q[:, j]
+    return x.astype(np.uint8)
+
+
+def best_known(problem: BlockProblem, quick: bool) -> tuple[float, str]:
+    """The exhaustive optimum (B ≤ 24) or the best of long sa runs and greedy descents."""
+    if problem.num_variables <= 24:
+        return solve(problem, "exhaustive").energy, "exhaustive"
+    size = problem.num_variables
+    sweeps = {True: 3000, False: 10000}[quick] if size <= 256 else (2000 if size <= 1024 else 1000)
+    limit = 10.0 if quick else 40.0
+    candidates = []
+    for start in ("random", "x0"):
+        answer = solve(problem, "sa", seed=12345, restarts=8, sweeps=sweeps, start=start, time_limit=limit)
+        candidates.append((answer.energy, f"sa-long-{start}"))
+        polished = greedy_swap(problem, answer.x)
+        candidates.append((problem.energy(polished), f"sa-long-{start}+greedy"))
+    if size <= 1024:  # from x0 the descent takes thousands of O(B²) steps at B = 4096
+        candidates.append((problem.energy(greedy_swap(problem, problem.x0)), "greedy-from-x0"))
+    return min(candidates)
+
+
+def _gaps(energy: float, best: float, at_x0: float) -> dict[str, float]:
+    improvement = at_x0 - best
+    return {
+        "gap": (energy - best) / abs(best) if best else energy - best,
+        "missed": (energy - best) / improvement if improvement > 0 else 0.0,
+    }
+
+
+def _timed(call: Callable[[], Any]) -> tuple[Any, float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = call()
+    return result, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def bench_single(problem: BlockProblem, best: float, start: str) -> dict[str, Any]:
+    answer, wall, cpu = _timed(lambda: solve(problem, "sa", seed=1, start=start))
+    proposals = answer.restarts * answer.sweeps * problem.num_variables
+    return {
+        "energy": answer.energy, **_gaps(answer.energy, best, problem.energy(problem.x0)),
+        "seconds": wall, "proposals_per_s": proposals / wall, "proposals_per_cpu_s": proposals / max(cpu, 1e-9),
+        "acceptance": answer.metadata["acceptance_rate"],
+    }
+
+
+def bench_batch(family: str, size: int, count: int, sweeps: int = BATCH_SWEEPS) -> dict[str, Any]:
+    problems = [FAMILIES[family](size, 1000 + index) for index in range(count)]
+    answers, wall, cpu = _timed(lambda: solve_batch(problems, "sa", seed=1, sweeps=sweeps))
+    proposals = sum(a.restarts * a.sweeps * p.num_variables for a, p in zip(answers, problems))
+    improved = np.mean([a.energy < p.energy(p.x0) for a, p in zip(answers, problems)])
+    return {"batch": count, "sweeps": sweeps, "restarts": answers[0].restarts, "seconds": wall, "proposals_per_s": proposals / wall,
+            "proposals_per_cpu_s": proposals / max(cpu, 1e-9), "share_improved_over_x0": float(improved)}
+
+
+def fastest_within(problems: list[BlockProblem], bests: list[float], tolerance: float = 1e-3) -> list[dict[str, Any]]:
+    """Short configurations on the B = 256 layer-wise blocks: gap and time of each."""
+    rows = []
+    for restarts, sweeps in ((1, 100), (2, 200), (4, 500), (4, 1000), (4, 4000), (8, 4000), (16, 4000)):
+        worst, seconds = 0.0, 0.0
+        for problem, best in zip(problems, bests):
+            answer, wall, _ = _timed(lambda: solve(problem, "sa", seed=2, restarts=restarts, sweeps=sweeps))
+            worst = max(worst, (answer.energy - best) / abs(best))
+            seconds = max(seconds, wall)
+        rows.append({"restarts": restarts, "sweeps": sweeps, "worst_gap": worst, "max_seconds": seconds,
+                     "within": worst <= tolerance})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="B ≤ 1024, one seed, smaller batches")
+    args = parser.parse_args()
+    sizes = QUICK_SIZES if args.quick else SIZES
+    seeds = (0,) if args.quick else (0, 1, 2)
+    solve(instances.pruning_like_dense(16, 0), "sa", sweeps=1)  # compile or load the kernels first
+    solve(instances.fisher_block(16, 0), "sa", sweeps=1)
+    rows: list[dict[str, Any]] = []
+    header = (f"{'family':<10}{'B':>6} {'best by':<22}{'gap x0':>9}{'missed':>8}{'gap rnd':>9}{'s x0':>8}"
+              f"{'Mprop/s':>9}{'/cpu-s':>8}{'batch':>6}{'Mprop/s':>9}{'/cpu-s':>8}")
+    print(header)
+    for family, maker in FAMILIES.items():
+        for size in sizes:
+            per_seed = []
+            for seed in seeds:
+                problem = maker(size, seed)
+                best, source = best_known(problem, args.quick)
+                per_seed.append({
+                    "seed": seed, "best": best, "best_by": source, "x0_energy": problem.energy(problem.x0),
+                    "sa_x0": bench_single(problem, best, "auto"),
+                    "sa_random": bench_single(problem, best, "random"),
+                })
+            dense_big = family == "layerwise" and size >= 4096
+            batch_size = (16 if dense_big else 64) if not args.quick else (4 if size >= 1024 else 16)
+            batch = bench_batch(family, size, batch_size)
+            row = {"family": family, "B": size, "seeds": per_seed, "batch": batch,
+                   "mean_gap_x0": float(np.mean([s["sa_x0"]["gap"] for s in per_seed])),
+                   "mean_missed_x0": float(np.mean([s["sa_x0"]["missed"] for s in per_seed])),
+                   "mean_gap_random": float(np.mean([s["sa_random"]["gap"] for s in per_seed])),
+                   "mean_seconds_x0": float(np.mean([s["sa_x0"]["seconds"] for s in per_seed])),
+                   "proposals_per_s": float(np.mean([s["sa_x0"]["proposals_per_s"] for s in per_seed])),
+                   "proposals_per_cpu_s": float(np.mean([s["sa_x0"]["proposals_per_cpu_s"] for s in per_seed]))}
+            rows.append(row)
+            print(f"{family:<10}{size:>6} {per_seed[0]['best_by']:<22}{row['mean_gap_x0']:>9.2e}"
+                  f"{row['mean_missed_x0']:>8.3f}{row['mean_gap_random']:>9.2e}{row['mean_seconds_x0']:>8.3f}"
+                  f"{row['proposals_per_s'] / 1e6:>9.1f}{row['proposals_per_cpu_s'] / 1e6:>8.1f}"
+                  f"{batch['batch']:>6}{batch['proposals_per_s'] / 1e6:>9.1f}{batch['proposals_per_cpu_s'] / 1e6:>8.1f}",
+                  flush=True)
+    layerwise_256 = [r for r in rows if r["family"] == "layerwise" and r["B"] == 256][0]
+    problems = [instances.layerwise_block(256, s["seed"]) for s in layerwise_256["seeds"]]
+    short = fastest_within(problems, [s["best"] for s in layerwise_256["seeds"]])
+    print("\nB = 256 layer-wise, short runs from x0 (worst over seeds):")
+    for entry in short:
+        print(f"  restarts {entry['restarts']} sweeps {entry['sweeps']:>5}: gap {entry['worst_gap']:.2e}  "
+              f"{entry['max_seconds'] * 1e3:7.1f} ms  {'within 0.1 %' if entry['within'] else ''}")
+    OUT.mkdir(parents=True, exist_ok=True)
+    report = {"quick": args.quick, "machine": platform.processor() or platform.machine(),
+              "cpus": os.cpu_count(), "load_average": os.getloadavg(), "rows": rows, "b256_short_runs": short}
+    (OUT / "solvers.json").write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {OUT / 'solvers.json'} (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,324 @@
+"""The ``sa`` kernel as one torch tensor program over every chain (for CUDA).
+
+Problems are bucketed by (dense or factored, B, r); in a bucket every (problem, restart)
+chain advances one swap proposal per step as one set of tensor operations, so thousands
+of chains share each launch. Group structures may differ inside a bucket (padded tables).
+
+The arithmetic mirrors :mod:`sa_cpu` step for step: the same counter-based random numbers
+(:mod:`sa_rng`), the same [ones | zeros] slot layout, the same ΔE expression and the same
+lazy best-state bookkeeping. Initial fields are accumulated variable by variable in index
+order, as the CPU kernel does, so for dense problems both paths follow the very same
+chains (the tests run this module on the CPU device and compare). For factored problems
+the O(r) dot product is summed as a fixed pairwise tree (the order cannot depend on how
+many chains share the launch), so they agree with the CPU only to rounding.
+
+The step loop is driven from Python, so each step costs a few dozen kernel launches
+whatever the number of chains: the GPU pays off for large batches (thousands of chains).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from qsurgeon.worker.problem import BlockProblem
+from qsurgeon.worker.solvers.sa_cpu import ChainResults, _next_chunk
+from qsurgeon.worker.solvers.sa_rng import GAMMA, MAX_BETA_DELTA, MIX1, MIX2, SCALE_SAMPLES
+
+
+def _signed(value: int) -> int:
+    """A uint64 constant as the int64 with the same bits (torch has no uint64 arithmetic)."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_MIX1 = _signed(MIX1)
+_MIX2 = _signed(MIX2)
+_MASK32 = (1 << 32) - 1
+_MASK53 = (1 << 53) - 1
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def mix64(z: torch.Tensor) -> torch.Tensor:
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    return z ^ _shift_right(z, 31)
+
+
+def draw(key: torch.Tensor, counter: int | torch.Tensor) -> torch.Tensor:
+    """splitmix64(key + counter·γ) with int64 wrap-around, equal bit for bit to the CPU kernel's."""
+    if isinstance(counter, int):
+        return mix64(key + _signed(counter * GAMMA))
+    return mix64(key + counter * _signed(GAMMA))
+
+
+def _below(bits32: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    return (bits32 * n) >> 32
+
+
+def _uniform(bits: torch.Tensor) -> torch.Tensor:
+    return (_shift_right(bits, 11).to(torch.float64) + 0.5) * (1.0 / 9007199254740992.0)
+
+
+def _tree_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum over the last axis in a fixed pairwise order, whatever the leading shape."""
+    width = values.shape[-1]
+    padded = 1 << max(width - 1, 0).bit_length()
+    if padded != width:
+        values = torch.nn.functional.pad(values, (0, padded - width))
+    while values.shape[-1] > 1:
+        half = values.shape[-1] // 2
+        values = values[..., :half] + values[..., half:]
+    return values[..., 0]
+
+
+@dataclass
+class _Bucket:
+    """Device tensors of the problems of one bucket and of their chains."""
+
+    problems: list[int]
+    group: torch.Tensor  # (P, B) int64 labels
+    g_start: torch.Tensor  # (P, G) int64
+    g_size: torch.Tensor
+    g_count: torch.Tensor
+    sw_groups: torch.Tensor  # (P, S) int64, padded with 0
+    nsw: torch.Tensor  # (P,) int64
+    x0: torch.Tensor  # (P, B) uint8
+    Q: torch.Tensor | None  # (P, B, B) float32
+    diag: torch.Tensor | None  # (P, B) float64
+    FT: torch.Tensor | None  # (P, B, r) float32
+    c: torch.Tensor | None  # (P, B) float64
+
+
+def _pad_stack(arrays: list[np.ndarray], fill: int = 0) -> np.ndarray:
+    width = max(max(array.shape[0] for array in arrays), 1)
+    out = np.full((len(arrays), width), fill, np.int64)
+    for row, array in enumerate(arrays):
+        out[row, : array.shape[0]] = array
+    return out
+
+
+def _bucket(problems: list[BlockProblem], indices: list[int], device: torch.device) -> _Bucket:
+    chosen = [problems[i] for i in indices]
+    sizes = [np.bincount(p.group_of, minlength=p.num_groups).astype(np.int64) for p in chosen]
+    starts = [np.concatenate(([0], np.cumsum(s)[:-1])).astype(np.int64) for s in sizes]
+    swappable = [np.nonzero((p.counts > 0) & (p.counts < s))[0] for p, s in zip(chosen, sizes)]
+
+    def tensor(array, dtype=None):
+        return torch.as_tensor(np.ascontiguousarray(array), device=device, dtype=dtype)
+
+    factored = chosen[0].is_factored
+    return _Bucket(
+        problems=indices,
+        group=tensor(np.stack([p.group_of for p in chosen]).astype(np.int64)),
+        g_start=tensor(_pad_stack(starts)),
+        g_size=tensor(_pad_stack(sizes)),
+        g_count=tensor(_pad_stack([p.counts.astype(np.int64) for p in chosen])),
+        sw_groups=tensor(_pad_stack(swappable)),
+        nsw=tensor(np.array([s.shape[0] for s in swappable], np.int64)),
+        x0=tensor(np.stack([p.x0 if p.x0 is not None else np.zeros(p.num_variables, np.uint8) for p in chosen])),
+        Q=None if factored else tensor(np.stack([p.Q for p in chosen]).astype(np.float32)),
+        diag=None if factored else tensor(np.stack([np.diagonal(p.Q) for p in chosen]).astype(np.float64)),
+        FT=tensor(np.stack([p.F.T for p in chosen]).astype(np.float32)) if factored else None,
+        c=tensor(np.stack([p.c for p in chosen]).astype(np.float64)) if factored else None,
+    )
+
+
+class _Chains:
+    """State of every chain of a bucket; methods mirror the CPU kernels."""
+
+    def __init__(self, bucket: _Bucket, keys: np.ndarray, use_x0: np.ndarray, beta_rows: np.ndarray,
+                 betas: np.ndarray, device: torch.device) -> None:
+        self.bucket = bucket
+        problems, restarts = keys.shape[0], keys.shape[1]
+        self.restarts = restarts
+        self.n = bucket.group.shape[1]
+        self.pc = torch.arange(problems * restarts, device=device) // restarts
+        as_int64 = lambda column: torch.as_tensor(  # noqa: E731
+            np.ascontiguousarray(keys[:, :, column].reshape(-1)).view(np.int64), device=device)
+        self.key_start, self.key_scale, self.key_run = as_int64(0), as_int64(1), as_int64(2)
+        self.use_x0 = torch.as_tensor(np.repeat(use_x0, restarts), device=device)
+        self.beta_row = torch.as_tensor(np.repeat(beta_rows, restarts).astype(np.int64), device=device)
+        self.betas = torch.as_tensor(betas, device=device)
+        self.nsw = bucket.nsw[self.pc]
+        self.active = self.nsw > 0
+        self.device = device
+
+    # -------------------------------------------------------------- proposals
+    def _pick(self, key: torch.Tensor, t: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots (a: a one, b: a zero) of one random swappable group per chain."""
+        bucket, pc = self.bucket, self.pc
+        if isinstance(t, int):
+            r = draw(key, 3 * t)
+            r_group = draw(key, 3 * t + 2)
+        else:
+            r = draw(key[:, None], 3 * t)
+            r_group = draw(key[:, None], 3 * t + 2)
+            pc = pc[:, None]
+        nsw = bucket.nsw[pc]
+        choice = _below(_shift_right(r_group, 32), nsw.clamp(min=1))
+        group = bucket.sw_groups[pc, choice]
+        start, size, ones = bucket.g_start[pc, group], bucket.g_size[pc, group], bucket.g_count[pc, group]
+        a = start + _below(_shift_right(r, 32), ones)
+        b = start + ones + _below(r & _MASK32, (size - ones).clamp(min=0))
+        return a.clamp(max=self.n - 1), b.clamp(max=self.n - 1)
+
+    def _delta(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """ΔE of x_i: 0→1, x_j: 1→0; i and j are (C,) or (C, m)."""
+        bucket = self.bucket
+        pc = self.pc if i.dim() == 1 else self.pc[:, None]
+        if bucket.Q is not None:
+            h_i, h_j = self._gather(self.h, i), self._gather(self.h, j)
+            return (2.0 * h_i + bucket.diag[pc, i] - 2.0 * h_j + bucket.diag[pc, j]
+                    - 2.0 * bucket.Q[pc, i, j].to(torch.float64))
+        d = bucket.FT[pc, i].to(torch.float64) - bucket.FT[pc, j].to(torch.float64)
+        u = self.u if i.dim() == 1 else self.u[:, None, :]
+        return _tree_sum(d * (2.0 * u + d)) + bucket.c[pc, i] - bucket.c[pc, j]
+
+    @staticmethod
+    def _gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        if index.dim() == 1:
+            return values.gather(1, index[:, None])[:, 0]
+        return values.gather(1, index)
+
+    # -------------------------------------------------------------- start
+    def start(self) -> None:
+        bucket, pc, n = self.bucket, self.pc, self.n
+        chains = pc.shape[0]
+        group = bucket.group[pc]
+        variables = torch.arange(n, device=self.device)
+        composite = (group << 32) | _shift_right(draw(self.key_start[:, None], variables), 32)
+        order = torch.argsort(composite, dim=1, stable=True)
+        sorted_group = group.gather(1, order)
+        rank = torch.arange(n, device=self.device)[None, :] - bucket.g_start[pc[:, None], sorted_group]
+        random_x = torch.zeros((chains, n), dtype=torch.uint8, device=self.device)
+        random_x.scatter_(1, order, (rank < bucket.g_count[pc[:, None], sorted_group]).to(torch.uint8))
+        self.x = torch.where(self.use_x0[:, None], bucket.x0[pc], random_x)
+        slot_key = group * (2 * n) + (1 - self.x.to(torch.int64)) * n + variables[None, :]
+        self.slot = torch.argsort(slot_key, dim=1)
+        x64 = self.x.to(torch.float64)
+        if bucket.Q is not None:
+            # accumulate in variable order, exactly as the CPU kernel does
+            self.h = torch.zeros((chains, n), dtype=torch.float64, device=self.device)
+            for column in range(n):
+                self.h += x64[:, column : column + 1] * bucket.Q[pc, :, column].to(torch.float64)
+            energy = torch.zeros(chains, dtype=torch.float64, device=self.device)
+            for v in range(n):
+                energy += x64[:, v] * self.h[:, v]
+        else:
+            rank_r = bucket.FT.shape[2]
+            self.u = torch.zeros((chains, rank_r), dtype=torch.float64, device=self.device)
+            diagonal = torch.zeros(chains, dtype=torch.float64, device=self.device)
+            for v in range(n):
+                self.u += x64[:, v : v + 1] * bucket.FT[pc, v].to(torch.float64)
+                diagonal += x64[:, v] * bucket.c[pc, v]
+            energy = torch.zeros(chains, dtype=torch.float64, device=self.device)
+            for k in range(rank_r):
+                energy += self.u[:, k] * self.u[:, k]
+            energy += diagonal
+        self.energy = energy
+        self.best_energy = energy.clone()
+        self.best_x = self.x.clone()
+        self.accepted = torch.zeros(chains, dtype=torch.int64, device=self.device)
+        samples = torch.arange(SCALE_SAMPLES, device=self.device)
+        a, b = self._pick(self.key_scale, samples[None, :].expand(chains, -1))
+        deltas = self._delta(self.slot.gather(1, b), self.slot.gather(1, a)).abs()
+        ordered = deltas.sort(dim=1).values
+        half = SCALE_SAMPLES // 2
+        scale = 0.5 * (ordered[:, half - 1] + ordered[:, half])
+        mean = ordered.mean(dim=1)
+        scale = torch.where(scale > 0, scale, torch.where(mean > 0, mean, torch.ones_like(mean)))
+        self.scale = torch.where(self.active, scale, torch.ones_like(scale))
+
+    # -------------------------------------------------------------- annealing
+    def anneal(self, sweep_begin: int, sweep_end: int) -> None:
+        bucket, pc, n = self.bucket, self.pc, self.n
+        rows = torch.arange(pc.shape[0], device=self.device)
+        at_best = torch.zeros_like(self.active)
+        for sweep in range(sweep_begin, sweep_end):
+            beta = self.betas[self.beta_row, sweep] / self.scale
+            for step in range(n):
+                t = sweep * n + step
+                a, b = self._pick(self.key_run, t)
+                j = self.slot[rows, a]
+                i = self.slot[rows, b]
+                delta = self._delta(i, j)
+                exponent = (beta * delta).clamp(min=0.0, max=MAX_BETA_DELTA)
+                uniform = _uniform(draw(self.key_run, 3 * t + 1))
+                accept = self.active & ((delta <= 0.0) | ((beta * delta <= MAX_BETA_DELTA)
+                                                          & (uniform < torch.exp(-exponent))))
+                leave = accept & at_best & (delta > 0.0)
+                self.best_x = torch.where(leave[:, None], self.x, self.best_x)
+                at_best &= ~leave
+                self.slot[rows, a] = torch.where(accept, i, j)
+                self.slot[rows, b] = torch.where(accept, j, i)
+                self.x[rows, i] = torch.where(accept, 1, self.x[rows, i]).to(torch.uint8)
+                self.x[rows, j] = torch.where(accept, 0, self.x[rows, j]).to(torch.uint8)
+                if bucket.Q is not None:
+                    change = bucket.Q[pc, i].to(torch.float64) - bucket.Q[pc, j].to(torch.float64)
+                    self.h += torch.where(accept[:, None], change, 0.0)
+                else:
+                    change = bucket.FT[pc, i].to(torch.float64) - bucket.FT[pc, j].to(torch.float64)
+                    self.u += torch.where(accept[:, None], change, 0.0)
+                self.energy += torch.where(accept, delta, 0.0)
+                self.accepted += accept
+                improved = self.energy < self.best_energy
+                self.best_energy = torch.where(improved, self.energy, self.best_energy)
+                at_best |= improved
+        self.best_x = torch.where(at_best[:, None], self.x, self.best_x)
+
+
+def _run_bucket(problems: list[BlockProblem], bucket: _Bucket, keys: np.ndarray, use_x0: np.ndarray,
+                beta_rows: np.ndarray, betas: np.ndarray, deadline: float | None,
+                device: torch.device) -> list[ChainResults]:
+    chains = _Chains(bucket, keys, use_x0, beta_rows, betas, device)
+    chains.start()
+    total = betas.shape[1]
+    done = 0
+    started = time.perf_counter()
+    while done < total:
+        if deadline is not None and done > 0 and time.perf_counter() >= deadline:
+            break
+        chunk = _next_chunk(total - done, done, time.perf_counter() - started, deadline)
+        chains.anneal(done, done + chunk)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        done += chunk
+    restarts = chains.restarts
+    best_x = chains.best_x.cpu().numpy().reshape(len(bucket.problems), restarts, -1)
+    best_energy = chains.best_energy.cpu().numpy().reshape(-1, restarts)
+    accepted = chains.accepted.cpu().numpy().reshape(-1, restarts)
+    scale = chains.scale.cpu().numpy().reshape(-1, restarts)
+    return [ChainResults(best_x=best_x[k].copy(), kernel_energy=best_energy[k].copy(), accepted=accepted[k].copy(),
+                         scale=scale[k].copy(), sweeps_done=done) for k in range(len(bucket.problems))]
+
+
+def run_batch(problems: list[BlockProblem], keys: np.ndarray, use_x0: np.ndarray, beta_rows: np.ndarray,
+              betas: np.ndarray, time_limit: float | None, device: str | torch.device = "cuda") -> list[ChainResults]:
+    """Same contract as :func:`sa_cpu.run_batch`, on a torch device (CUDA; the CPU for tests)."""
+    device = torch.device(device)
+    buckets: dict[tuple, list[int]] = {}
+    for index, problem in enumerate(problems):
+        buckets.setdefault((problem.is_factored, problem.num_variables, problem.rank or 0), []).append(index)
+    order = list(buckets.values())
+    work = [sum(problems[i].num_variables * (problems[i].rank or problems[i].num_variables) for i in part)
+            for part in order]
+    results: list[ChainResults | None] = [None] * len(problems)
+    started = time.perf_counter()
+    for position, part in enumerate(order):
+        deadline = None
+        if time_limit is not None:
+            remaining = time_limit - (time.perf_counter() - started)
+            deadline = time.perf_counter() + max(remaining, 0.0) * work[position] / max(sum(work[position:]), 1)
+        bucket = _bucket(problems, part, device)
+        answers = _run_bucket(problems, bucket, keys[part], use_x0[part], beta_rows[part], betas, deadline, device)
+        for index, answer in zip(part, answers):
+            results[index] = answer
+    return results  # type: ignore[return-value]

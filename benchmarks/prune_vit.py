@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tag", default="prune_vit", help="output file stem under benchmarks/out/ (default prune_vit)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -156,9 +157,9 @@ def main() -> None:
     result = {"model": model, "calibration": calibration, "test": test, "dense_top1": dense_top1,
               "block_size": args.block_size, "epochs": args.epochs, "samples": args.samples, "seed": args.seed,
               "rows": rows, "table_markdown": table}
-    (OUT / "prune_vit.json").write_text(json.dumps(result, indent=2))
-    plot(rows, dense_top1, OUT / "prune_vit.png", methods)
-    print(f"\nwrote {OUT / 'prune_vit.json'} and {OUT / 'prune_vit.png'}")
+    (OUT / f"{args.tag}.json").write_text(json.dumps(result, indent=2))
+    plot(rows, dense_top1, OUT / f"{args.tag}.png", methods)
+    print(f"\nwrote {OUT / f'{args.tag}.json'} and {OUT / f'{args.tag}.png'}")
 
 
 if __name__ == "__main__":

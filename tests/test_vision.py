@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.server.classification import evaluate_classification, match_class_names
+from qsurgeon.server.classification import evaluate_classification, format_classification, match_class_names
 from qsurgeon.server.vision import (
     HFImageAdapter,
     ImageCalibrationData,
@@ -212,6 +212,7 @@ def test_evaluate_classification_matches_direct_computation(tmp_path, deit_dir):
     assert report["pruned"]["top5"] == pytest.approx(other_expected["top5"])
     agreement = (dense_logits.argmax(-1) == other_logits.argmax(-1)).float().mean().item()
     assert report["agreement"] == pytest.approx(agreement)
+    assert f"{dense_expected['top1']:.4f}" in format_classification(report)
     # the same model against itself agrees everywhere
     assert evaluate_classification(deit_dir, deit_dir, tmp_path / "data")["agreement"] == 1.0
 

@@ -156,3 +156,13 @@ def evaluate_classification(dense_dir: str | Path, pruned_dir: str | Path, data:
     )
     report["data"] = labelled.source
     return report
+
+
+def format_classification(report: Mapping[str, Any]) -> str:
+    """Human-readable lines for ``qsurgeon evaluate --task classification``."""
+    lines = [f"images               {report['images']} ({report['classes']} classes, {report.get('data', '')})"]
+    for metric in ("top1", "top5"):
+        if metric in report["dense"]:
+            lines.append(f"{metric:<6} dense {report['dense'][metric]:.4f}  pruned {report['pruned'][metric]:.4f}")
+    lines.append(f"agreement            {report['agreement']:.4f}")
+    return "\n".join(lines)

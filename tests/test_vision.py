@@ -359,3 +359,19 @@ def test_image_model_given_a_text_file_exits_2(tmp_path, deit_dir, capsys):
                  "--out", str(tmp_path / "out"), "--quiet"])
     assert code == 2
     assert "images:DIR" in _error_line(capsys)
+
+
+def test_image_model_without_safetensors_is_refused(tmp_path, deit_dir, capsys):
+    import shutil
+
+    from qsurgeon.client.cli import main
+
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    shutil.copy(deit_dir / "config.json", folder / "config.json")
+    shutil.copy(deit_dir / "preprocessor_config.json", folder / "preprocessor_config.json")
+    (folder / "pytorch_model.bin").write_bytes(b"never unpickled")
+    code = main(["prune", str(folder), "--method", "wanda", "--calibration", "builtin",
+                 "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == 2
+    assert "no .safetensors weights" in _error_line(capsys)

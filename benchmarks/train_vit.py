@@ -73,10 +73,10 @@ def split(images: np.ndarray, labels: np.ndarray) -> dict[str, tuple[np.ndarray,
 
 
 def build_model_and_processor():
-    from transformers import DeiTConfig, DeiTForImageClassification, ViTImageProcessor
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # "torchvision missing: PIL backend" is expected here
+    from transformers import DeiTConfig, DeiTForImageClassification, ViTImageProcessor
 
     config = DeiTConfig(
         image_size=IMAGE_SIZE,

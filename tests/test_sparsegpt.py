@@ -112,3 +112,14 @@ def test_bad_inputs():
         sparsegpt_prune(weight, gram, 0.5)  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="multiple of 4"):
         sparsegpt_prune(weight[:, :6], gram[:6, :6], Sparsity.parse(None, "2:4"))
+
+
+def test_initial_masks_for_icbs_are_sparsegpts_masks_with_wanda_scores():
+    from qsurgeon.server.sparsegpt import sparsegpt_initial_masks
+
+    weight, gram = _layer(6, 16, 30, seed=5)
+    sparsity = Sparsity(0.5)
+    scores, masks = sparsegpt_initial_masks({"w": weight.float()}, {"w": gram}, sparsity)
+    _, expected = sparsegpt_prune(weight.float(), gram, sparsity)
+    assert torch.equal(masks["w"], expected)
+    torch.testing.assert_close(scores["w"], (weight.abs() * gram.diagonal().sqrt()).float())

@@ -134,3 +134,28 @@ def _inverse_cholesky_upper(hessian: torch.Tensor) -> torch.Tensor:
                 return upper
         jitter = max(jitter * 10, 1e-6 * scale)
     raise UsageError("SparseGPT: the damped Gram matrix is not positive definite; raise the damping")
+
+
+def sparsegpt_initial_masks(
+    weights0: dict[str, torch.Tensor], grams: dict[str, torch.Tensor], sparsity: Sparsity, damp: float = 0.01
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``--init sparsegpt`` for iCBS: SparseGPT's masks, Wanda's scores.
+
+    iCBS's layer-wise QUBO is built on the ORIGINAL weights (METHOD.md §5), so only
+    SparseGPT's *mask* is kept and its updated weights are dropped: the sequence is
+    mask from SparseGPT -> iCBS improves the mask -> ``--refit`` recomputes the kept
+    weights for the final mask (without ``--refit`` the kept weights stay original, which
+    throws SparseGPT's update away, so always pair this init with ``--refit``).
+    iCBS picks its blocks by score (likely mistakes first); Wanda's ``|w|·||a||`` is
+    used for that, being the saliency of a weight under the original weights.
+    Returns ``(scores, masks)`` keyed like ``weights0``.
+    """
+    from qsurgeon.server.masks import score_weights
+
+    scores, masks = {}, {}
+    for name, weight0 in weights0.items():
+        gram = grams[name]
+        norms = torch.diagonal(gram).clamp_min(0.0).sqrt().float()
+        scores[name] = score_weights(weight0, "wanda", input_norms=norms)
+        _, masks[name] = sparsegpt_prune(weight0, gram, sparsity, damp=max(damp, 1e-6))
+    return scores, masks

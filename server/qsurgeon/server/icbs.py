@@ -45,7 +45,7 @@ OBJECTIVES: tuple[str, ...] = ("layerwise", "fisher", "layerwise+fisher")
 SELECTIONS: tuple[str, ...] = ("score", "random")
 #: Solver parameters used when ``ICBSConfig.solver_params`` leaves them out (see benchmarks/icbs_layer.py).
 DEFAULT_SOLVER_PARAMS: dict[str, dict[str, Any]] = {
-    "sa": {"sweeps": 64, "restarts": 2, "start": "x0"},
+    "sa": {"sweeps": 32, "restarts": 2, "start": "x0"},
 }
 #: Bytes of float32 block matrices one round may hold; a sweep is cut into rounds below this.
 ROUND_BYTES = 256 << 20
@@ -679,15 +679,11 @@ def _judge_all(item: _Pending, answers: list) -> tuple[np.ndarray, np.ndarray, n
     """
     n_blocks = len(item.problems)
     x0 = np.stack([problem.x0 for problem in item.problems]) if item.stacked is None else item.stacked[1]
-    proposals = x0.copy()
     outcomes = np.full(n_blocks, _FAILED, np.int64)
-    present = np.zeros(n_blocks, bool)
-    for index, answer in enumerate(answers):
-        if answer is not None:
-            x = np.asarray(answer.x)
-            if x.shape == x0[index].shape and np.isin(x, (0, 1)).all():
-                proposals[index] = x
-                present[index] = True
+    shaped = [answer is not None and np.shape(answer.x) == x0.shape[1:] for answer in answers]
+    stacked = np.stack([np.asarray(answer.x) if ok else row for answer, ok, row in zip(answers, shaped, x0)])
+    present = np.asarray(shaped, bool) & ((stacked == 0) | (stacked == 1)).all(axis=1)
+    proposals = np.where(present[:, None], stacked, x0).astype(np.uint8)
     counts_now = _group_counts(x0, item)
     feasible = present & (_group_counts(proposals, item) == counts_now).all(axis=1)
     same = (proposals == x0).all(axis=1)

@@ -70,7 +70,7 @@ def test_qaoa_end_to_end_on_an_eight_variable_block():
         f"{meta['cost_function_evals']} evaluations; 256 random repaired bitstrings reach {random_best:.6g}"
     )
     assert 0.0 <= ratio <= 1.0
-    assert meta["qubits"] == 8 and meta["cost_function_evals"] <= 16
+    assert meta["qubits"] == 8 and meta["cost_function_evals"] <= 16 and meta["reads"] == 256
     assert 0.0 < meta["raw_feasible_rate"] <= 1.0
     assert np.isfinite(meta["expected_penalised_energy"])
     assert meta["expected_penalised_energy"] >= best - 1e-12  # an expectation cannot beat the optimum
@@ -85,6 +85,7 @@ def test_user_supplied_sampler():
     assert problem.is_feasible(solution.x)
     assert solution.solver == "qaoa-statevector"
     assert solution.metadata["sampler"] == "StatevectorSampler"
+    assert solution.metadata["reads"] == 1024  # StatevectorSampler's default shots
     assert solver.capabilities.max_variables == MAX_QAOA_QUBITS
 
 

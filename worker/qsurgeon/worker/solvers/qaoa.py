@@ -184,7 +184,7 @@ class QAOASolver(Solver):
         expected = (float(np.real(result.eigenvalue)) + float(ising_offset)) * model.scale + problem.offset
         metadata = {
             **model.metadata(), **outcome.metadata(),
-            "reads": settings["shots"] if self.user_sampler is None else outcome.reads,
+            "reads": int(getattr(result.eigenstate, "shots", None) or settings["shots"]),
             "qubits": problem.num_variables, "reps": settings["reps"], "optimizer": settings["optimizer_name"],
             "maxiter": settings["maxiter"], "cost_function_evals": int(result.cost_function_evals or 0),
             "expected_penalised_energy": expected,

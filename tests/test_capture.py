@@ -117,3 +117,36 @@ def test_relative_error_is_reconstruction_error():
     direct = ((weight.double() - pruned) @ activations).pow(2).sum()
     assert error == pytest.approx(float(direct), rel=1e-10)
     assert reference == pytest.approx(float((weight.double() @ activations).pow(2).sum()), rel=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_per_sample_gradients_equal_autograd_per_sample(tmp_path, kind):
+    """vmap(grad) over length groups == one backward pass per unpadded sample (Conv1D transposed to (out, in))."""
+    from qsurgeon.server.calibration import CalibrationData
+    from qsurgeon.server.capture import dense_outputs, per_sample_gradients
+
+    adapter = load_adapter(str(save_tiny_model(kind, tmp_path / kind)))
+    ids = torch.randint(1000, 2000, (5, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[3, 4:] = 0
+    data = CalibrationData(ids, mask)
+    targets = adapter.targets(1)
+    distill = None
+    if kind == "bert":
+        distill = [h + 0.1 for h in dense_outputs(adapter, data)]  # a target the current model misses
+    gradients = per_sample_gradients(adapter, data, targets, distill_targets=distill, chunk_size=2)
+    for sample in range(5):
+        real = ids[sample][mask[sample].bool()][None]
+        adapter.model.zero_grad()
+        outputs = adapter.model(input_ids=real)
+        if kind == "gpt2":
+            loss = torch.nn.functional.cross_entropy(outputs.logits[0, :-1], real[0, 1:])
+        else:
+            loss = (outputs.last_hidden_state[0] - distill[sample]).pow(2).sum(dim=-1).mean()
+        loss.backward()
+        for layer in targets:
+            expected = layer.module.weight.grad
+            expected = expected.T if layer.transposed else expected
+            assert gradients[layer.parameter_name].shape == (5, *layer.shape)
+            torch.testing.assert_close(gradients[layer.parameter_name][sample], expected, rtol=1e-4, atol=1e-6)

@@ -201,3 +201,16 @@ def test_pattern_that_does_not_divide_the_width_fails_before_writing(models, tmp
     with pytest.raises(UsageError, match="multiple of 24"):
         run_prune(_options(models["bert"], pattern="2:24", out=str(out)))
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kind, objective", [
+    pytest.param("llama", "fisher", marks=pytest.mark.slow), ("bert", "layerwise+fisher"),
+])
+def test_fisher_objectives_lower_their_surrogate(models, kind, objective):
+    """Causal LMs use next-token loss, encoders self-distillation; iCBS never raises the surrogate."""
+    result = run_prune(_options(models[kind], method="icbs", objective=objective, samples=8, steps_per_epoch=12))
+    icbs = result.report["icbs"]
+    assert icbs["blocks"]["accepted"] > 0
+    assert icbs["surrogate_per_epoch"][-1] < icbs["surrogate_initial"] + 1e-12
+    for name, mask in result.masks.items():
+        check_mask(mask, Sparsity(0.5), name)

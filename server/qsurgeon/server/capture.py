@@ -202,3 +202,80 @@ def weight_error(weight0: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor
     """||(W0 − W) A||² for any new weight (after a refit too)."""
     delta = (weight0.to(torch.float64) - weight.to(torch.float64))
     return float(((delta @ gram) * delta).sum())
+
+
+# ====================================================================== per-sample gradients
+def _real_sequences(data: CalibrationData) -> list[torch.Tensor]:
+    """Each sample's real tokens (padding dropped, whichever side it was on)."""
+    return [ids[mask.bool()] for ids, mask in zip(data.input_ids, data.attention_mask)]
+
+
+def dense_outputs(adapter: ModelAdapter, data: CalibrationData, batch_size: int = 16) -> list[torch.Tensor]:
+    """The dense model's last hidden states per sample (real tokens only): self-distillation targets."""
+    outputs: list[torch.Tensor] = []
+    with torch.no_grad():
+        for batch in data.batches(batch_size):
+            hidden = adapter.forward(batch).last_hidden_state
+            outputs.extend(h[m.bool()].clone() for h, m in zip(hidden, batch["attention_mask"]))
+    return outputs
+
+
+def per_sample_gradients(
+    adapter: ModelAdapter,
+    data: CalibrationData,
+    targets: Sequence[TargetLayer],
+    distill_targets: list[torch.Tensor] | None = None,
+    chunk_size: int = 8,
+) -> dict[str, torch.Tensor]:
+    """Gradients of each sample's loss wrt every target weight, (samples, out, in) float32 per target.
+
+    Uses ``torch.func``: ``vmap(grad(loss))`` over samples with ``functional_call`` at the
+    model's current weights. Samples are grouped by their real length and run without
+    padding or attention mask, so no padding token enters any gradient and the model's
+    mask-building code (data-dependent, not vmappable) never runs. The loss is the
+    next-token cross-entropy for causal LMs, ``adapter.loss`` for plain modules, and for
+    encoders without a task head the squared distance of the last hidden states to the
+    dense model's (``distill_targets``, from :func:`dense_outputs`).
+    """
+    from torch.func import functional_call, grad, vmap
+
+    model = adapter.model
+    names = [f"{layer.name}.weight" for layer in targets]
+    weights = {name: model.get_parameter(name).detach() for name in names}
+    sequences = _real_sequences(data)
+    kind = adapter.kind
+    if kind == "encoder" and distill_targets is None:
+        raise ValueError("encoders need distill_targets (the dense model's outputs)")
+
+    def sample_loss(params: dict[str, torch.Tensor], ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        batch = {"input_ids": ids[None]}
+        outputs = functional_call(model, params, args=(), kwargs=batch, strict=False)
+        if kind == "causal-lm":
+            return nn.functional.cross_entropy(outputs.logits[0, :-1], ids[1:])
+        if kind == "encoder":
+            return (outputs.last_hidden_state[0] - target).pow(2).sum(dim=-1).mean()
+        return adapter.loss(outputs, batch)
+
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0), chunk_size=chunk_size)
+    by_length: dict[int, list[int]] = {}
+    for index, sequence in enumerate(sequences):
+        if sequence.numel() >= 2:  # one token has no next-token loss
+            by_length.setdefault(int(sequence.numel()), []).append(index)
+    if not by_length:
+        raise ValueError("no calibration sample has two or more real tokens")
+    order = [index for length in sorted(by_length) for index in by_length[length]]
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    for length in sorted(by_length):
+        indices = by_length[length]
+        ids = torch.stack([sequences[i] for i in indices])
+        extra = (torch.stack([distill_targets[i] for i in indices]) if distill_targets is not None
+                 else torch.zeros(len(indices), 1))
+        gradients = per_sample(weights, ids, extra)
+        for name in names:
+            parts[name].append(gradients[name].detach())
+    restore = torch.argsort(torch.tensor(order))  # back to calibration order
+    result = {}
+    for layer, name in zip(targets, names):
+        stacked = torch.cat(parts[name])[restore]
+        result[layer.parameter_name] = stacked.transpose(1, 2).contiguous() if layer.transposed else stacked
+    return result

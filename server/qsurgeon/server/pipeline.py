@@ -61,6 +61,7 @@ class PruneOptions:
     solver: str = "sa"
     block_size: int = 128
     epochs: int = 1
+    steps_per_epoch: int | None = None  # iCBS blocks per epoch; None: one per row of every tensor (layerwise)
     calibration: str = "builtin"
     samples: int = 128
     seq_len: int = 128
@@ -87,8 +88,8 @@ class PruneOptions:
         self.sparsity()  # density, pattern and granularity
         if self.objective not in OBJECTIVES:
             raise UsageError(f"unknown objective {self.objective!r}; choose one of: {', '.join(OBJECTIVES)}")
-        if self.init not in SCORE_METHODS:
-            raise UsageError(f"unknown init {self.init!r}; choose one of: {', '.join(SCORE_METHODS)}")
+        if self.init not in (*SCORE_METHODS, "sparsegpt"):
+            raise UsageError(f"unknown init {self.init!r}; choose one of: {', '.join((*SCORE_METHODS, 'sparsegpt'))}")
         if self.method == "icbs":
             from qsurgeon.worker.solvers.registry import solver_names
 
@@ -102,8 +103,8 @@ class PruneOptions:
             raise UsageError(f"time-limit must be a positive number of seconds, got {self.time_limit!r}")
         if not (isinstance(self.damp, (int, float)) and self.damp >= 0):
             raise UsageError(f"damp must be non-negative, got {self.damp!r}")
-        if self.objective != "layerwise" and self.method == "icbs":
-            raise UsageError(f"objective {self.objective!r} is not available yet (use layerwise)")
+        if self.steps_per_epoch is not None and (not isinstance(self.steps_per_epoch, int) or self.steps_per_epoch < 1):
+            raise UsageError(f"steps-per-epoch must be a positive integer, got {self.steps_per_epoch!r}")
         if self.refit:
             _refit_function()
         if self.export_blocks is not None:
@@ -242,6 +243,7 @@ class BlockContext:
     progress: Progress
     timings: dict[str, float]
     resume: dict[str, Any] | None = None  # saved in-block state (iCBS) to continue from
+    gradients: Callable[[], dict[str, torch.Tensor]] | None = None  # per-sample grads at the current weights
     save_state: Callable[[dict[str, Any]], None] = lambda state: None
     info: dict[str, Any] = field(default_factory=dict)  # per-block facts for the report
 
@@ -272,14 +274,39 @@ class _Timer:
 def initial_masks(context: BlockContext, score: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Scores and one-shot masks (METHOD.md §2) for every tensor of the block."""
     score = score or context.options.init
+    if score == "sparsegpt":  # SparseGPT's masks, Wanda's scores to pick iCBS blocks (sparsegpt.py)
+        from qsurgeon.server.sparsegpt import sparsegpt_initial_masks
+
+        return sparsegpt_initial_masks(context.weights0, {n: s.gram for n, s in context.stats.items()},
+                                       context.sparsity, context.options.damp)
     scores, masks = {}, {}
+    mean_gradients: dict[str, torch.Tensor] = {}
+    if score == "gradient":
+        if context.gradients is None:
+            raise UsageError("init 'gradient' needs a model with a loss (a causal LM or a module with loss_fn)")
+        mean_gradients = {name: grads.mean(dim=0) for name, grads in context.gradients().items()}
     for name, weight0 in context.weights0.items():
         norms = context.stats[name].input_norms().float() if score == "wanda" else None
-        if score == "gradient":
-            raise UsageError("init 'gradient' needs the fisher objective's gradients (not available yet)")
-        scores[name] = score_weights(weight0, score, input_norms=norms, seed=context.options.seed)
+        scores[name] = score_weights(weight0, score, input_norms=norms, gradient=mean_gradients.get(name),
+                                     seed=context.options.seed)
         masks[name] = initial_mask(scores[name], context.sparsity)
     return scores, masks
+
+
+def fisher_terms(context: BlockContext, masks: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Per-sample gradients at the reference weights w0∘(1 − initial mask) of this block (METHOD.md §4)."""
+    from qsurgeon.server.icbs import FisherTerms
+
+    if context.gradients is None:
+        raise UsageError("this model has no loss for the fisher objective")
+    try:
+        for layer in context.targets:
+            layer.apply_mask(masks[layer.parameter_name])
+        gradients = context.gradients()
+    finally:
+        for layer in context.targets:
+            layer.set_weight(context.weights0[layer.parameter_name])
+    return {name: FisherTerms(per_sample_grads=grads, grad=grads.mean(dim=0)) for name, grads in gradients.items()}
 
 
 def _one_shot(score: str) -> PruneMethod:
@@ -299,13 +326,15 @@ def icbs_method(context: BlockContext) -> BlockOutcome:
     options = context.options
     with _Timer(context.timings, "init"):
         scores, masks = initial_masks(context)
+        fisher = fisher_terms(context, masks) if options.objective != "layerwise" else {}
     tasks = [
         TensorTask(name=name, weight=context.weights0[name], mask=masks[name], scores=scores[name],
-                   sparsity=context.sparsity, gram=context.stats[name].gram)
+                   sparsity=context.sparsity, gram=context.stats[name].gram, fisher=fisher.get(name))
         for name in context.weights0
     ]
     config = ICBSConfig(block_size=options.block_size, epochs=options.epochs, objective=options.objective,
-                        solver=options.solver, solver_params=dict(options.solver_params), seed=options.seed)
+                        steps_per_epoch=options.steps_per_epoch, solver=options.solver,
+                        solver_params=dict(options.solver_params), seed=options.seed)
     state = None
     if context.resume is not None:
         state = ICBSState.from_dict(context.resume["tensors"], context.resume["meta"])
@@ -462,6 +491,7 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
     if saved is not None and saved.get("options") != json.loads(json.dumps(options.identity())):
         raise UsageError("the checkpoint belongs to a run with other options; remove it or use the same options")
     finished: list[dict[str, Any]] = list(saved["finished"]) if saved else []
+    gradient_source = _gradient_source(options, adapter, calibration)
     blocks = adapter.blocks()
     emit({"event": "start", "blocks": len(blocks), "tensors": len(adapter.all_targets()),
           "tokens": calibration.num_tokens, "resumed_blocks": len(finished)})
@@ -494,6 +524,7 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
                 progress=emit, timings=timings,
                 resume=saved["in_block"] if saved and saved.get("in_block") and index == len(finished) else None,
                 save_state=save_checkpoint,
+                gradients=None if gradient_source is None else (lambda targets=targets: gradient_source(targets)),
             )
             outcome = METHODS[options.method](context)
             if context.info.get("icbs_completed") is False:
@@ -540,6 +571,26 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
     report["seconds"]["total"] = time.perf_counter() - started
     emit({"event": "done", "seconds": report["seconds"]["total"]})
     return PruneResult(masks=masks, report=report, adapter=adapter, out=out_path, completed=completed)
+
+
+def _gradient_source(options: PruneOptions, adapter: ModelAdapter,
+                     calibration: CalibrationData) -> Callable[[list[TargetLayer]], dict[str, torch.Tensor]] | None:
+    """How to get per-sample gradients for a block, if the options need them and the model has a loss.
+
+    Encoders without a task head are scored by self-distillation: the distance of the
+    current outputs to the dense model's, which are computed here, before any pruning.
+    """
+    if options.objective == "layerwise" and options.init != "gradient":
+        return None
+    from qsurgeon.server.capture import dense_outputs, per_sample_gradients
+
+    if adapter.kind == "encoder":
+        if options.init == "gradient" and options.objective == "layerwise":
+            return None  # the distillation loss has zero gradient at the dense weights
+        targets = dense_outputs(adapter, calibration, options.batch_size)
+    else:
+        targets = None
+    return lambda layers: per_sample_gradients(adapter, calibration, layers, distill_targets=targets)
 
 
 def _report_text(report: Mapping[str, Any]) -> str:

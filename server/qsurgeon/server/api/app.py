@@ -32,6 +32,24 @@ def _version() -> str:
         return "0"
 
 
+def _document_job_body(app: FastAPI) -> None:
+    """POST /v1/jobs reads its body by hand (JSON or multipart), so FastAPI does not know
+    JobCreate; add its schema to the OpenAPI components the route's requestBody refers to."""
+    from fastapi.openapi.utils import get_openapi
+
+    from qsurgeon.client.models import JobCreate
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components["JobCreate"] = JobCreate.model_json_schema(ref_template="#/components/schemas/{model}")
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(config: ServiceConfig, *, resume: bool = True) -> FastAPI:
     """Build the app; on start-up it resumes unfinished jobs (``resume``), on shutdown it
     stops its job threads without finishing their rounds (they resume next time)."""
@@ -61,6 +79,7 @@ def create_app(config: ServiceConfig, *, resume: bool = True) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_upload_bytes=config.max_upload_bytes,
                        max_json_bytes=config.max_json_bytes)
     app.include_router(router)
+    _document_job_body(app)
 
     @app.get("/healthz", response_model=Health, tags=["health"], summary="The process is up")
     def healthz() -> Health:
@@ -84,11 +103,11 @@ def create_app(config: ServiceConfig, *, resume: bool = True) -> FastAPI:
 
     @app.exception_handler(UsageError)
     async def usage(_: Request, error: UsageError) -> JSONResponse:
-        return JSONResponse({"detail": str(error)}, status_code=status.HTTP_422_UNPROCESSABLE_ENTITY)
+        return JSONResponse({"detail": str(error)}, status_code=422)
 
     @app.exception_handler(ValidationError)
     async def invalid(_: Request, error: ValidationError) -> JSONResponse:
-        return JSONResponse({"detail": validation_message(error)}, status_code=status.HTTP_422_UNPROCESSABLE_ENTITY)
+        return JSONResponse({"detail": validation_message(error)}, status_code=422)
 
     @app.exception_handler(RequestValidationError)
     async def request_invalid(_: Request, error: RequestValidationError) -> JSONResponse:
@@ -101,6 +120,6 @@ def create_app(config: ServiceConfig, *, resume: bool = True) -> FastAPI:
         for item in errors:
             location = ".".join(str(part) for part in item.get("loc", ()) if part != "body")
             parts.append(f"{location}: {item.get('msg', 'invalid')}".removeprefix(": "))
-        return JSONResponse({"detail": "; ".join(parts)}, status_code=status.HTTP_422_UNPROCESSABLE_ENTITY)
+        return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
 
     return app

@@ -86,9 +86,11 @@ async def submit_job(request: Request) -> Job:
         else:
             raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
                                 "send application/json or multipart/form-data")
-        return await _in_thread(create_job, config, store, spec, archive=archive_path, calibration_text=calibration)
+        job = await _in_thread(create_job, config, store, spec, archive=archive_path, calibration_text=calibration)
+        request.app.state.manager.launch(job.id)
+        return job
     except ValidationError as error:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, validation_message(error)) from None
+        raise HTTPException(422, validation_message(error)) from None
     finally:
         if archive_path is not None:
             archive_path.unlink(missing_ok=True)
@@ -124,7 +126,7 @@ def job_events(request: Request, job_id: str, last_event_id: str | None = Query(
     store = request.app.state.store
     start = request.headers.get("last-event-id") or last_event_id or "0-0"
     if not _valid_stream_id(start):
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"invalid Last-Event-ID {start!r}")
+        raise HTTPException(422, f"invalid Last-Event-ID {start!r}")
 
     def stream() -> Iterator[str]:
         position = start
@@ -230,7 +232,7 @@ def solve_block(request: Request, body: SolveRequest):
     solution = result.solutions[0]
     if solution is None:
         reason = result.failures.get(problem.id, "no answer")
-        code = status.HTTP_504_GATEWAY_TIMEOUT if "timed out" in reason else status.HTTP_422_UNPROCESSABLE_ENTITY
+        code = status.HTTP_504_GATEWAY_TIMEOUT if "timed out" in reason else 422
         raise HTTPException(code, f"the problem was not solved: {reason}")
     return SolveResult(**solution.to_dict())
 

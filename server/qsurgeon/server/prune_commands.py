@@ -40,10 +40,14 @@ def register(subparsers: Any) -> None:
     prune.add_argument("--pattern", default=None, metavar="N:M", help="keep N of every M input weights of a row (2:4, 4:8)")
     prune.add_argument("--granularity", default="row", help="where the density holds: row (default), column, tensor")
     prune.add_argument("--objective", default="layerwise", help="layerwise (default), fisher, layerwise+fisher")
-    prune.add_argument("--init", default="wanda", help="initial mask for iCBS: wanda (default), magnitude, random")
+    prune.add_argument("--init", default="wanda",
+                       help="initial mask for iCBS: wanda (default), magnitude, gradient, random, sparsegpt")
     prune.add_argument("--solver", default="sa", help="block solver (see qsurgeon solvers; default sa)")
     prune.add_argument("--block-size", type=int, default=128, help="weights per iCBS block (default 128)")
-    prune.add_argument("--epochs", type=int, default=1, help="iCBS sweeps over every row (default 1)")
+    prune.add_argument("--epochs", type=int, default=1, help="iCBS epochs (default 1)")
+    prune.add_argument("--steps-per-epoch", type=int, default=None, metavar="N",
+                       help="iCBS blocks per epoch (default: one block in every row of every tensor; "
+                       "set it for the fisher objectives, whose rounds hold one block per tensor)")
     prune.add_argument("--calibration", default="builtin", metavar="FILE|builtin",
                        help="text file (one sample per line), .npy/.safetensors token ids, or builtin (default)")
     prune.add_argument("--samples", type=int, default=128, help="calibration samples (default 128)")
@@ -83,7 +87,8 @@ def options_from_args(args: argparse.Namespace) -> "Any":
     return PruneOptions(
         model=args.model, method=args.method, density=args.density, pattern=args.pattern,
         granularity=args.granularity, objective=args.objective, init=args.init, solver=args.solver,
-        block_size=args.block_size, epochs=args.epochs, calibration=args.calibration, samples=args.samples,
+        block_size=args.block_size, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+        calibration=args.calibration, samples=args.samples,
         seq_len=args.seq_len, seed=args.seed, out=args.out, time_limit=args.time_limit, refit=args.refit,
         include=list(args.include), exclude=list(args.exclude if args.exclude is not None else DEFAULT_EXCLUDE),
         export_blocks=args.export_blocks,

@@ -289,3 +289,14 @@ def test_sa_blocks_beyond_enumeration_improve_monotonically(objective):
         assert direct < 0.9 * _direct_surrogate(tasks, activations, {t.name: t.mask for t in tasks})
     for task in tasks:
         check_mask(state.masks[task.name], sparsity, task.name)
+
+
+def test_full_sweep_gives_wide_rows_more_blocks():
+    tasks, _ = _tasks(Sparsity(0.5), shapes=((4, 24), (3, 96)))
+    config = ICBSConfig(block_size=8, coverage=1 / 3)
+    contexts = [_prepare(task, config) for task in tasks]
+    plan = _plan(contexts, config, epoch=0)
+    assert [sum(1 for t, _ in plan if t == index) for index in range(2)] == [4 * 1, 3 * 4]
+    assert plan[:7] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2)]  # every row once first
+    single = ICBSConfig(block_size=8, coverage=0.0)
+    assert len(_plan(contexts, single, epoch=0)) == 7

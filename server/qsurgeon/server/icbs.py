@@ -59,7 +59,8 @@ class ICBSConfig:
     block_size: int = 128  # B
     k: int | None = None  # pruned weights per block (default B // 2, clipped to what exists)
     epochs: int = 1
-    steps_per_epoch: int | None = None  # None: a full sweep = one block in every row (column) of every tensor
+    steps_per_epoch: int | None = None  # None: a full sweep = block(s) in every row (column) of every tensor
+    coverage: float = 1 / 3  # full sweep: blocks per line = max(1, round(coverage · line length / B))
     selection: str = "score"  # "score" (§3.1) | "random"
     tabu_size: int = 1  # blocks per row whose weights are skipped while others are left
     fixed_pruned: float = 0.0  # fraction of each row's initial pruned set always pruned (lowest scores)
@@ -91,6 +92,8 @@ class ICBSConfig:
         for name in ("fixed_pruned", "fixed_kept"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UsageError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+        if not 0.0 <= self.coverage <= 16.0:
+            raise UsageError(f"coverage must lie in [0, 16], got {self.coverage}")
         if self.round_blocks is not None and self.round_blocks < 1:
             raise UsageError(f"round_blocks must be positive, got {self.round_blocks}")
 
@@ -363,9 +366,12 @@ def _plan(contexts: list[_Context], config: ICBSConfig, epoch: int) -> list[tupl
     """The epoch's steps as (tensor index, line): a full sweep, or steps ∝ log10(size)."""
     couples_tensor = config.objective != "layerwise"
     if config.steps_per_epoch is None:
-        per_tensor = [list(range(context.lines)) for context in contexts]
+        passes = [_passes(context, config) for context in contexts]
+        per_tensor = [list(range(context.lines)) * count for context, count in zip(contexts, passes)]
         if not couples_tensor and not any(context.by_column for context in contexts):
-            return [(t, line) for t, lines in enumerate(per_tensor) for line in lines]
+            # pass by pass: every line once, then the lines of wide tensors again
+            return [(t, line) for repeat in range(max(passes)) for t, context in enumerate(contexts)
+                    if repeat < passes[t] for line in range(context.lines)]
         steps = []  # interleave tensors so consecutive steps rarely conflict
         for position in range(max(len(lines) for lines in per_tensor)):
             steps.extend((t, lines[position]) for t, lines in enumerate(per_tensor) if position < len(lines))
@@ -380,6 +386,12 @@ def _plan(contexts: list[_Context], config: ICBSConfig, epoch: int) -> list[tupl
         steps.extend((t, int(line)) for line in lines)
     order = torch.randperm(len(steps), generator=_generator(config.seed, "order", epoch))
     return [steps[int(i)] for i in order]
+
+
+def _passes(context: _Context, config: ICBSConfig) -> int:
+    """Blocks per line in a full sweep: enough to put ``coverage`` of each line's weights in blocks."""
+    length = context.rank.shape[1]
+    return max(1, int(round(config.coverage * length / context.block)))
 
 
 def _round_limit(config: ICBSConfig) -> int:

@@ -241,7 +241,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         axis.set_xscale("log")
         axis.set_yscale("log")
         axis.set_xlabel("wall time per block (s)")
-        axis.set_ylabel(f"missed improvement (E−best)/(E_x0−best); {floor:g} = best known")
+        axis.set_ylabel(f"(E − best)/(E_x0 − best); {floor:g} = best known")
         axis.set_title(f"{kind} blocks")
         axis.grid(True, which="both", alpha=0.3)
     handles = [plt.Line2D([], [], color=colours[name], marker="o", linestyle="", label=name) for name in backends]

@@ -379,7 +379,7 @@ def _constraint_layout(problems: list[BlockProblem], use_x0: np.ndarray) -> dict
                 g_start=g_start, g_size=g_size, g_count=g_count, sw_off=sw_off, nsw=nsw, sw_groups=sw_groups)
 
 
-def _next_chunk(sweeps_left: int, sweeps_done: int, seconds_so_far: float, deadline: float | None) -> int:
+def next_chunk(sweeps_left: int, sweeps_done: int, seconds_so_far: float, deadline: float | None) -> int:
     """How many sweeps to run before looking at the clock again (all of them without a limit)."""
     if deadline is None:
         return sweeps_left
@@ -459,7 +459,7 @@ def _run_part(problems: list[BlockProblem], keys: np.ndarray, use_x0: np.ndarray
     while done < total_sweeps:
         if deadline is not None and done > 0 and time.perf_counter() >= deadline:
             break
-        chunk = _next_chunk(total_sweeps - done, done, time.perf_counter() - started, deadline)
+        chunk = next_chunk(total_sweeps - done, done, time.perf_counter() - started, deadline)
         run(done, done + chunk)
         done += chunk
     results = []

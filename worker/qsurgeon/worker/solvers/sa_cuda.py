@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from qsurgeon.worker.problem import BlockProblem
-from qsurgeon.worker.solvers.sa_cpu import ChainResults, _next_chunk
+from qsurgeon.worker.solvers.sa_cpu import ChainResults, next_chunk
 from qsurgeon.worker.solvers.sa_rng import GAMMA, MAX_BETA_DELTA, MIX1, MIX2, SCALE_SAMPLES
 
 
@@ -38,7 +38,7 @@ def _signed(value: int) -> int:
 _MIX1 = _signed(MIX1)
 _MIX2 = _signed(MIX2)
 _MASK32 = (1 << 32) - 1
-_MASK53 = (1 << 53) - 1
+_SCALE_PIECE = 16  # swaps per chain evaluated at once when estimating the energy scale
 
 
 def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
@@ -227,10 +227,12 @@ class _Chains:
         self.best_energy = energy.clone()
         self.best_x = self.x.clone()
         self.accepted = torch.zeros(chains, dtype=torch.int64, device=self.device)
-        samples = torch.arange(SCALE_SAMPLES, device=self.device)
-        a, b = self._pick(self.key_scale, samples[None, :].expand(chains, -1))
-        deltas = self._delta(self.slot.gather(1, b), self.slot.gather(1, a)).abs()
-        ordered = deltas.sort(dim=1).values
+        pieces = []
+        for first in range(0, SCALE_SAMPLES, _SCALE_PIECE):  # bounded memory: (C, piece, r) for factored
+            samples = torch.arange(first, first + _SCALE_PIECE, device=self.device)
+            a, b = self._pick(self.key_scale, samples[None, :].expand(chains, -1))
+            pieces.append(self._delta(self.slot.gather(1, b), self.slot.gather(1, a)).abs())
+        ordered = torch.cat(pieces, dim=1).sort(dim=1).values
         half = SCALE_SAMPLES // 2
         scale = 0.5 * (ordered[:, half - 1] + ordered[:, half])
         mean = ordered.mean(dim=1)
@@ -286,7 +288,7 @@ def _run_bucket(problems: list[BlockProblem], bucket: _Bucket, keys: np.ndarray,
     while done < total:
         if deadline is not None and done > 0 and time.perf_counter() >= deadline:
             break
-        chunk = _next_chunk(total - done, done, time.perf_counter() - started, deadline)
+        chunk = next_chunk(total - done, done, time.perf_counter() - started, deadline)
         chains.anneal(done, done + chunk)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

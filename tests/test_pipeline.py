@@ -214,3 +214,15 @@ def test_fisher_objectives_lower_their_surrogate(models, kind, objective):
     assert icbs["surrogate_per_epoch"][-1] < icbs["surrogate_initial"] + 1e-12
     for name, mask in result.masks.items():
         check_mask(mask, Sparsity(0.5), name)
+
+
+def test_include_prunes_only_matching_blocks_and_resumes(models, tmp_path):
+    options = _options(models["bert"], method="icbs", include=["encoder.layer.1.*"])
+    checkpoint = DirectoryCheckpoint(tmp_path / "ckpt")
+    result = run_prune(options, checkpoint=checkpoint)
+    assert sorted({name.split(".")[2] for name in result.masks}) == ["1"]
+    assert result.adapter.targets(0) == []
+    block0_linears = [m for m in result.adapter.blocks()[0].modules() if isinstance(m, torch.nn.Linear)]
+    assert block0_linears and all((m.weight != 0).all() for m in block0_linears)  # block 0 left dense
+    again = run_prune(options, checkpoint=checkpoint)  # everything restored from the checkpoint
+    assert all(torch.equal(again.masks[name], mask) for name, mask in result.masks.items())

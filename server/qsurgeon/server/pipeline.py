@@ -553,7 +553,10 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
             save_checkpoint(None)
             emit({"event": "block_done", "block": index, "blocks": len(blocks),
                   "error": sum(t["error_final"] for t in block_tensors.values()) / max(1, len(block_tensors))})
-        if index + 1 < len(blocks):
+        else:  # nothing to prune here (--include/--exclude): keep the block list aligned for resumes
+            finished.append({"masks": {}, "weights": {}, "tensor_reports": {}, "info": {"block": index}})
+            block_reports.append({"block": index})
+        if any(adapter.targets(later) for later in range(index + 1, len(blocks))):  # inputs of the next block
             with _Timer(timings, "calibrate"):
                 inputs = run_block(block, inputs)
     del inputs

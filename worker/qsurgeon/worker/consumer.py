@@ -250,12 +250,14 @@ class Worker:
             self._round_cache[cache_key] = info
         return info
 
-    def _finish(self, message: _Message, result: bytes) -> None:
+    def _finish(self, message: _Message, result: bytes, pipe: Any = None) -> None:
+        """Publish and acknowledge atomically; with ``pipe``, queued for one round trip per batch."""
         keys = self.keys
         self._publish(
             keys=[keys.results(message.job, message.round_id), keys.note(message.job, message.round_id),
                   message.stream, keys.attempts],
             args=[message.block, result, message.message_id, GROUP, 24 * 3600],
+            client=pipe,
         )
 
     def _drop(self, message: _Message) -> None:
@@ -340,13 +342,15 @@ class Worker:
         elapsed = time.perf_counter() - started
         self.stats.batches.append(len(problems))
         self.stats.solve_seconds += elapsed
-        self.redis.hincrbyfloat(self.keys.stats, "solve_seconds", elapsed)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hincrbyfloat(self.keys.stats, "solve_seconds", elapsed)
         for (message, _), solution, reason in zip(items, solutions, reasons):
             if solution is None:
                 self._fail(message, reason)
             else:
                 meta = dict(solution.metadata, worker=self.name)
                 solution = type(solution)(**{**solution.__dict__, "metadata": meta})
-                self._finish(message, encode_result(solution))
+                self._finish(message, encode_result(solution), pipe)
                 self.stats.solved += 1
-        self.redis.hincrby(self.keys.stats, "blocks_solved", sum(s is not None for s in solutions))
+        pipe.hincrby(self.keys.stats, "blocks_solved", sum(s is not None for s in solutions))
+        pipe.execute()

@@ -19,7 +19,6 @@ Everything is deterministic for a seed, so the masks equal an uninterrupted run'
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -29,12 +28,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
 import torch
-from torch import nn
 
 from qsurgeon.client.errors import UsageError
 from qsurgeon.server.adapters import DEFAULT_EXCLUDE, ModelAdapter, TargetLayer, load_adapter
 from qsurgeon.server.calibration import CalibrationData, load_calibration
-from qsurgeon.server.capture import BlockInputs, LayerStats, capture_first_block_inputs, collect_stats, run_block
+from qsurgeon.server.capture import LayerStats, capture_first_block_inputs, collect_stats, run_block
 from qsurgeon.server.masks import SCORE_METHODS, check_mask, initial_mask, score_weights
 from qsurgeon.server.sparsity import GRANULARITIES, Sparsity
 from qsurgeon.worker.queue import InProcessQueue, Queue
@@ -637,7 +635,7 @@ def _report(options: PruneOptions, sparsity: Sparsity, calibration: CalibrationD
         )
     return {
         "qsurgeon_report": 1,
-        "options": options.to_dict(),
+        "options": {**options.to_dict(), "density": sparsity.density},  # the density actually applied
         "calibration": {"source": calibration.source, "samples": calibration.num_samples,
                         "tokens": calibration.num_tokens},
         "summary": summary,

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qsurgeon.client.errors import UsageError
 
 #: the demo's settings: 50 % per row with iCBS on MiniLM, sized to finish in well under a minute on 2 cores
 DEMO_SETTINGS: dict[str, Any] = {

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -200,7 +201,7 @@ class SimulatedAnnealingSolver(Solver):
                     "seed": options.seed,
                     "start": "x0" if from_x0 else "random",
                     "beta_range": list(ranges[int(from_x0)]),
-                    "energy_scale": float(np.median(result.scale)),
+                    "energy_scale": statistics.median(result.scale.tolist()),
                     "acceptance_rate": float(result.accepted.sum() / proposals) if proposals else 0.0,
                     "best_restart": best,
                     "sweeps_requested": options.sweeps,

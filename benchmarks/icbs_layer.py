@@ -127,11 +127,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="all 36 encoder linears with one setting")
     parser.add_argument("--density", type=float, default=0.5)
+    parser.add_argument("--pattern", default=None, help="N:M pattern (e.g. 2:4) instead of a density")
+    parser.add_argument("--granularity", default="row", choices=("row", "column", "tensor"))
     parser.add_argument("--solver", default="sa")
     parser.add_argument("--setting", action="append", default=None,
                         help="block,epochs,sweeps,restarts,tabu (repeatable; default: the grid, or the config's)")
     args = parser.parse_args()
-    sparsity = Sparsity(args.density)
+    sparsity = Sparsity.parse(None if args.pattern else args.density, args.pattern, args.granularity)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     captured = capture_grams(None if args.full else list(LAYERS))
     tasks = [wanda_task(name, weight, gram, sparsity) for name, (weight, gram) in captured.items()]
@@ -161,7 +163,7 @@ def main() -> None:
               f"{result['merge_seconds']:>6.2f} {result['ratio_mean']:>21.3f}  {per_layer}", flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / ("icbs_full.json" if args.full else "icbs_layer.json")
-    path.write_text(json.dumps({"wanda": wanda, "density": args.density, "results": rows}, indent=1))
+    path.write_text(json.dumps({"wanda": wanda, "sparsity": sparsity.describe(), "results": rows}, indent=1))
     print(f"wanda relative errors: " + " ".join(f"{name}={value:.4f}" for name, value in list(wanda.items())[:6]))
     print(f"wrote {path}")
 

@@ -39,7 +39,7 @@ class ApiError(QsurgeonError):
     def __init__(self, status: int, detail: Any) -> None:
         self.status = status
         self.detail = detail
-        super().__init__(f"HTTP {status}: {detail}")
+        super().__init__(f"HTTP {status}: {detail}" if status else str(detail))
 
 
 class BadRequestError(ApiError, UsageError):

@@ -185,3 +185,21 @@ def test_weighted_sum_adds_energies():
         x[torch.randperm(10, generator=generator)[:5].numpy()] = 1
         expected = layer.energy(x) + 2.5 * fisher.energy(x)
         assert total.energy(x) == pytest.approx(expected, rel=1e-5)
+
+
+def test_tracked_row_errors_give_the_same_blocks():
+    """With the caller's row errors the field is computed only at block entries: same Q, same offsets."""
+    from qsurgeon.server.qubo import layerwise_arrays
+
+    weight, _, gram, generator = _layer(9, out=10, width=64)
+    mask = _random_mask(generator, weight.shape, 32)
+    errors = row_errors(weight, gram, mask)
+    for rows, cols in (
+        (torch.arange(10), torch.stack([torch.randperm(64, generator=generator)[:4] for _ in range(10)])),
+        (torch.randperm(10, generator=generator)[:6].repeat(2, 1), torch.tensor([[5] * 6, [40] * 6])),
+    ):
+        full = layerwise_arrays(weight, gram, mask, rows, cols)
+        tracked = layerwise_arrays(weight, gram, mask, rows, cols, row_error=errors)
+        assert np.allclose(full[0], tracked[0], rtol=1e-6, atol=1e-6 * np.abs(full[0]).max())
+        assert np.array_equal(full[1], tracked[1])
+        assert np.allclose(full[2], tracked[2], rtol=1e-9)

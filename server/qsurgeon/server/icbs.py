@@ -528,7 +528,10 @@ def _build_tensor_blocks(context: _Context, state: ICBSState, lines: Tensor, con
     ids = [f"{name}:{int(line)}:{round_index}" for line in lines]
     labels = None if groups is None else groups.numpy()
     if config.objective == "layerwise":
-        stacked = layerwise_arrays(context.weight, context.gram, mask, rows, cols, gram_is_symmetric=True)
+        if context.row_error is None:  # resumed run: the cache starts from the saved mask
+            context.row_error = row_errors(context.weight, context.gram, mask)
+        stacked = layerwise_arrays(context.weight, context.gram, mask, rows, cols, gram_is_symmetric=True,
+                                   row_error=context.row_error)
         problems = problems_from_arrays(*stacked, ids, labels)
         return _Pending(tensor=-1, rows=rows, cols=cols, lines=lines, problems=problems, stacked=stacked,
                         groups=labels)
@@ -668,8 +671,11 @@ def _run_round(contexts: list[_Context], state: ICBSState, steps: list[tuple[int
                 # a one-row layer-wise block's energy IS that row's new error: no recomputation
                 context.row_error[block_rows] = torch.as_tensor(energies[accepted_blocks])
                 state.surrogate_per_tensor[name] = _surrogate(context, state.masks[name], config, rows[:0, 0])
-            else:
-                state.surrogate_per_tensor[name] = _surrogate(context, state.masks[name], config, rows.unique())
+            else:  # recompute exactly the rows whose mask changed
+                changed = torch.as_tensor(proposals[accepted_blocks] != item.stacked[1][accepted_blocks]
+                                          if item.stacked is not None else np.ones(values.shape, bool))
+                state.surrogate_per_tensor[name] = _surrogate(context, state.masks[name], config,
+                                                              rows[changed].unique())
     done = time.perf_counter()
     return RoundReport(
         round_index=round_index, epoch=state.epoch, blocks=len(problems), surrogate=state.surrogate,

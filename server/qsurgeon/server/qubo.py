@@ -92,6 +92,21 @@ def _layerwise_kernel(gram, w_s, c, r, multi_row, x_s, v_s, touched_error, Q, of
         offsets[i] = touched_error[i] - current
 
 
+@njit(parallel=True, cache=True)
+def _entry_fields(gram, pruned_rows, where, c, out):  # pragma: no cover - compiled
+    """out[i,a] = H[c_ia,:] · (w0∘x) of the entry's row: the field at block entries only."""
+    n, block = c.shape
+    width = gram.shape[0]
+    for i in prange(n):
+        for a in range(block):
+            row = where[i, a]
+            column = c[i, a]
+            total = 0.0
+            for j in range(width):
+                total += gram[column, j] * pruned_rows[row, j]
+            out[i, a] = total
+
+
 def layerwise_arrays(
     weight0: Tensor,
     gram: Tensor,
@@ -100,10 +115,15 @@ def layerwise_arrays(
     cols: Tensor,
     *,
     gram_is_symmetric: bool = False,
+    row_error: Tensor | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The stacked form of :func:`layerwise_blocks`: Q (n,B,B) float32, x0 (n,B) uint8, offsets (n,).
 
     For engines that judge thousands of blocks at once without a Python loop per block.
+    ``row_error`` (out,), the current error of every row when the caller tracks it, spares
+    the full field H(w0∘x) of each touched row: the field is then computed only at the
+    block's entries, which is what makes blocks along a column (B rows, one column each)
+    and blocks in wide rows cheap.
     """
     cols = _as_index("cols", cols, 2)
     rows = _as_index("rows", rows, (1, 2))
@@ -117,24 +137,36 @@ def layerwise_arrays(
     width = weight0.shape[1]
     if n_blocks and (int(cols.min()) < 0 or int(cols.max()) >= width):
         raise UsageError(f"cols must lie in 0..{width - 1}")
+    if row_error is not None and row_error.shape != (weight0.shape[0],):
+        raise UsageError(f"row_error must have one entry per row ({weight0.shape[0]}), got {tuple(row_error.shape)}")
     gram = gram.to(torch.float64) if gram_is_symmetric else symmetric_gram(gram)
     weight = weight0.detach().to(torch.float64)
     multi_row = rows.ndim == 2
     row_ids = rows.unique() if multi_row else rows
     pruned_rows = weight[row_ids] * mask[row_ids].to(torch.float64)
-    field = pruned_rows @ gram  # v_r = H (w0_r ∘ x_r) for every touched row
-    row_error = (field * pruned_rows).sum(dim=1)
     if multi_row:
         where = torch.searchsorted(row_ids, rows)  # (n, B) position of each entry's row in row_ids
         entry_rows = rows
+    else:
+        where = torch.arange(n_blocks)[:, None].expand(n_blocks, block)
+        entry_rows = rows[:, None].expand(n_blocks, block)
+    if row_error is not None and 4 * n_blocks * block < len(row_ids) * width:
+        errors = row_error[row_ids].to(torch.float64)
+        v_s = np.empty((n_blocks, block), np.float64)
+        if n_blocks:
+            _entry_fields(gram.numpy(), pruned_rows.numpy(), where.contiguous().numpy(), cols.contiguous().numpy(),
+                          v_s)
+        v_s = torch.from_numpy(v_s)
+    else:
+        field = pruned_rows @ gram  # v_r = H (w0_r ∘ x_r) for every touched row
+        errors = (field * pruned_rows).sum(dim=1) if row_error is None else row_error[row_ids].to(torch.float64)
         v_s = field[where, cols]
+    if multi_row:
         same_row = entry_rows[:, :, None] == entry_rows[:, None, :]
         # error of the touched rows, each counted once: weight each entry by 1/multiplicity
-        touched_error = (row_error[where] / same_row.sum(dim=2).to(torch.float64)).sum(dim=1)
+        touched_error = (errors[where] / same_row.sum(dim=2).to(torch.float64)).sum(dim=1)
     else:
-        entry_rows = rows[:, None].expand(n_blocks, block)
-        v_s = torch.gather(field, 1, cols)
-        touched_error = row_error
+        touched_error = errors
     w_s = weight[entry_rows, cols]
     x_s = mask[entry_rows, cols]
     Q = np.empty((n_blocks, block, block), np.float32)

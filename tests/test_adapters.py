@@ -155,7 +155,7 @@ def test_torch_module_adapter_blocks_loss_and_weights(tmp_path):
     adapter = TorchModuleAdapter(model, loss_fn=lambda out, batch: out.pow(2).mean(), exclude=["head"])
     assert adapter.blocks_prefix == "layers" and len(adapter.blocks()) == 3
     assert [layer.name for layer in adapter.all_targets()] == ["layers.0.0", "layers.1.0", "layers.2.0"]
-    batch = {"input": torch.randn(5, 4)}
+    batch = {"input_ids": torch.randn(5, 4)}
     loss = adapter.loss(adapter.forward(batch), batch)
     assert loss.ndim == 0 and float(loss.detach()) > 0
     adapter.save(tmp_path)

@@ -226,3 +226,30 @@ def test_include_prunes_only_matching_blocks_and_resumes(models, tmp_path):
     assert block0_linears and all((m.weight != 0).all() for m in block0_linears)  # block 0 left dense
     again = run_prune(options, checkpoint=checkpoint)  # everything restored from the checkpoint
     assert all(torch.equal(again.masks[name], mask) for name, mask in result.masks.items())
+
+
+def test_plain_module_with_user_loss(tmp_path):
+    """A plain nn.Module from Python: layer-wise iCBS, then fisher with the user's loss and gradient init."""
+    from qsurgeon.server.adapters import TorchModuleAdapter
+    from qsurgeon.server.calibration import CalibrationData
+    from test_adapters import _Stack
+
+    torch.manual_seed(0)
+    features = torch.randn(24, 4)
+    calibration = CalibrationData.from_inputs(features)
+    for objective, init in [("layerwise", "wanda"), ("fisher", "gradient"), ("layerwise+fisher", "magnitude")]:
+        model = _Stack()
+        dense_outputs = model(features).detach()
+        adapter = TorchModuleAdapter(model, loss_fn=lambda out, batch: out.pow(2).mean(), exclude=["head"])
+        out = tmp_path / objective
+        result = run_prune(PruneOptions(model="stack", method="icbs", objective=objective, init=init, block_size=4,
+                                        steps_per_epoch=6, out=str(out)),
+                           adapter=adapter, calibration=calibration)
+        assert sorted(result.masks) == ["layers.0.0.weight", "layers.1.0.weight", "layers.2.0.weight"]
+        for name, mask in result.masks.items():
+            check_mask(mask, Sparsity(0.5), name)
+            assert torch.equal(model.get_parameter(name) == 0, mask)
+        assert not torch.equal(model(features), dense_outputs)
+        saved = load_file(str(out / "model.safetensors"))
+        assert torch.equal(saved["layers.1.0.weight"] == 0, result.masks["layers.1.0.weight"])
+        assert result.report["icbs"]["surrogate_per_epoch"][-1] <= result.report["icbs"]["surrogate_initial"] + 1e-12

@@ -167,9 +167,17 @@ class ModelAdapter:
         return [layer for layers in self._targets for layer in layers]
 
     # --------------------------------------------------------------- data path
-    def run_to_first_block(self, batch: Mapping[str, torch.Tensor]) -> None:
+    def call_inputs(self, batch: Mapping[str, torch.Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Positional and keyword arguments of ``model(...)`` for a batch."""
+        return (), dict(batch)
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> Any:
+        args, kwargs = self.call_inputs(batch)
+        return self.model(*args, **kwargs)
+
+    def run_to_first_block(self, batch: Mapping[str, torch.Tensor]) -> Any:
         """Run the model on ``batch`` far enough to call block 0 (a hook then stops it)."""
-        raise NotImplementedError
+        return self.forward(batch)
 
     def token_mask(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
         """(batch, seq) bool: True for real tokens, False for padding (excluded from statistics)."""
@@ -225,16 +233,13 @@ class HFTextAdapter(ModelAdapter):
             tokenizer.pad_token = tokenizer.eos_token
         return cls(model, tokenizer, kind, include, exclude)
 
-    def run_to_first_block(self, batch: Mapping[str, torch.Tensor]) -> Any:
-        inputs = {"input_ids": batch["input_ids"]}
+    def call_inputs(self, batch: Mapping[str, torch.Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        inputs: dict[str, Any] = {"input_ids": batch["input_ids"]}
         if "attention_mask" in batch:
             inputs["attention_mask"] = batch["attention_mask"]
         if self.kind == "causal-lm":
             inputs["use_cache"] = False
-        return self.model(**inputs)
-
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> Any:
-        return self.run_to_first_block(batch)
+        return (), inputs
 
     def loss(self, model_outputs: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if self.kind != "causal-lm":
@@ -251,10 +256,12 @@ class HFTextAdapter(ModelAdapter):
 
 
 class TorchModuleAdapter(ModelAdapter):
-    """A plain ``nn.Module`` from the Python API: batches are dicts passed as keyword args.
+    """A plain ``nn.Module`` from the Python API, called as ``model(batch["input_ids"])``.
 
-    ``forward(batch)`` defaults to ``model(**batch)`` (or ``model(batch["input"])`` when the
-    batch holds one tensor named ``input``); ``loss_fn(outputs, batch)`` gives the loss.
+    ``input_ids`` holds whatever the module's forward takes (token ids, or float features
+    with an all-ones ``attention_mask`` of the same shape: see
+    :meth:`CalibrationData.from_inputs`); ``loss_fn(outputs, batch)`` gives the loss for
+    gradient scores and the fisher objective.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Mapping[str, torch.Tensor]], torch.Tensor] | None = None,
@@ -263,17 +270,8 @@ class TorchModuleAdapter(ModelAdapter):
         self.loss_fn = loss_fn
         self.kind = "module"
 
-    def run_to_first_block(self, batch: Mapping[str, torch.Tensor]) -> Any:
-        return self.forward(batch)
-
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> Any:
-        if set(batch) == {"input"}:
-            return self.model(batch["input"])
-        return self.model(**batch)
-
-    def token_mask(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-        mask = batch.get("attention_mask")
-        return None if mask is None else mask.bool()
+    def call_inputs(self, batch: Mapping[str, torch.Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (batch["input_ids"],), {}
 
     def loss(self, model_outputs: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if self.loss_fn is None:

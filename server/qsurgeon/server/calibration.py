@@ -54,13 +54,20 @@ class CalibrationData:
     source: str = ""
 
     def __post_init__(self) -> None:
-        if self.input_ids.ndim != 2 or self.input_ids.shape != self.attention_mask.shape:
+        if self.input_ids.ndim < 2 or self.input_ids.shape[:2] != self.attention_mask.shape:
             raise UsageError(
-                f"calibration ids must be (samples, seq_len) with a matching mask, got "
+                f"calibration ids must be (samples, seq_len, ...) with a (samples, seq_len) mask, got "
                 f"{tuple(self.input_ids.shape)} and {tuple(self.attention_mask.shape)}"
             )
         if self.input_ids.shape[0] == 0:
             raise UsageError("calibration data holds no samples")
+
+    @classmethod
+    def from_inputs(cls, inputs: torch.Tensor, source: str = "tensor") -> "CalibrationData":
+        """Calibration for a plain module: each row of ``inputs`` is one sample, nothing is padding."""
+        if inputs.ndim < 2:
+            raise UsageError(f"module inputs must be (samples, ...) with at least 2 dimensions, got {tuple(inputs.shape)}")
+        return cls(inputs, torch.ones(inputs.shape[:2], dtype=torch.int64), source)
 
     @property
     def num_samples(self) -> int:

@@ -249,7 +249,8 @@ def per_sample_gradients(
 
     def sample_loss(params: dict[str, torch.Tensor], ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         batch = {"input_ids": ids[None]}
-        outputs = functional_call(model, params, args=(), kwargs=batch, strict=False)
+        args, kwargs = adapter.call_inputs(batch)  # no attention mask: the sample has no padding
+        outputs = functional_call(model, params, args=args, kwargs=kwargs, strict=False)
         if kind == "causal-lm":
             return nn.functional.cross_entropy(outputs.logits[0, :-1], ids[1:])
         if kind == "encoder":

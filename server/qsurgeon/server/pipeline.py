@@ -465,6 +465,7 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
         check_out_folder(options.out)
     emit: Progress = progress or (lambda event: None)
     started = time.perf_counter()
+    cpu_started = time.process_time()  # CPU seconds of every thread: comparable on a shared machine
     stop = _deadline_stop(options, started, should_stop)
     timings = dict.fromkeys(PHASES, 0.0)
     queue = queue or InProcessQueue()
@@ -568,8 +569,10 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
             out_path = write_result(options.out, adapter.save, masks, report)
         report["seconds"]["save"] = timings["save"]
         report["seconds"]["total"] = time.perf_counter() - started
+        report["cpu_seconds"] = time.process_time() - cpu_started
         (out_path / "report.json").write_text(_report_text(report))
     report["seconds"]["total"] = time.perf_counter() - started
+    report["cpu_seconds"] = time.process_time() - cpu_started
     emit({"event": "done", "seconds": report["seconds"]["total"]})
     return PruneResult(masks=masks, report=report, adapter=adapter, out=out_path, completed=completed)
 

@@ -286,7 +286,8 @@ def test_hostile_archives_are_refused_and_leave_nothing(api, config):
 def test_valid_upload_is_extracted_into_the_job(config, tmp_path):
     archive = tmp_path / "m.zip"
     archive.write_bytes(zip_bytes({"mini/config.json": b"{}", "mini/model.safetensors": b"weights",
-                                   "mini/tokenizer.json": b"{}"}))
+                                   "mini/tokenizer.json": b"{}", "mini/.gitattributes": b"x",
+                                   "mini/.cache/evil.bin": b"pickle"}))
     store = JobStore(connect(REDIS_URL), config.queue.prefix)
     job = create_job(config, store, JobCreate(model="upload", calibration="upload", options={"density": 0.4}),
                      archive=archive, calibration_text="one sentence\nanother one\n".encode())
@@ -335,6 +336,12 @@ def test_openapi_documents_the_routes(api):
     content = paths["/v1/jobs"]["post"]["requestBody"]["content"]
     assert set(content) == {"application/json", "multipart/form-data"}
     assert "JobCreate" in schema["components"]["schemas"]
+
+
+def test_options_lists_what_a_job_may_set(api):
+    options = api.get("/v1/options", headers=AUTH).json()
+    assert options["density"] is None and options["epochs"] == 1 and options["solver"] == "sa"
+    assert not {"model", "out", "calibration", "export_blocks"} & set(options)
 
 
 def test_solvers_lists_capabilities(api):

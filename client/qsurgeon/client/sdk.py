@@ -130,6 +130,9 @@ def pack_model_folder(folder: str | Path) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
         for path in sorted(folder.rglob("*")):
+            relative = path.relative_to(folder)
+            if any(part.startswith(".") for part in relative.parts):
+                continue  # .gitattributes, .cache: not part of the model
             if path.is_file() and not path.is_symlink():
                 archive.add(path, arcname=str(path.relative_to(folder)), recursive=False)
     return buffer.getvalue()

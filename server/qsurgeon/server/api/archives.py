@@ -3,6 +3,7 @@
 Refused: absolute paths, ``..`` components, links of any kind, device files, more than
 ``max_files`` members or ``max_bytes`` unpacked, and any file type that is not part of a
 safetensors Hugging Face folder (no pickled weights: ``.bin``, ``.pt``, ``.pkl``, ...).
+Hidden files and folders (``.gitattributes``) are skipped.
 Members are written by us, byte by byte, never by ``extractall``.
 """
 
@@ -107,6 +108,8 @@ def _extract(members: Iterator[tuple[str, bool, int, BinaryIO | None]], dest: Pa
             target = (root / relative).resolve()
             if root not in target.parents and target != root:
                 raise ArchiveError(f"archive member {name!r} leaves the archive folder")
+            if any(part.startswith(".") for part in relative.parts):
+                continue  # hidden files (.gitattributes, .cache/) are skipped, never written
             if is_dir:
                 target.mkdir(parents=True, exist_ok=True)
                 continue

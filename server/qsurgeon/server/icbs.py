@@ -671,11 +671,13 @@ def _run_round(contexts: list[_Context], state: ICBSState, steps: list[tuple[int
                 # a one-row layer-wise block's energy IS that row's new error: no recomputation
                 context.row_error[block_rows] = torch.as_tensor(energies[accepted_blocks])
                 state.surrogate_per_tensor[name] = _surrogate(context, state.masks[name], config, rows[:0, 0])
-            else:  # recompute exactly the rows whose mask changed
-                changed = torch.as_tensor(proposals[accepted_blocks] != item.stacked[1][accepted_blocks]
-                                          if item.stacked is not None else np.ones(values.shape, bool))
-                state.surrogate_per_tensor[name] = _surrogate(context, state.masks[name], config,
-                                                              rows[changed].unique())
+            elif item.stacked is not None and context.row_error is not None:
+                # blocks over several rows: each row's share of the energy change, from Q itself
+                context.row_error.index_add_(0, rows.reshape(-1), _row_shares(item, accepted_blocks, proposals,
+                                                                               rows).reshape(-1))
+                state.surrogate_per_tensor[name] = _surrogate(context, state.masks[name], config, rows[:0, 0])
+            else:
+                state.surrogate_per_tensor[name] = _surrogate(context, state.masks[name], config, rows.unique())
     done = time.perf_counter()
     return RoundReport(
         round_index=round_index, epoch=state.epoch, blocks=len(problems), surrogate=state.surrogate,
@@ -720,6 +722,20 @@ def _judge_all(item: _Pending, answers: list) -> tuple[np.ndarray, np.ndarray, n
     outcomes[moved & (proposed > current)] = _REJECTED
     proposals[outcomes != _ACCEPTED] = x0[outcomes != _ACCEPTED]
     return outcomes, proposals, proposed
+
+
+def _row_shares(item: _Pending, blocks: np.ndarray, proposals: np.ndarray, rows: Tensor) -> Tensor:
+    """Per entry: its row's part of the energy change, Σ_b [same row] (x_a x_b − x0_a x0_b) Q_ab.
+
+    Summed over a row's entries this is that row's error change, because entries of
+    different rows never couple; it spares recomputing whole rows after column blocks.
+    """
+    Q = torch.from_numpy(item.stacked[0][blocks]).to(torch.float64)
+    new = torch.from_numpy(proposals[blocks]).to(torch.float64)
+    old = torch.from_numpy(item.stacked[1][blocks]).to(torch.float64)
+    same_row = (rows[:, :, None] == rows[:, None, :]).to(torch.float64)
+    change = new[:, :, None] * new[:, None, :] - old[:, :, None] * old[:, None, :]
+    return (change * same_row * Q).sum(dim=2)
 
 
 def _group_counts(X: np.ndarray, item: _Pending) -> np.ndarray:

@@ -139,6 +139,8 @@ def test_shared_matrices_are_stored_once(client, prefix):
     messages = worker._read("w")
     decoded = decode_problem(messages[0].body, lambda d: client.get(queue.keys.blob("j2", "r0", d)))
     np.testing.assert_array_equal(decoded.Q, Q)
+    queue._cleanup("j2", "r0")  # what collecting the round does: the shared blob goes too
+    assert not list(client.scan_iter(match=f"{prefix}:blob*"))
 
 
 def test_duplicate_results_are_ignored(client, prefix):

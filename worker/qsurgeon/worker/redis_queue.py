@@ -11,6 +11,7 @@ tenants never collide):
 ``{p}:blob:{job}:{round}:{h}`` an array (≥ ``share_threshold`` bytes) that several
                                problems of the round hold byte-for-byte, stored once
                                and referenced by its SHA-256 from each envelope
+                               (``{p}:blobs:{job}:{round}`` lists them for clean-up)
 ``{p}:res:{job}:{round}``      hash block id -> result; written with HSETNX, so a
                                second answer to the same block (a reclaimed message
                                solved twice) is ignored
@@ -94,6 +95,9 @@ class Keys:
 
     def blob(self, job: str, round_id: str, digest: str) -> str:
         return f"{self.prefix}:blob:{job}:{round_id}:{digest}"
+
+    def blobs(self, job: str, round_id: str) -> str:
+        return f"{self.prefix}:blobs:{job}:{round_id}"
 
     def results(self, job: str, round_id: str) -> str:
         return f"{self.prefix}:res:{job}:{round_id}"
@@ -323,6 +327,9 @@ class RedisQueue:
         pipe.expire(keys.round(job, round_id), ttl)
         for digest, data in blobs.items():
             pipe.set(keys.blob(job, round_id, digest), data, ex=ttl)
+            pipe.sadd(keys.blobs(job, round_id), digest)
+        if blobs:
+            pipe.expire(keys.blobs(job, round_id), ttl)
         queued = 0
         for problem in todo:
             envelope = encode_problem(problem, references)
@@ -385,9 +392,9 @@ class RedisQueue:
 
     def _cleanup(self, job: str, round_id: str) -> None:
         keys = self.keys
-        blob_keys = list(self.redis.scan_iter(match=keys.blob(job, round_id, "*"), count=1000))
+        blob_keys = [keys.blob(job, round_id, digest.decode()) for digest in self.redis.smembers(keys.blobs(job, round_id))]
         self.redis.delete(keys.results(job, round_id), keys.note(job, round_id), keys.sent(job, round_id),
-                          keys.round(job, round_id), *blob_keys)
+                          keys.round(job, round_id), keys.blobs(job, round_id), *blob_keys)
 
     # ------------------------------------------------------------------ control
     def cancel(self, job_id: str) -> None:

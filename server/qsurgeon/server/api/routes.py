@@ -21,7 +21,7 @@ from qsurgeon.client.models import (
 from qsurgeon.server.api import engine
 from qsurgeon.server.api.metrics import render_metrics
 from qsurgeon.server.api.security import require_api_key
-from qsurgeon.server.api.submit import MalformedRequest, create_job, parse_spec, validation_message
+from qsurgeon.server.api.submit import create_job, parse_spec, validation_message
 from qsurgeon.worker.problem import BlockProblem
 from qsurgeon.worker.queue import RoundRequest
 from qsurgeon.worker.redis_queue import QueueSettings, RedisQueue

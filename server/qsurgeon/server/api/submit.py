@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
-import uuid
 
 from pydantic import ValidationError
 

@@ -162,11 +162,13 @@ def main() -> None:
             for seed in seeds:
                 problem = maker(size, seed)
                 best, source = best_known(problem, args.quick)
-                per_seed.append({
-                    "seed": seed, "best": best, "best_by": source, "x0_energy": problem.energy(problem.x0),
-                    "sa_x0": bench_single(problem, best, "auto"),
-                    "sa_random": bench_single(problem, best, "random"),
-                })
+                runs = {"sa_x0": bench_single(problem, best, "auto"), "sa_random": bench_single(problem, best, "random")}
+                if min(run["energy"] for run in runs.values()) < best:  # the long runs hit their time limit
+                    best, source = min((run["energy"], f"default-{name}") for name, run in runs.items())
+                    runs = {name: {**run, **_gaps(run["energy"], best, problem.energy(problem.x0))}
+                            for name, run in runs.items()}
+                per_seed.append({"seed": seed, "best": best, "best_by": source,
+                                 "x0_energy": problem.energy(problem.x0), **runs})
             dense_big = family == "layerwise" and size >= 4096
             batch_size = (16 if dense_big else 64) if not args.quick else (4 if size >= 1024 else 16)
             batch = bench_batch(family, size, batch_size)

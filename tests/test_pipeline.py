@@ -126,7 +126,7 @@ def test_checkpoint_resume_gives_identical_masks(models, tmp_path):
 
 
 def test_time_limit_stops_with_valid_masks(models):
-    result = run_prune(_options(models["bert"], method="icbs", epochs=50, time_limit=0.5))
+    result = run_prune(_options(models["bert"], method="icbs", epochs=400, time_limit=0.3))
     assert result.report["summary"]["completed"] is False
     for name, mask in result.masks.items():
         check_mask(mask, Sparsity(0.5), name)

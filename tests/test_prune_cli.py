@@ -115,3 +115,18 @@ def test_prune_builtin_minilm_subprocess(tmp_path):
     masks = load_masks(out / "masks.safetensors")
     for name, mask in masks.items():
         assert torch.equal(model.get_parameter(name) == 0, mask)
+
+
+def test_progress_bar_lines_when_not_a_terminal(bert, tmp_path):
+    import io
+
+    from qsurgeon.server.pipeline import PruneOptions, run_prune
+    from qsurgeon.server.progress import ProgressBar
+
+    stream = io.StringIO()
+    run_prune(PruneOptions(model=str(bert), samples=8, seq_len=24, block_size=16), progress=ProgressBar(stream))
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("pruning 12 tensors in 2 blocks")
+    assert [line.split("] ")[1].split(" done")[0].strip().split("s ")[-1] for line in lines[1:3]] == [
+        "block 1/2", "block 2/2"]
+    assert "\r" not in stream.getvalue() and lines[-1].startswith("done in ")

@@ -1,8 +1,8 @@
 """Queue overhead: a round of block problems through Redis (real `qsurgeon worker` processes)
 vs solved in-process, and blocks/second with 1 and 2 workers.
 
-    .venv/bin/python benchmarks/queue.py                   # B = 256, 64 problems, sa defaults
-    .venv/bin/python benchmarks/queue.py --problems 128 --repeats 3
+    .venv/bin/python benchmarks/queue_roundtrip.py                   # B = 256, 64 problems, sa defaults
+    .venv/bin/python benchmarks/queue_roundtrip.py --problems 128 --repeats 3
 
 Two measurements:
 1. per-block round-trip overhead: a round of tiny problems (B = 8, exhaustive solver, ~µs

@@ -589,8 +589,9 @@ def _gradient_source(options: PruneOptions, adapter: ModelAdapter,
     from qsurgeon.server.capture import dense_outputs, per_sample_gradients
 
     if adapter.kind == "encoder":
-        if options.init == "gradient" and options.objective == "layerwise":
-            return None  # the distillation loss has zero gradient at the dense weights
+        if options.init == "gradient":
+            raise UsageError("init 'gradient' needs a task loss; an encoder without a head is scored by "
+                             "self-distillation, whose gradient vanishes at the dense weights (use wanda)")
         targets = dense_outputs(adapter, calibration, options.batch_size)
     else:
         targets = None

@@ -138,3 +138,377 @@ def evaluate_pair(
     result["density"] = overall_density(pruned)
     result["densities"] = tensor_densities(pruned)
     return result
+
+
+# ====================================================================== the quality benchmark
+# ``qsurgeon bench quality``: every method on MiniLM and a small causal LM, one run.
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+#: the benchmark's densities; a string is an N:M pattern
+DENSITIES: tuple[float | str, ...] = (0.5, 0.4, 0.3, "2:4")
+QUICK_DENSITIES: tuple[float | str, ...] = (0.5, "2:4")
+
+#: the iCBS settings both iCBS rows of the benchmark use unless a preset says otherwise
+ICBS_EPOCHS = 2
+#: method label -> PruneOptions overrides; "icbs-quality" is ``--preset quality``
+BENCH_METHODS: dict[str, dict[str, Any]] = {
+    "magnitude": {"method": "magnitude"},
+    "wanda": {"method": "wanda"},
+    "sparsegpt": {"method": "sparsegpt"},
+    "wanda+refit": {"method": "wanda", "refit": True},
+    "icbs": {"method": "icbs", "init": "wanda", "epochs": ICBS_EPOCHS},
+    "icbs+refit": {"method": "icbs", "init": "wanda", "epochs": ICBS_EPOCHS, "refit": True},
+    "icbs-quality": {"method": "icbs", "init": "sparsegpt", "epochs": ICBS_EPOCHS, "refit": True},
+}
+#: epochs at which the quality-vs-time curve is sampled (0 = the Wanda start)
+CURVE_EPOCHS: tuple[int, ...] = (0, 1, 2, 4, 8)
+QUICK_CURVE_EPOCHS: tuple[int, ...] = (0, 1)
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+DEFAULT_LM = REPO_ROOT / "benchmarks" / "cache" / "tiny-gpt2"
+
+
+@dataclass
+class ModelSpec:
+    """One model of the benchmark and how to calibrate, prune and score it."""
+
+    key: str
+    reference: str
+    data: str  # evaluation text: builtin or a file
+    samples: int  # calibration samples
+    seq_len: int
+    eval_samples: int
+    eval_seq_len: int
+    include: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BenchOptions:
+    out: Path
+    quick: bool = False
+    lm: str | None = None
+    methods: list[str] = field(default_factory=lambda: list(BENCH_METHODS))
+    models: list[str] = field(default_factory=lambda: ["minilm", "lm"])
+    densities: list[float | str] | None = None  # default: DENSITIES (QUICK_DENSITIES with quick)
+    curve_epochs: list[int] | None = None  # default: CURVE_EPOCHS (QUICK_CURVE_EPOCHS with quick)
+    seed: int = 0
+
+    @classmethod
+    def from_cli(cls, args: Any) -> "BenchOptions":
+        methods = _split_list(args.methods, BENCH_METHODS, "method") if args.methods else list(BENCH_METHODS)
+        models = _split_list(args.models, ("minilm", "lm"), "model") if args.models else ["minilm", "lm"]
+        out = Path(args.out).expanduser()
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {args.out!r} exists and is not a folder")
+        if args.lm is not None and not Path(args.lm).expanduser().is_dir():
+            raise UsageError(f"--lm {args.lm!r} is not a folder")
+        densities = None
+        if getattr(args, "densities", None):
+            densities = [_parse_density(item) for item in args.densities.split(",") if item.strip()]
+        curve_epochs = None
+        if getattr(args, "curve_epochs", None):
+            try:
+                curve_epochs = [int(item) for item in args.curve_epochs.split(",")]
+            except ValueError:
+                raise UsageError(f"--curve-epochs must be comma-separated integers, got {args.curve_epochs!r}") from None
+            if any(epochs < 0 for epochs in curve_epochs):
+                raise UsageError("--curve-epochs must be non-negative")
+        return cls(out=out, quick=bool(args.quick), lm=args.lm, methods=methods, models=models,
+                   densities=densities, curve_epochs=curve_epochs)
+
+
+def _parse_density(text: str) -> float | str:
+    """``0.5`` -> 0.5, ``2:4`` -> "2:4"; checked by Sparsity so errors read the same everywhere."""
+    from qsurgeon.server.sparsity import Sparsity
+
+    text = text.strip()
+    if ":" in text:
+        Sparsity.parse(None, text)
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"--densities entries must be numbers or N:M patterns, got {text!r}") from None
+    Sparsity(value)
+    return value
+
+
+def _split_list(text: str, allowed: Any, what: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [item for item in items if item not in allowed]
+    if unknown or not items:
+        raise UsageError(f"unknown {what}(s) {', '.join(unknown) or text!r}; choose from: {', '.join(allowed)}")
+    return items
+
+
+def _density_fields(density: float | str) -> dict[str, Any]:
+    return {"pattern": density} if isinstance(density, str) else {"density": density}
+
+
+def _expected_density(adapter: Any, density: float | str) -> dict[str, float]:
+    """What every prunable tensor's density must be for a (row-granular) spec."""
+    from qsurgeon.server.sparsity import Sparsity
+
+    sparsity = Sparsity.parse(None, density) if isinstance(density, str) else Sparsity(float(density))
+    expected = {}
+    for target in adapter.all_targets():
+        _, width = target.shape
+        expected[target.parameter_name] = (width - sparsity.pruned_per_group(width)) / width if sparsity.pattern is None \
+            else sparsity.pattern[0] / sparsity.pattern[1]
+    return expected
+
+
+def _pattern_ok(adapter: Any, density: float | str) -> bool:
+    """For N:M, check every group of M really keeps N (non-zeros), not just the average."""
+    if not isinstance(density, str):
+        return True
+    n_keep, m = (int(v) for v in density.split(":"))
+    for target in adapter.all_targets():
+        weight = target.weight()
+        groups = (weight != 0).reshape(weight.shape[0], -1, m).sum(dim=2)
+        if bool((groups > n_keep).any()):
+            return False
+    return True
+
+
+def _model_specs(options: BenchOptions, log: Callable[[str], None]) -> list[ModelSpec]:
+    specs = []
+    if "minilm" in options.models:
+        if options.quick:
+            # first transformer layer only, few short samples: structure, not quality
+            specs.append(ModelSpec("minilm", "builtin:minilm", "builtin", samples=8, seq_len=32, eval_samples=16,
+                                   eval_seq_len=32, include=["encoder.layer.0.attention.self.*"]))
+        else:
+            specs.append(ModelSpec("minilm", "builtin:minilm", "builtin", samples=64, seq_len=128,
+                                   eval_samples=256, eval_seq_len=128))
+    if "lm" in options.models:
+        folder = _lm_folder(options, log)
+        if folder is not None:
+            heldout = folder / "heldout.txt"
+            data = str(heldout) if heldout.is_file() else "builtin"
+            if options.quick:
+                specs.append(ModelSpec("lm", str(folder), data, samples=8, seq_len=32, eval_samples=4, eval_seq_len=32))
+            else:
+                specs.append(ModelSpec("lm", str(folder), data, samples=128, seq_len=128, eval_samples=128,
+                                       eval_seq_len=128))
+    return specs
+
+
+def _lm_folder(options: BenchOptions, log: Callable[[str], None]) -> Path | None:
+    """``--lm``, else the cached benchmark LM, else train it (full runs only)."""
+    if options.lm is not None:
+        return Path(options.lm).expanduser()
+    if (DEFAULT_LM / "model.safetensors").is_file():
+        return DEFAULT_LM
+    script = REPO_ROOT / "benchmarks" / "train_lm.py"
+    if options.quick or not script.is_file():
+        log("bench quality: no --lm and no cached benchmark LM; skipping the causal LM "
+            "(run benchmarks/train_lm.py or pass --lm DIR)")
+        return None
+    log(f"bench quality: training the benchmark LM once ({script.name}, about 5 minutes)")
+    subprocess.run([sys.executable, str(script), "--out", str(DEFAULT_LM)], check=True)
+    return DEFAULT_LM
+
+
+def _prune_and_score(spec: ModelSpec, dense: Any, calibration: Any, overrides: dict[str, Any],
+                     density: float | str, seed: int) -> dict[str, Any]:
+    """Prune a copy of the dense model (loaded once; copying is far cheaper than loading)."""
+    import copy
+
+    from qsurgeon.server.pipeline import PruneOptions, run_prune
+
+    options = PruneOptions(model=spec.reference, samples=spec.samples, seq_len=spec.seq_len, seed=seed,
+                           include=list(spec.include), **_density_fields(density), **overrides)
+    started = time.perf_counter()
+    result = run_prune(options, adapter=copy.deepcopy(dense), calibration=calibration)
+    wall = time.perf_counter() - started
+    seconds = result.report["seconds"]
+    prune_seconds = sum(seconds.get(phase, 0.0) for phase in ("calibrate", "init", "icbs", "refit"))
+    evaluation = evaluate_pair(dense, result.adapter, data=spec.data, samples=spec.eval_samples,
+                               seq_len=spec.eval_seq_len)
+    expected = _expected_density(result.adapter, density)
+    achieved = evaluation["densities"]
+    density_ok = all(abs(achieved[name] - expected[name]) < 1e-9 for name in expected) and _pattern_ok(result.adapter, density)
+    row = {
+        "density_spec": density,
+        "density": evaluation["density"],
+        "density_ok": density_ok,
+        "prune_seconds": prune_seconds,
+        "wall_seconds": wall,
+        "relative_layer_error": result.report["summary"].get("relative_error_refit",
+                                                              result.report["summary"]["relative_error_final"]),
+    }
+    for key in ("cosine", "retrieval_at_1", "perplexity", "dense_perplexity"):
+        if key in evaluation:
+            row[key] = evaluation[key]
+    return row
+
+
+def _metric_key(spec: ModelSpec, dense: Any) -> str:
+    return "perplexity" if default_task(dense) == "perplexity" else "cosine"
+
+
+def run_quality_bench(options: BenchOptions, log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+    """Run the benchmark; write ``results.json``, ``results.md`` and PNG plots into ``options.out``."""
+    from qsurgeon.server.adapters import load_adapter
+    from qsurgeon.server.calibration import load_calibration
+
+    options.out.mkdir(parents=True, exist_ok=True)
+    densities = options.densities or (QUICK_DENSITIES if options.quick else DENSITIES)
+    curve_epochs = options.curve_epochs if options.curve_epochs is not None else (
+        QUICK_CURVE_EPOCHS if options.quick else CURVE_EPOCHS)
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "command": "qsurgeon bench quality" + (" --quick" if options.quick else "")
+        + (f" --lm {options.lm}" if options.lm else "")
+        + (f" --models {','.join(options.models)}" if options.models != ["minilm", "lm"] else "")
+        + (f" --densities {','.join(map(str, options.densities))}" if options.densities else "")
+        + (f" --curve-epochs {','.join(map(str, options.curve_epochs))}" if options.curve_epochs is not None else ""),
+        "quick": options.quick,
+        "methods": {name: BENCH_METHODS[name] for name in options.methods},
+        "densities": list(densities),
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "cpus": os.cpu_count(), "machine": platform.machine()},
+        "models": {},
+    }
+    for spec in _model_specs(options, log):
+        dense = load_adapter(spec.reference, include=spec.include)
+        calibration = load_calibration("builtin", dense.tokenizer, spec.samples, spec.seq_len)
+        metric = _metric_key(spec, dense)
+        entry: dict[str, Any] = {"reference": spec.reference, "metric": metric, "spec": asdict(spec), "rows": [],
+                                 "curve": []}
+        results["models"][spec.key] = entry
+        for density in densities:
+            for method in options.methods:
+                log(f"bench quality: {spec.key} {density} {method}")
+                row = _prune_and_score(spec, dense, calibration, BENCH_METHODS[method], density, options.seed)
+                entry["rows"].append({"method": method, **row})
+                _write_partial(results, options.out, started)
+        for refit in (False, True):
+            for epochs in curve_epochs:
+                log(f"bench quality: {spec.key} curve epochs={epochs} refit={refit}")
+                overrides = {"method": "icbs", "init": "wanda", "epochs": epochs, "refit": refit}
+                row = _prune_and_score(spec, dense, calibration, overrides, densities[0], options.seed)
+                entry["curve"].append({"epochs": epochs, "refit": refit, **row})
+                _write_partial(results, options.out, started)
+        if metric == "perplexity":
+            entry["dense_perplexity"] = entry["rows"][0].get("dense_perplexity") if entry["rows"] else None
+        results["models"][spec.key] = entry
+    results["seconds"] = time.perf_counter() - started
+    (options.out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    plots = write_plots(results, options.out)
+    (options.out / "results.md").write_text(results_markdown(results, plots))
+    return results
+
+
+# ---------------------------------------------------------------------- report writers
+def _write_partial(results: dict[str, Any], out: Path, started: float) -> None:
+    """Keep results.json/.md current after every run, so a long benchmark can be read while it runs."""
+    results["seconds"] = time.perf_counter() - started
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (out / "results.md").write_text(results_markdown(results, []))
+
+
+def _cell(row: dict[str, Any], metric: str) -> str:
+    value = row.get(metric)
+    if value is None:
+        return "–"
+    text = f"{value:.3f}" if metric == "cosine" else f"{value:.1f}"
+    return text if row.get("density_ok", True) else f"{text} (density off!)"
+
+
+def results_markdown(results: dict[str, Any], plots: list[str]) -> str:
+    lines = [f"# Quality benchmark{' (quick)' if results['quick'] else ''}", "",
+             f"Command: `{results['command']} --out DIR`  ", f"Total time: {results['seconds']:.0f} s", ""]
+    for key, entry in results["models"].items():
+        metric = entry["metric"]
+        densities = [str(d) for d in results["densities"]]
+        what = "mean cosine to the dense model's sentence embeddings (higher is better)" if metric == "cosine" \
+            else f"held-out perplexity (lower is better; dense {entry.get('dense_perplexity') or 0:.1f})"
+        lines += [f"## {key}: {entry['reference']}", "", f"Metric: {what}.", "",
+                  "| method | " + " | ".join(densities) + " | prune seconds |",
+                  "|---|" + "---|" * (len(densities) + 1)]
+        by_method: dict[str, dict[str, dict[str, Any]]] = {}
+        for row in entry["rows"]:
+            by_method.setdefault(row["method"], {})[str(row["density_spec"])] = row
+        for method, cells in by_method.items():
+            seconds = "/".join(f"{cells[d]['prune_seconds']:.0f}" for d in densities if d in cells)
+            lines.append(f"| {method} | " + " | ".join(_cell(cells[d], metric) if d in cells else "–" for d in densities)
+                         + f" | {seconds} |")
+        ok = all(row["density_ok"] for row in entry["rows"] + entry["curve"])
+        lines += ["", f"Every method achieved its density exactly: {'yes' if ok else 'NO'}.", ""]
+        if entry["curve"]:
+            lines += [f"iCBS from Wanda at density {results['densities'][0]}, epoch by epoch (epoch 0 = Wanda):", "",
+                      "| epochs | refit | " + metric + " | prune seconds | relative layer error |", "|---|---|---|---|---|"]
+            for row in entry["curve"]:
+                lines.append(f"| {row['epochs']} | {'yes' if row['refit'] else 'no'} | {_cell(row, metric)} | "
+                             f"{row['prune_seconds']:.1f} | {row['relative_layer_error']:.4f} |")
+            lines.append("")
+    if plots:
+        lines += ["## Plots", ""] + [f"![{name}]({name})" for name in plots] + [""]
+    return "\n".join(lines)
+
+
+def write_plots(results: dict[str, Any], out: Path) -> list[str]:
+    """Metric vs density per method, and iCBS quality vs seconds; returns the file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    written = []
+    for key, entry in results["models"].items():
+        metric = entry["metric"]
+        figure, axis = plt.subplots(figsize=(6, 4))
+        by_method: dict[str, list[dict[str, Any]]] = {}
+        for row in entry["rows"]:
+            by_method.setdefault(row["method"], []).append(row)
+        for index, (method, rows) in enumerate(by_method.items()):
+            colour = f"C{index}"
+            curve = sorted((r for r in rows if not isinstance(r["density_spec"], str)), key=lambda r: r["density_spec"])
+            axis.plot([r["density_spec"] for r in curve], [r[metric] for r in curve], "o-", color=colour, label=method)
+            for r in rows:
+                if isinstance(r["density_spec"], str):
+                    axis.plot([0.5], [r[metric]], "*", markersize=11, color=colour)
+        axis.set_xlabel("density (★ = 2:4 at 0.5)")
+        axis.set_ylabel(metric)
+        if metric == "perplexity":
+            axis.set_yscale("log")
+        axis.set_title(f"{key}: {metric} vs density")
+        axis.legend(fontsize=8)
+        axis.grid(alpha=0.3)
+        name = f"{key}_quality_vs_density.png"
+        figure.tight_layout()
+        figure.savefig(out / name, dpi=110)
+        plt.close(figure)
+        written.append(name)
+        if entry["curve"]:
+            figure, axis = plt.subplots(figsize=(6, 4))
+            for refit, marker in ((False, "o-"), (True, "s-")):
+                rows = [r for r in entry["curve"] if r["refit"] == refit]
+                axis.plot([r["prune_seconds"] for r in rows], [r[metric] for r in rows], marker,
+                          label=f"iCBS from Wanda{' + refit' if refit else ''}")
+                for r in rows:
+                    axis.annotate(str(r["epochs"]), (r["prune_seconds"], r[metric]), fontsize=7,
+                                  xytext=(3, 3), textcoords="offset points")
+            axis.set_xlabel("pruning seconds (labels: epochs; 0 = Wanda)")
+            axis.set_ylabel(metric)
+            if metric == "perplexity":
+                axis.set_yscale("log")
+            axis.set_title(f"{key}: iCBS quality vs time at density {results['densities'][0]}")
+            axis.legend(fontsize=8)
+            axis.grid(alpha=0.3)
+            name = f"{key}_icbs_vs_seconds.png"
+            figure.tight_layout()
+            figure.savefig(out / name, dpi=110)
+            plt.close(figure)
+            written.append(name)
+    return written

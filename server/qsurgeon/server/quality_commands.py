@@ -53,6 +53,10 @@ def register(subparsers: Any) -> None:
     quality.add_argument("--methods", default=None,
                          help="comma-separated subset of methods to run (default: all)")
     quality.add_argument("--models", default=None, help="comma-separated subset of: minilm, lm")
+    quality.add_argument("--densities", default=None,
+                         help="comma-separated densities and N:M patterns (default: 0.5,0.4,0.3,2:4)")
+    quality.add_argument("--curve-epochs", default=None,
+                         help="iCBS epochs sampled for the quality-vs-time curve (default: 0,1,2,4,8)")
     quality.add_argument("--json", action="store_true", help="print the results as JSON")
     quality.set_defaults(func=run_bench_quality)
 
@@ -97,6 +101,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def run_bench_quality(args: argparse.Namespace) -> int:
     from qsurgeon.server.quality import BenchOptions, run_quality_bench
 
+    _quiet_transformers()
     options = BenchOptions.from_cli(args)
     results = run_quality_bench(options, log=lambda line: print(line, file=sys.stderr, flush=True))
     if args.json:

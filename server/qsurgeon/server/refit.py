@@ -11,7 +11,7 @@ row is its own linear system. Two solvers:
 
 - ``"exact"``: a dense solve per row (batched in chunks). Simple and exact, but it
   costs O(rows · d³) and MEASURED.md found ~20 s per wide layer.
-- ``"cg"``: conjugate gradients on all rows at once. Each iteration is one
+- ``"cg"``: conjugate gradients (Jacobi-preconditioned) on all rows at once. Each iteration is one
   ``(rows × d) @ (d × d)`` product with the kept entries masked, so the whole layer
   advances together; it reaches the exact solve's error in a few dozen iterations
   because the damping bounds the condition number.
@@ -76,14 +76,16 @@ def refit_rows(
     damp: float = 0.01,
     method: RefitMethod = "cg",
     *,
-    tol: float = 1e-7,
+    tol: float = 1e-4,
     max_iter: int | None = None,
 ) -> torch.Tensor:
     """Refit the kept weights of every row by damped least squares; pruned ones become 0.
 
     ``weight0`` (out × in) are the ORIGINAL weights, ``gram`` the input Gram ``A Aᵀ``
     (in × in), ``mask`` True where pruned. Returns a tensor of ``weight0``'s dtype and
-    device. ``tol`` (relative residual) and ``max_iter`` only apply to ``"cg"``.
+    device. ``tol`` (relative residual) and ``max_iter`` only apply to ``"cg"``; at the
+    default 1e-4 the error of MiniLM's layers is within ~1e-4 (relative) of the exact
+    solve's, measured in benchmarks' quality runs.
     """
     _check_inputs(weight0, gram, mask, damp)
     if method not in REFIT_METHODS:
@@ -129,24 +131,28 @@ def _solve_cg(
     subspace, so CG converges there. Per-row step sizes keep rows independent; rows
     that have converged stop moving (their step is masked to zero).
     """
+    tiny = torch.finfo(rhs.dtype).tiny
+    inverse_diagonal = 1.0 / torch.diagonal(hessian).clamp_min(tiny)  # Jacobi preconditioner
     delta = torch.zeros_like(rhs)
     residual = rhs.clone()
-    direction = residual.clone()
-    rr = (residual * residual).sum(dim=1)
-    threshold = (tol**2) * rr.clamp_min(torch.finfo(rhs.dtype).tiny)
+    preconditioned = residual * inverse_diagonal
+    direction = preconditioned.clone()
+    rz = (residual * preconditioned).sum(dim=1)
+    threshold = (tol**2) * (residual * residual).sum(dim=1).clamp_min(tiny)
     for _ in range(max_iter):
-        active = rr > threshold
+        active = (residual * residual).sum(dim=1) > threshold
         if not bool(active.any()):
             break
         product = (direction @ hessian) * kept
         curvature = (direction * product).sum(dim=1)
-        alpha = torch.where(active & (curvature > 0), rr / curvature.clamp_min(torch.finfo(rhs.dtype).tiny), 0.0)
+        alpha = torch.where(active & (curvature > 0), rz / curvature.clamp_min(tiny), 0.0)
         delta += alpha[:, None] * direction
         residual -= alpha[:, None] * product
-        rr_next = (residual * residual).sum(dim=1)
-        beta = torch.where(active, rr_next / rr.clamp_min(torch.finfo(rhs.dtype).tiny), 0.0)
-        direction = residual + beta[:, None] * direction
-        rr = rr_next
+        preconditioned = residual * inverse_diagonal
+        rz_next = (residual * preconditioned).sum(dim=1)
+        beta = torch.where(active, rz_next / rz.clamp_min(tiny), 0.0)
+        direction = preconditioned + beta[:, None] * direction
+        rz = rz_next
     return delta
 
 

@@ -1,0 +1,60 @@
+"""``qsurgeon bench quality --quick``: the report's structure, and every method hits its density."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from qsurgeon.client.cli import main
+from qsurgeon.server.quality import BENCH_METHODS, QUICK_CURVE_EPOCHS, QUICK_DENSITIES
+from test_evaluate import make_tiny_causal_lm
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_a_complete_report(tmp_path, capsys):
+    lm = make_tiny_causal_lm(tmp_path / "lm", "llama")
+    out = tmp_path / "report"
+    assert main(["bench", "quality", "--quick", "--out", str(out), "--lm", str(lm)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["models"]) == {"minilm", "lm"}
+    expected_rows = {(method, str(density)) for method in BENCH_METHODS for density in QUICK_DENSITIES}
+    for key, entry in results["models"].items():
+        metric = entry["metric"]
+        assert metric == ("cosine" if key == "minilm" else "perplexity")
+        assert {(row["method"], str(row["density_spec"])) for row in entry["rows"]} == expected_rows
+        for row in entry["rows"] + entry["curve"]:
+            assert row["density_ok"], (key, row)
+            target = 0.5 if row["density_spec"] in (0.5, "2:4") else row["density_spec"]
+            assert abs(row["density"] - target) < 1e-9
+            assert row[metric] > 0 and row["prune_seconds"] >= 0
+        assert [(row["epochs"], row["refit"]) for row in entry["curve"]] == [
+            (epochs, refit) for refit in (False, True) for epochs in QUICK_CURVE_EPOCHS
+        ]
+        # the curve's first point is Wanda itself: same mask, same metric
+        wanda = next(r for r in entry["rows"] if r["method"] == "wanda" and r["density_spec"] == QUICK_DENSITIES[0])
+        assert entry["curve"][0][metric] == pytest.approx(wanda[metric], rel=1e-6)
+    markdown = (out / "results.md").read_text()
+    assert "| method | 0.5 | 2:4 | prune seconds |" in markdown
+    assert "Every method achieved its density exactly: yes." in markdown
+    for method in BENCH_METHODS:
+        assert f"| {method} |" in markdown
+    for name in ("minilm_quality_vs_density.png", "minilm_icbs_vs_seconds.png", "lm_quality_vs_density.png",
+                 "lm_icbs_vs_seconds.png"):
+        assert f"]({name})" in markdown
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and image.size[0] > 100
+
+
+def test_bad_bench_options_exit_2(tmp_path, capsys):
+    cases = [
+        (["--methods", "icbs,nope"], "unknown method"),
+        (["--models", "resnet"], "unknown model"),
+        (["--densities", "1.5"], "density"),
+        (["--densities", "2:x"], "N:M"),
+        (["--curve-epochs", "a"], "--curve-epochs"),
+        (["--lm", str(tmp_path / "missing")], "--lm"),
+    ]
+    for extra, fragment in cases:
+        assert main(["bench", "quality", "--quick", "--out", str(tmp_path / "o"), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and fragment in err, (extra, err)

@@ -37,15 +37,28 @@ from pathlib import Path
 from typing import Any, Callable
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+# `python benchmarks/solvers.py` puts this folder first on sys.path, where a benchmark script
+# may shadow a standard module (e.g. queue.py, which torch imports); load instances by path.
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE]
+
+import importlib.util  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-import instances  # noqa: E402
 from qsurgeon.worker.problem import BlockProblem  # noqa: E402
 from qsurgeon.worker.solve import solve, solve_batch  # noqa: E402
 
-OUT = Path(__file__).resolve().parent / "out"
+
+def _load_instances():
+    spec = importlib.util.spec_from_file_location("qsurgeon_bench_instances", HERE / "instances.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+instances = _load_instances()
+OUT = HERE / "out"
 SIZES = (16, 64, 256, 1024, 4096)
 QUICK_SIZES = (16, 64, 256, 1024)
 #: sweeps per restart in the batch throughput runs (the rate hardly depends on it)

@@ -35,7 +35,7 @@ from qsurgeon.worker.solvers.sa_rng import chain_keys, problem_digest
 DEFAULT_BETA_RANGE_RANDOM = (3.0, 3000.0)
 #: β_rel range from x0: hot enough to leave x0's basin (it is often not the best one), and a
 #: long cold tail; the best state seen is kept, so the answer is never worse than x0.
-DEFAULT_BETA_RANGE_X0 = (3.0, 10000.0)
+DEFAULT_BETA_RANGE_X0 = (10.0, 10000.0)
 DEFAULT_RESTARTS = 4
 DEFAULT_SWEEPS = 1000
 _STARTS = ("auto", "x0", "random")
@@ -159,7 +159,7 @@ class SimulatedAnnealingSolver(Solver):
         """Anneal every problem; parameters (all optional):
 
         restarts (4), sweeps (1000; a sweep = B proposals), beta_range ((β_rel start, end);
-        default (3, 3000) from a random start, (3, 10000) from x0), time_limit (seconds for
+        default (3, 3000) from a random start, (10, 10000) from x0), time_limit (seconds for
         the whole call, checked between chunks of sweeps; the best so far is returned),
         start ("auto": x0 where the problem has one, else random; "x0"; "random"),
         seed (None: a fresh random seed, reported in the metadata), device ("auto", "cpu",

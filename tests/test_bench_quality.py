@@ -58,3 +58,20 @@ def test_bad_bench_options_exit_2(tmp_path, capsys):
         assert main(["bench", "quality", "--quick", "--out", str(tmp_path / "o"), *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and fragment in err, (extra, err)
+
+
+def test_presets_are_defaults_that_explicit_options_override():
+    from qsurgeon.client.errors import UsageError
+    from qsurgeon.server.pipeline import PruneOptions
+    from qsurgeon.server.quality import PRESETS, apply_preset
+
+    assert apply_preset("quality", {}) == PRESETS["quality"]
+    merged = apply_preset("quality", {"epochs": 4, "density": 0.3})
+    assert merged["epochs"] == 4 and merged["density"] == 0.3 and merged["init"] == PRESETS["quality"]["init"]
+    assert apply_preset(None, {"epochs": 3}) == {"epochs": 3}
+    fast = apply_preset("fast", {})
+    assert fast["method"] == "icbs" and fast["init"] == "wanda" and not fast["refit"]
+    for name in PRESETS:  # every preset is a valid set of prune options
+        PruneOptions(model="builtin:minilm", **apply_preset(name, {}))
+    with pytest.raises(UsageError, match="unknown preset"):
+        apply_preset("best", {})

@@ -13,12 +13,24 @@ a result can never claim a quality it bought with extra weights.
 Evaluation text is ``builtin`` (the held-out split of the built-in corpus, disjoint from
 the calibration split) or a UTF-8 file: one sentence per line for embeddings, free text
 (paragraphs separated by blank lines) for perplexity.
+
+The second half is ``qsurgeon bench quality``: every method of the pipeline on MiniLM and
+a small causal LM at several densities, scored with the same evaluation, written as a
+markdown table, JSON and plots. It lives here because it is nothing but repeated
+``run_prune`` + :func:`evaluate_pair` calls.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -143,15 +155,6 @@ def evaluate_pair(
 # ====================================================================== the quality benchmark
 # ``qsurgeon bench quality``: every method on MiniLM and a small causal LM, one run.
 
-import json
-import os
-import platform
-import subprocess
-import sys
-import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable
-
 #: the benchmark's densities; a string is an N:M pattern
 DENSITIES: tuple[float | str, ...] = (0.5, 0.4, 0.3, "2:4")
 QUICK_DENSITIES: tuple[float | str, ...] = (0.5, "2:4")
@@ -166,8 +169,32 @@ BENCH_METHODS: dict[str, dict[str, Any]] = {
     "wanda+refit": {"method": "wanda", "refit": True},
     "icbs": {"method": "icbs", "init": "wanda", "epochs": ICBS_EPOCHS},
     "icbs+refit": {"method": "icbs", "init": "wanda", "epochs": ICBS_EPOCHS, "refit": True},
-    "icbs-quality": {"method": "icbs", "init": "sparsegpt", "epochs": ICBS_EPOCHS, "refit": True},
+    "icbs-quality": {},  # filled in below: exactly --preset quality
 }
+#: ``--preset NAME``: defaults for PruneOptions that explicit options override. Chosen
+#: from this benchmark's measurements (docs/results.md): ``quality`` is the best iCBS
+#: combination measured; ``fast`` is Wanda plus one epoch of iCBS, no refit.
+PRESETS: dict[str, dict[str, Any]] = {
+    "fast": {"method": "icbs", "init": "wanda", "epochs": 1, "refit": False},
+    "quality": {"method": "icbs", "init": "sparsegpt", "epochs": ICBS_EPOCHS, "refit": True},
+}
+
+
+def apply_preset(preset: str | None, explicit: dict[str, Any]) -> dict[str, Any]:
+    """PruneOptions values: the preset's, then every explicitly given option on top.
+
+    ``explicit`` must hold only the options the user actually set (not argparse defaults),
+    so ``--preset quality --epochs 4`` runs the quality preset with four epochs.
+    """
+    if preset is None:
+        return dict(explicit)
+    if preset not in PRESETS:
+        raise UsageError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    return {**PRESETS[preset], **explicit}
+
+
+BENCH_METHODS["icbs-quality"] = dict(PRESETS["quality"])
+
 #: epochs at which the quality-vs-time curve is sampled (0 = the Wanda start)
 CURVE_EPOCHS: tuple[int, ...] = (0, 1, 2, 4, 8)
 QUICK_CURVE_EPOCHS: tuple[int, ...] = (0, 1)
@@ -431,8 +458,9 @@ def results_markdown(results: dict[str, Any], plots: list[str]) -> str:
     for key, entry in results["models"].items():
         metric = entry["metric"]
         densities = [str(d) for d in results["densities"]]
+        dense_ppl = next((row["dense_perplexity"] for row in entry["rows"] if "dense_perplexity" in row), float("nan"))
         what = "mean cosine to the dense model's sentence embeddings (higher is better)" if metric == "cosine" \
-            else f"held-out perplexity (lower is better; dense {entry.get('dense_perplexity') or 0:.1f})"
+            else f"held-out perplexity (lower is better; dense {dense_ppl:.1f})"
         lines += [f"## {key}: {entry['reference']}", "", f"Metric: {what}.", "",
                   "| method | " + " | ".join(densities) + " | prune seconds |",
                   "|---|" + "---|" * (len(densities) + 1)]

@@ -259,7 +259,7 @@ def test_torch_kernel_follows_the_cpu_kernel_chain_for_chain():
 
     problems = [pruning_block(12, 1, groups=np.arange(12) // 4, counts=[1, 2, 3], with_x0=True),
                 pruning_block(12, 2, k=5), pruning_block(8, 3, k=3, with_x0=True), factored_block(10, 3, 4, k=4)]
-    options = sa.AnnealParams.parse({"seed": 3, "sweeps": 12, "restarts": 2, "device": "cpu"})
+    options = sa.AnnealParams.parse({"seed": 3, "sweeps": 12, "restarts": 2, "device": "cpu", "beta_range": (0.3, 30)})
     use_x0 = np.array([p.x0 is not None for p in problems])
     keys = np.stack([sa_rng.chain_keys(sa._digest(p), options.seed, options.restarts) for p in problems])
     betas, _ = sa._beta_table(options)

@@ -129,14 +129,25 @@ def test_x0_start_never_returns_worse_than_x0():
 
 def test_factored_problem_agrees_with_its_dense_equivalent():
     for seed in range(5):
-        factored = factored_block(18, 4, 100 + seed, k=9)
-        dense = BlockProblem.dense(factored.dense_Q(), k=9, offset=factored.offset)
-        exact = solve(dense, "exhaustive").energy
+        factored = factored_block(18, 2, 100 + seed, k=9)  # 8·r < B: the factored kernel
+        dense = BlockProblem.dense(factored.dense_Q(), k=9, offset=factored.offset)  # Q rounded to float32
         from_factored = solve(factored, "sa", seed=seed, restarts=8)
         from_dense = solve(dense, "sa", seed=seed, restarts=8)
-        assert from_factored.energy == pytest.approx(exact, rel=1e-6)
-        assert from_dense.energy == pytest.approx(exact, rel=1e-6)
-        assert dense.energy(from_factored.x) == pytest.approx(from_factored.energy, rel=1e-6)
+        assert from_factored.metadata["kernel_form"] == "factored"
+        assert from_factored.energy == pytest.approx(solve(factored, "exhaustive").energy, rel=1e-9)
+        assert from_dense.energy == pytest.approx(solve(dense, "exhaustive").energy, rel=1e-9)
+        # the two forms score any assignment alike, up to the float32 rounding of the dense Q
+        assert dense.energy(from_factored.x) == pytest.approx(from_factored.energy, rel=1e-4)
+        assert from_dense.energy == pytest.approx(from_factored.energy, rel=1e-4)
+
+
+def test_high_rank_factored_blocks_anneal_in_dense_form_and_agree():
+    for seed in range(3):
+        factored = factored_block(16, 12, 200 + seed, k=8)
+        answer = solve(factored, "sa", seed=seed, restarts=8)
+        assert answer.metadata["kernel_form"] == "dense"
+        assert answer.energy == pytest.approx(solve(factored, "exhaustive").energy, rel=1e-6)
+        assert answer.energy == pytest.approx(direct_energy(factored, answer.x), rel=1e-9)
 
 
 def test_problems_without_any_possible_swap_return_their_only_answer():
@@ -151,11 +162,16 @@ def test_problems_without_any_possible_swap_return_their_only_answer():
 def test_same_seed_same_answer_alone_and_inside_a_mixed_batch():
     target = pruning_block(40, 11, groups=np.arange(40) // 8, counts=[3, 4, 2, 5, 4], with_x0=True)
     factored = factored_block(30, 5, 12, k=11)
-    others = [pruning_block(64, 13, k=20), factored_block(50, 8, 14, k=9), pruning_block(20, 15, k=4)]
+    others = [pruning_block(64, 13, k=20), factored_block(50, 8, 14, k=9), pruning_block(20, 15, k=4),
+              factored_block(64, 3, 16, k=30)]
     alone = solve(target, "sa", seed=5, sweeps=60, restarts=3)
     alone_factored = solve(factored, "sa", seed=5, sweeps=60, restarts=3)
     again = solve(target, "sa", seed=5, sweeps=60, restarts=3)
-    batch = solve_batch(others[:2] + [factored, others[2], target], "sa", seed=5, sweeps=60, restarts=3)
+    low_rank = others[3]  # 8·r < B: the factored kernel
+    alone_low_rank = solve(low_rank, "sa", seed=5, sweeps=60, restarts=3)
+    batch = solve_batch(others[:2] + [factored, others[2], target, low_rank], "sa", seed=5, sweeps=60, restarts=3)
+    assert np.array_equal(batch[5].x, alone_low_rank.x) and batch[5].energy == alone_low_rank.energy
+    assert alone_low_rank.metadata["kernel_form"] == "factored"
     for answer in (again, batch[4]):
         assert np.array_equal(answer.x, alone.x) and answer.energy == alone.energy
         assert answer.metadata["acceptance_rate"] == alone.metadata["acceptance_rate"]
@@ -258,7 +274,8 @@ def test_torch_kernel_follows_the_cpu_kernel_chain_for_chain():
     from qsurgeon.worker.solvers import sa, sa_cpu, sa_cuda
 
     problems = [pruning_block(12, 1, groups=np.arange(12) // 4, counts=[1, 2, 3], with_x0=True),
-                pruning_block(12, 2, k=5), pruning_block(8, 3, k=3, with_x0=True), factored_block(10, 3, 4, k=4)]
+                pruning_block(12, 2, k=5), pruning_block(8, 3, k=3, with_x0=True), factored_block(10, 3, 4, k=4),
+                factored_block(9, 2, 5, groups=np.arange(9) // 3, counts=[1, 2, 1])]
     options = sa.AnnealParams.parse({"seed": 3, "sweeps": 12, "restarts": 2, "device": "cpu", "beta_range": (0.3, 30)})
     use_x0 = np.array([p.x0 is not None for p in problems])
     keys = np.stack([sa_rng.chain_keys(sa._digest(p), options.seed, options.restarts) for p in problems])

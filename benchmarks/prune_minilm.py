@@ -25,6 +25,10 @@ import sys
 import time
 from pathlib import Path
 
+# This folder holds scripts, not modules: keep it off sys.path so a script named like a
+# standard-library module (benchmarks/queue.py) cannot shadow it.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -37,7 +37,7 @@ import torch
 from qsurgeon.client.errors import UsageError
 from qsurgeon.server.adapters import ModelAdapter
 from qsurgeon.server.calibration import builtin_texts, read_text_file
-from qsurgeon.server.embeddings import embedding_agreement
+from qsurgeon.server.embeddings import agreement, sentence_embeddings
 from qsurgeon.server.perplexity import perplexity, token_windows
 
 Task = Literal["embeddings", "perplexity"]
@@ -112,12 +112,16 @@ def evaluate_pair(
     data: str = "builtin",
     samples: int | None = None,
     seq_len: int = 128,
+    dense_cache: dict[Any, Any] | None = None,
 ) -> dict[str, Any]:
     """Compare a pruned model (an adapter) with its dense original on one task.
 
     ``samples``: sentences for embeddings (default 256), windows of ``seq_len`` tokens
-    for perplexity (default 64).
+    for perplexity (default 64). ``dense_cache`` (any dict, reused across calls with the
+    same dense model) keeps the dense model's embeddings/perplexity and the evaluation
+    inputs, so a benchmark scoring many pruned models runs the dense model once.
     """
+    cache = dense_cache if dense_cache is not None else {}
     check_same_architecture(dense, pruned)
     task = task or default_task(dense)
     if task not in TASKS:
@@ -132,13 +136,21 @@ def evaluate_pair(
     if tokenizer is None:
         raise UsageError("the dense model folder has no tokenizer; evaluation needs one")
     result: dict[str, Any] = {"task": task, "data": data}
+    key = (task, data, samples, seq_len)
     if task == "embeddings":
-        texts = evaluation_texts(data, task, samples or 256)
-        result.update(embedding_agreement(dense.model, pruned.model, tokenizer, texts, seq_len=seq_len))
+        if key not in cache:
+            texts = evaluation_texts(data, task, samples or 256)
+            cache[key] = (texts, sentence_embeddings(dense.model, tokenizer, texts, seq_len=seq_len))
+        texts, dense_embeddings = cache[key]
+        pruned_embeddings = sentence_embeddings(pruned.model, tokenizer, texts, seq_len=seq_len)
+        result.update(agreement(dense_embeddings, pruned_embeddings))
         result["samples"] = len(texts)
     else:
-        windows = token_windows(tokenizer, evaluation_texts(data, task, samples or 64), seq_len, max_windows=samples or 64)
-        dense_result = perplexity(dense.model, windows)
+        if key not in cache:
+            windows = token_windows(tokenizer, evaluation_texts(data, task, samples or 64), seq_len,
+                                    max_windows=samples or 64)
+            cache[key] = (windows, perplexity(dense.model, windows))
+        windows, dense_result = cache[key]
         pruned_result = perplexity(pruned.model, windows)
         result.update(
             dense_perplexity=dense_result.perplexity,
@@ -346,7 +358,7 @@ def _lm_folder(options: BenchOptions, log: Callable[[str], None]) -> Path | None
 
 
 def _prune_and_score(spec: ModelSpec, dense: Any, calibration: Any, overrides: dict[str, Any],
-                     density: float | str, seed: int) -> dict[str, Any]:
+                     density: float | str, seed: int, dense_cache: dict[Any, Any]) -> dict[str, Any]:
     """Prune a copy of the dense model (loaded once; copying is far cheaper than loading)."""
     import copy
 
@@ -360,7 +372,7 @@ def _prune_and_score(spec: ModelSpec, dense: Any, calibration: Any, overrides: d
     seconds = result.report["seconds"]
     prune_seconds = sum(seconds.get(phase, 0.0) for phase in ("calibrate", "init", "icbs", "refit"))
     evaluation = evaluate_pair(dense, result.adapter, data=spec.data, samples=spec.eval_samples,
-                               seq_len=spec.eval_seq_len)
+                               seq_len=spec.eval_seq_len, dense_cache=dense_cache)
     expected = _expected_density(result.adapter, density)
     achieved = evaluation["densities"]
     density_ok = all(abs(achieved[name] - expected[name]) < 1e-9 for name in expected) and _pattern_ok(result.adapter, density)
@@ -409,6 +421,7 @@ def run_quality_bench(options: BenchOptions, log: Callable[[str], None] = lambda
     for spec in _model_specs(options, log):
         dense = load_adapter(spec.reference, include=spec.include)
         calibration = load_calibration("builtin", dense.tokenizer, spec.samples, spec.seq_len)
+        dense_cache: dict[Any, Any] = {}
         metric = _metric_key(spec, dense)
         entry: dict[str, Any] = {"reference": spec.reference, "metric": metric, "spec": asdict(spec), "rows": [],
                                  "curve": []}
@@ -416,14 +429,15 @@ def run_quality_bench(options: BenchOptions, log: Callable[[str], None] = lambda
         for density in densities:
             for method in options.methods:
                 log(f"bench quality: {spec.key} {density} {method}")
-                row = _prune_and_score(spec, dense, calibration, BENCH_METHODS[method], density, options.seed)
+                row = _prune_and_score(spec, dense, calibration, BENCH_METHODS[method], density, options.seed,
+                                       dense_cache)
                 entry["rows"].append({"method": method, **row})
                 _write_partial(results, options.out, started)
         for refit in (False, True):
             for epochs in curve_epochs:
                 log(f"bench quality: {spec.key} curve epochs={epochs} refit={refit}")
                 overrides = {"method": "icbs", "init": "wanda", "epochs": epochs, "refit": refit}
-                row = _prune_and_score(spec, dense, calibration, overrides, densities[0], options.seed)
+                row = _prune_and_score(spec, dense, calibration, overrides, densities[0], options.seed, dense_cache)
                 entry["curve"].append({"epochs": epochs, "refit": refit, **row})
                 _write_partial(results, options.out, started)
         if metric == "perplexity":

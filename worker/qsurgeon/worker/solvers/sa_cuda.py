@@ -277,7 +277,7 @@ class _Chains:
         self.best_x = torch.where(at_best[:, None], self.x, self.best_x)
 
 
-def _run_bucket(problems: list[BlockProblem], bucket: _Bucket, keys: np.ndarray, use_x0: np.ndarray,
+def _run_bucket(bucket: _Bucket, keys: np.ndarray, use_x0: np.ndarray,
                 beta_rows: np.ndarray, betas: np.ndarray, deadline: float | None,
                 device: torch.device) -> list[ChainResults]:
     chains = _Chains(bucket, keys, use_x0, beta_rows, betas, device)
@@ -320,7 +320,7 @@ def run_batch(problems: list[BlockProblem], keys: np.ndarray, use_x0: np.ndarray
             remaining = time_limit - (time.perf_counter() - started)
             deadline = time.perf_counter() + max(remaining, 0.0) * work[position] / max(sum(work[position:]), 1)
         bucket = _bucket(problems, part, device)
-        answers = _run_bucket(problems, bucket, keys[part], use_x0[part], beta_rows[part], betas, deadline, device)
+        answers = _run_bucket(bucket, keys[part], use_x0[part], beta_rows[part], betas, deadline, device)
         for index, answer in zip(part, answers):
             results[index] = answer
     return results  # type: ignore[return-value]

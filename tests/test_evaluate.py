@@ -149,3 +149,27 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
         assert main(["evaluate", *argv]) == 2, argv
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and fragment in err, (argv, err)
+
+
+@pytest.mark.parametrize("family, argv", [
+    ("mistral", ["--method", "sparsegpt", "--density", "0.4"]),
+    ("llama", ["--method", "icbs", "--init", "sparsegpt", "--refit", "--pattern", "2:4"]),
+    ("gpt2", ["--method", "wanda", "--refit", "--density", "0.3"]),
+])
+def test_prune_then_evaluate_a_causal_lm_end_to_end(tmp_path, capsys, family, argv):
+    dense = make_tiny_causal_lm(tmp_path / "dense", family)
+    out = tmp_path / "pruned"
+    assert main(["prune", str(dense), *argv, "--samples", "8", "--seq-len", "32", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()  # the prune summary
+    result = _run_json(capsys, str(dense), str(out), "--samples", "4", "--seq-len", "16")
+    if "--pattern" in argv:
+        expected = {name: 0.5 for name in result["densities"]}
+    else:
+        target = float(argv[argv.index("--density") + 1])
+        from qsurgeon.server.adapters import load_adapter
+
+        expected = {t.parameter_name: round(target * t.shape[1]) / t.shape[1] for t in load_adapter(str(out)).all_targets()}
+    assert result["densities"].keys() == expected.keys() and len(expected) == 2 * (4 if family == "gpt2" else 7)
+    for name, density in result["densities"].items():
+        assert abs(density - expected[name]) < 1e-9, name
+    assert math.isfinite(result["perplexity"]) and result["perplexity"] > 1

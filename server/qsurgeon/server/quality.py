@@ -171,9 +171,16 @@ def evaluate_pair(
 DENSITIES: tuple[float | str, ...] = (0.5, 0.4, 0.3, "2:4")
 QUICK_DENSITIES: tuple[float | str, ...] = (0.5, "2:4")
 
-#: the iCBS settings both iCBS rows of the benchmark use unless a preset says otherwise
+#: the iCBS settings of the benchmark's iCBS rows (and of the quality preset)
 ICBS_EPOCHS = 2
-#: method label -> PruneOptions overrides; "icbs-quality" is ``--preset quality``
+#: ``--preset NAME``: defaults for PruneOptions that explicit options override. Chosen
+#: from this benchmark's measurements (docs/results.md): ``quality`` is the best iCBS
+#: combination measured; ``fast`` is Wanda plus one epoch of iCBS, no refit.
+PRESETS: dict[str, dict[str, Any]] = {
+    "fast": {"method": "icbs", "init": "wanda", "epochs": 1, "refit": False},
+    "quality": {"method": "icbs", "init": "sparsegpt", "epochs": ICBS_EPOCHS, "refit": True},
+}
+#: method label -> PruneOptions overrides; "icbs-quality" is exactly ``--preset quality``
 BENCH_METHODS: dict[str, dict[str, Any]] = {
     "magnitude": {"method": "magnitude"},
     "wanda": {"method": "wanda"},
@@ -181,14 +188,7 @@ BENCH_METHODS: dict[str, dict[str, Any]] = {
     "wanda+refit": {"method": "wanda", "refit": True},
     "icbs": {"method": "icbs", "init": "wanda", "epochs": ICBS_EPOCHS},
     "icbs+refit": {"method": "icbs", "init": "wanda", "epochs": ICBS_EPOCHS, "refit": True},
-    "icbs-quality": {},  # filled in below: exactly --preset quality
-}
-#: ``--preset NAME``: defaults for PruneOptions that explicit options override. Chosen
-#: from this benchmark's measurements (docs/results.md): ``quality`` is the best iCBS
-#: combination measured; ``fast`` is Wanda plus one epoch of iCBS, no refit.
-PRESETS: dict[str, dict[str, Any]] = {
-    "fast": {"method": "icbs", "init": "wanda", "epochs": 1, "refit": False},
-    "quality": {"method": "icbs", "init": "sparsegpt", "epochs": ICBS_EPOCHS, "refit": True},
+    "icbs-quality": dict(PRESETS["quality"]),
 }
 
 
@@ -204,8 +204,6 @@ def apply_preset(preset: str | None, explicit: dict[str, Any]) -> dict[str, Any]
         raise UsageError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     return {**PRESETS[preset], **explicit}
 
-
-BENCH_METHODS["icbs-quality"] = dict(PRESETS["quality"])
 
 #: epochs at which the quality-vs-time curve is sampled (0 = the Wanda start)
 CURVE_EPOCHS: tuple[int, ...] = (0, 1, 2, 4, 8)

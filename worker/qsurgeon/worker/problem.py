@@ -55,7 +55,15 @@ def _as_float32(name: str, value: Any, ndim: int) -> np.ndarray:
 
 def _groups_to_labels(groups: Any, num_variables: int) -> np.ndarray:
     """Accept groups as a label per variable (length B) or as rows of indices (G×m)."""
-    array = np.asarray(groups)
+    try:
+        array = np.asarray(groups)
+    except ValueError:  # ragged rows: groups of different sizes given as index lists
+        rows = [np.asarray(row) for row in groups]
+        if any(row.ndim != 1 or row.dtype.kind not in "iu" for row in rows):
+            raise InvalidProblemError("groups given as index lists must be lists of integers") from None
+        array = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        sizes = [len(row) for row in rows]
+        return _labels_from_index_lists(array, np.repeat(np.arange(len(rows)), sizes), num_variables)
     if array.dtype.kind not in "iu":
         raise InvalidProblemError(f"groups must be integers, got dtype {array.dtype}")
     if array.ndim == 1:
@@ -69,7 +77,12 @@ def _groups_to_labels(groups: Any, num_variables: int) -> np.ndarray:
         return labels
     if array.ndim != 2:
         raise InvalidProblemError(f"groups must be 1-D labels or 2-D index rows, got shape {array.shape}")
-    flat = array.reshape(-1)
+    group_index = np.repeat(np.arange(array.shape[0]), array.shape[1])
+    return _labels_from_index_lists(array.reshape(-1), group_index, num_variables)
+
+
+def _labels_from_index_lists(flat: np.ndarray, group_index: np.ndarray, num_variables: int) -> np.ndarray:
+    """Labels from (variable index, its group) pairs, refusing overlaps and missed variables."""
     if flat.size and (flat.min() < 0 or flat.max() >= num_variables):
         raise InvalidProblemError(f"group indices must lie in 0..{num_variables - 1}")
     seen = np.bincount(flat, minlength=num_variables) if flat.size else np.zeros(num_variables, np.int64)
@@ -78,8 +91,7 @@ def _groups_to_labels(groups: Any, num_variables: int) -> np.ndarray:
     if (seen == 0).any():
         raise InvalidProblemError(f"groups miss variables: variable {int(np.argmax(seen == 0))} is in no group")
     labels = np.empty(num_variables, dtype=np.int32)
-    for group_index, members in enumerate(array):
-        labels[members] = group_index
+    labels[flat] = group_index
     return labels
 
 

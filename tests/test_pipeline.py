@@ -98,27 +98,29 @@ class _Crash(Exception):
     pass
 
 
-def test_checkpoint_resume_gives_identical_masks(models, tmp_path):
+@pytest.mark.parametrize("crash_block", [0, 1])
+def test_checkpoint_resume_gives_identical_masks(models, tmp_path, crash_block):
     options = _options(models["bert"], method="icbs", epochs=2, seed=1)
     reference = run_prune(options)
     checkpoint = DirectoryCheckpoint(tmp_path / "ckpt")
     rounds = []
 
-    def crash_in_block_one(event):
+    def crash_mid_block(event):
         if event["event"] == "round":
             rounds.append(event)
-            if event["block"] == 1 and len([r for r in rounds if r["block"] == 1]) == 2:
-                raise _Crash  # after the checkpoint of block 1's second round was saved
+            if event["block"] == crash_block and len([r for r in rounds if r["block"] == crash_block]) == 2:
+                raise _Crash  # after the checkpoint of this block's second round was saved
 
     with pytest.raises(_Crash):
-        run_prune(options, checkpoint=checkpoint, progress=crash_in_block_one)
+        run_prune(options, checkpoint=checkpoint, progress=crash_mid_block)
     saved = checkpoint.load()
-    assert len(saved["finished"]) == 1 and saved["in_block"] is not None
+    assert len(saved["finished"]) == crash_block and saved["in_block"] is not None
     resumed_events = []
     resumed = run_prune(_options(models["bert"], method="icbs", epochs=2, seed=1), checkpoint=checkpoint,
                         progress=resumed_events.append)
-    assert resumed_events[0]["resumed_blocks"] == 1
-    assert not any(e["event"] == "round" and e["block"] == 0 for e in resumed_events)  # block 0 not redone
+    assert resumed_events[0]["resumed_blocks"] == crash_block
+    # finished blocks are not redone; blocks after the interrupted one start fresh
+    assert not any(e["event"] == "round" and e["block"] < crash_block for e in resumed_events)
     for name, mask in reference.masks.items():
         assert torch.equal(resumed.masks[name], mask), name
     with pytest.raises(UsageError, match="other options"):

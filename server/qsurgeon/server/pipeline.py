@@ -505,6 +505,7 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
         if checkpoint is not None:
             checkpoint.save({"options": options.identity(), "finished": finished, "in_block": in_block})
 
+    resume_index = len(finished)  # the block that was in progress when the checkpoint was saved
     for index, block in enumerate(blocks):
         targets = adapter.targets(index)
         if index < len(finished):  # resumed: this block's result is already known
@@ -521,7 +522,7 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
                 weights0={layer.parameter_name: layer.weight().detach().clone() for layer in targets},
                 stats=stats, sparsity=sparsity, options=options, queue=queue, should_stop=stop,
                 progress=emit, timings=timings,
-                resume=saved["in_block"] if saved and saved.get("in_block") and index == len(finished) else None,
+                resume=saved["in_block"] if saved and saved.get("in_block") and index == resume_index else None,
                 save_state=save_checkpoint,
                 gradients=None if gradient_source is None else (lambda targets=targets: gradient_source(targets)),
             )

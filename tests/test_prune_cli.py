@@ -130,3 +130,31 @@ def test_progress_bar_lines_when_not_a_terminal(bert, tmp_path):
     assert [line.split("] ")[1].split(" done")[0].strip().split("s ")[-1] for line in lines[1:3]] == [
         "block 1/2", "block 2/2"]
     assert "\r" not in stream.getvalue() and lines[-1].startswith("done in ")
+
+
+def test_icbs_search_options_reach_the_loop(tmp_path):
+    from qsurgeon.client.cli import build_parser
+    from qsurgeon.server.prune_commands import options_from_args
+
+    args = build_parser().parse_args([
+        "prune", "m", "--out", str(tmp_path / "o"), "--k", "5", "--selection", "random", "--tabu-size", "3",
+        "--fixed-pruned", "0.2", "--fixed-kept", "0.1", "--coverage", "0.5", "--gamma", "0.5", "--ridge", "0.01",
+        "--fisher-weight", "2", "--block-size", "16",
+    ])
+    config = options_from_args(args).icbs_config()
+    assert (config.k, config.selection, config.tabu_size, config.block_size) == (5, "random", 3, 16)
+    assert (config.fixed_pruned, config.fixed_kept, config.coverage) == (0.2, 0.1, 0.5)
+    assert (config.gamma, config.ridge, config.fisher_weight) == (0.5, 0.01, 2.0)
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--selection", "sideways", "selection"),
+    ("--k", "40", "k must lie"),
+    ("--fixed-kept", "1.5", "fixed_kept"),
+    ("--tabu-size", "-1", "tabu"),
+])
+def test_bad_icbs_search_options_exit_2(tmp_path, capsys, flag, value, message):
+    code = main(["prune", "builtin:minilm", "--out", str(tmp_path / "o"), "--block-size", "16", flag, value])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()

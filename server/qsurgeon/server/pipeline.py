@@ -25,7 +25,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 import torch
 
@@ -36,6 +36,9 @@ from qsurgeon.server.capture import LayerStats, capture_first_block_inputs, coll
 from qsurgeon.server.masks import SCORE_METHODS, check_mask, initial_mask, score_weights
 from qsurgeon.server.sparsity import GRANULARITIES, Sparsity
 from qsurgeon.worker.queue import InProcessQueue, Queue
+
+if TYPE_CHECKING:
+    from qsurgeon.server.icbs import ICBSConfig
 
 OBJECTIVES: tuple[str, ...] = ("layerwise", "fisher", "layerwise+fisher")
 #: report phases, in order; each gets its seconds in ``report["seconds"]``
@@ -73,6 +76,16 @@ class PruneOptions:
     batch_size: int = 16
     damp: float = 0.01  # refit damping, a fraction of mean(diag H)
     solver_params: dict[str, Any] = field(default_factory=dict)
+    # how iCBS searches (METHOD.md §3, §6); see ICBSConfig for the meaning of each
+    k: int | None = None  # pruned weights per block (default block_size // 2)
+    selection: str = "score"
+    tabu_size: int = 1
+    fixed_pruned: float = 0.0
+    fixed_kept: float = 0.0
+    coverage: float = 1 / 3
+    gamma: float = 0.75
+    ridge: float = 1e-3
+    fisher_weight: float = 1.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -103,6 +116,17 @@ class PruneOptions:
             raise UsageError(f"damp must be non-negative, got {self.damp!r}")
         if self.steps_per_epoch is not None and (not isinstance(self.steps_per_epoch, int) or self.steps_per_epoch < 1):
             raise UsageError(f"steps-per-epoch must be a positive integer, got {self.steps_per_epoch!r}")
+        if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int)):
+            raise UsageError(f"k must be an integer, got {self.k!r}")
+        if isinstance(self.tabu_size, bool) or not isinstance(self.tabu_size, int):
+            raise UsageError(f"tabu-size must be an integer, got {self.tabu_size!r}")
+        for name in ("fixed_pruned", "fixed_kept", "coverage", "gamma", "ridge", "fisher_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise UsageError(f"{name.replace('_', '-')} must be a finite number, got {value!r}")
+        if not isinstance(self.selection, str):
+            raise UsageError(f"selection must be a string, got {self.selection!r}")
+        self.icbs_config().validate()
         if self.refit:
             _refit_function()
         if self.export_blocks is not None:
@@ -131,6 +155,18 @@ class PruneOptions:
         if "model" not in values:
             raise UsageError("prune options need a model")
         return cls(**dict(values))
+
+    def icbs_config(self) -> "ICBSConfig":
+        """The iCBS loop's settings taken from these options."""
+        from qsurgeon.server.icbs import ICBSConfig
+
+        return ICBSConfig(
+            block_size=self.block_size, k=self.k, epochs=self.epochs, steps_per_epoch=self.steps_per_epoch,
+            coverage=self.coverage, selection=self.selection, tabu_size=self.tabu_size,
+            fixed_pruned=self.fixed_pruned, fixed_kept=self.fixed_kept, objective=self.objective,
+            fisher_weight=self.fisher_weight, gamma=self.gamma, ridge=self.ridge, solver=self.solver,
+            solver_params=dict(self.solver_params), seed=self.seed,
+        )
 
     def identity(self) -> dict[str, Any]:
         """The options that decide the masks (a checkpoint must match these to be resumed)."""
@@ -330,9 +366,7 @@ def icbs_method(context: BlockContext) -> BlockOutcome:
                    sparsity=context.sparsity, gram=context.stats[name].gram, fisher=fisher.get(name))
         for name in context.weights0
     ]
-    config = ICBSConfig(block_size=options.block_size, epochs=options.epochs, objective=options.objective,
-                        steps_per_epoch=options.steps_per_epoch, solver=options.solver,
-                        solver_params=dict(options.solver_params), seed=options.seed)
+    config = options.icbs_config()
     state = None
     if context.resume is not None:
         state = ICBSState.from_dict(context.resume["tensors"], context.resume["meta"])

@@ -66,6 +66,21 @@ def register(subparsers: Any) -> None:
                        help="also write every solved block QUBO to DIR (re-solve with qsurgeon solve DIR)")
     prune.add_argument("--checkpoint", default=None, metavar="DIR",
                        help="save resumable state to DIR after every round; rerun the same command to resume")
+    search = prune.add_argument_group("iCBS search (METHOD.md §3, §6)")
+    search.add_argument("--k", type=int, default=None, help="pruned weights per block (default block-size / 2)")
+    search.add_argument("--selection", default="score", help="block selection: score (default) or random")
+    search.add_argument("--tabu-size", type=int, default=1, metavar="N",
+                        help="recent blocks per row whose weights are skipped (default 1)")
+    search.add_argument("--fixed-pruned", type=float, default=0.0, metavar="F",
+                        help="fraction of each row's initial pruned set that stays pruned (default 0)")
+    search.add_argument("--fixed-kept", type=float, default=0.0, metavar="F",
+                        help="fraction of each row's initial kept set that stays kept (default 0)")
+    search.add_argument("--coverage", type=float, default=1 / 3,
+                        help="blocks per row and sweep = max(1, round(coverage * width / block-size)) (default 1/3)")
+    search.add_argument("--gamma", type=float, default=0.75, help="fisher: gradient multiplier (default 0.75)")
+    search.add_argument("--ridge", type=float, default=1e-3, help="fisher: ridge on weight changes (default 0.001)")
+    search.add_argument("--fisher-weight", type=float, default=1.0,
+                        help="layerwise+fisher: weight of the fisher term (default 1)")
     prune.add_argument("--quiet", action="store_true", help="no progress on stderr")
     prune.set_defaults(func=run_prune_command)
 
@@ -91,7 +106,9 @@ def options_from_args(args: argparse.Namespace) -> "Any":
         calibration=args.calibration, samples=args.samples,
         seq_len=args.seq_len, seed=args.seed, out=args.out, time_limit=args.time_limit, refit=args.refit,
         include=list(args.include), exclude=list(args.exclude if args.exclude is not None else DEFAULT_EXCLUDE),
-        export_blocks=args.export_blocks,
+        export_blocks=args.export_blocks, k=args.k, selection=args.selection, tabu_size=args.tabu_size,
+        fixed_pruned=args.fixed_pruned, fixed_kept=args.fixed_kept, coverage=args.coverage, gamma=args.gamma,
+        ridge=args.ridge, fisher_weight=args.fisher_weight,
     )
 
 

@@ -26,8 +26,9 @@ def register(subparsers: Any) -> None:
     )
     evaluate.add_argument("dense", metavar="DENSE", help="dense model: a local HF folder or builtin:minilm")
     evaluate.add_argument("pruned", metavar="PRUNED", help="pruned model folder (as written by qsurgeon prune)")
-    evaluate.add_argument("--task", choices=("embeddings", "perplexity"), default=None,
-                          help="default: perplexity for causal LMs, embeddings otherwise")
+    evaluate.add_argument("--task", choices=("embeddings", "perplexity", "classification"), default=None,
+                          help="default: perplexity for causal LMs, classification for image classifiers, "
+                               "embeddings otherwise")
     evaluate.add_argument("--data", default="builtin", metavar="FILE|builtin",
                           help="held-out text: a UTF-8 file (one sentence per line for embeddings, "
                           "paragraphs for perplexity) or builtin (default)")
@@ -82,6 +83,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise UsageError(f"--samples must be at least 1, got {args.samples}")
     dense = load_adapter(args.dense)
     pruned = load_adapter(args.pruned)
+    if args.task == "classification" or (args.task is None and dense.kind == "image-classifier"):
+        return _evaluate_classification(args, pruned)
     result = evaluate_pair(dense, pruned, task=args.task, data=args.data, samples=args.samples, seq_len=args.seq_len)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -92,6 +95,26 @@ def run_evaluate(args: argparse.Namespace) -> int:
     else:
         print(f"perplexity dense     {_fmt(result['dense_perplexity'])}")
         print(f"perplexity pruned    {_fmt(result['perplexity'])}  ({result['tokens']} tokens)")
+    print(f"density (all pruned tensors) {result['density']:.4f}")
+    for name, density in result["densities"].items():
+        print(f"  {density:.4f}  {name}")
+    return 0
+
+
+def _evaluate_classification(args: argparse.Namespace, pruned: Any) -> int:
+    """Top-1/top-5 of both image classifiers on labelled images, and the pruned densities."""
+    from qsurgeon.server.adapters import resolve_model
+    from qsurgeon.server.classification import evaluate_classification, format_classification
+    from qsurgeon.server.quality import overall_density, tensor_densities
+
+    if pruned.kind != "image-classifier":
+        raise UsageError(f"{args.pruned} is not an image classifier; --task classification needs one")
+    result = evaluate_classification(resolve_model(args.dense), resolve_model(args.pruned), args.data)
+    result.update(task="classification", density=overall_density(pruned), densities=tensor_densities(pruned))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(format_classification(result))
     print(f"density (all pruned tensors) {result['density']:.4f}")
     for name, density in result["densities"].items():
         print(f"  {density:.4f}  {name}")

@@ -158,3 +158,30 @@ def test_bad_icbs_search_options_exit_2(tmp_path, capsys, flag, value, message):
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def _parsed_options(tmp_path, *extra):
+    from qsurgeon.client.cli import build_parser
+    from qsurgeon.server.prune_commands import options_from_args
+
+    return options_from_args(build_parser().parse_args(["prune", "m", "--out", str(tmp_path / "o"), *extra]))
+
+
+def test_presets_set_defaults_that_explicit_options_override(tmp_path):
+    from qsurgeon.server.pipeline import PruneOptions
+    from qsurgeon.server.quality import PRESETS
+
+    plain = _parsed_options(tmp_path)
+    assert plain.to_dict() == PruneOptions(model="m", out=str(tmp_path / "o")).to_dict()
+    for preset, values in PRESETS.items():
+        chosen = _parsed_options(tmp_path, "--preset", preset).to_dict()
+        assert {name: chosen[name] for name in values} == values
+    overridden = _parsed_options(tmp_path, "--preset", "quality", "--epochs", "7", "--init", "magnitude")
+    assert (overridden.epochs, overridden.init) == (7, "magnitude")
+    assert overridden.refit == PRESETS["quality"].get("refit", False)
+
+
+def test_unknown_preset_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prune", "builtin:minilm", "--out", str(tmp_path / "o"), "--preset", "turbo"])
+    assert exit_info.value.code == 2 and "turbo" in capsys.readouterr().err

@@ -35,30 +35,33 @@ def register(subparsers: Any) -> None:
         "density or an N:M pattern; write the pruned model, its masks and report.json to --out.",
     )
     prune.add_argument("model", metavar="MODEL", help="a local Hugging Face folder with safetensors weights, or builtin:minilm")
-    prune.add_argument("--method", default="icbs", help="icbs (default), wanda, magnitude, sparsegpt")
+    prune.add_argument("--preset", default=None, choices=("fast", "quality"),
+                       help="fast: Wanda plus one iCBS epoch; quality: iCBS from SparseGPT's mask plus refit "
+                            "(see docs/quality.md); options given explicitly override the preset's")
+    prune.add_argument("--method", default=None, help="icbs (default), wanda, magnitude, sparsegpt")
     prune.add_argument("--density", type=float, default=None, help="fraction of weights kept, 0 < d < 1 (default 0.5)")
     prune.add_argument("--pattern", default=None, metavar="N:M", help="keep N of every M input weights of a row (2:4, 4:8)")
-    prune.add_argument("--granularity", default="row", help="where the density holds: row (default), column, tensor")
-    prune.add_argument("--objective", default="layerwise", help="layerwise (default), fisher, layerwise+fisher")
-    prune.add_argument("--init", default="wanda",
+    prune.add_argument("--granularity", default=None, help="where the density holds: row (default), column, tensor")
+    prune.add_argument("--objective", default=None, help="layerwise (default), fisher, layerwise+fisher")
+    prune.add_argument("--init", default=None,
                        help="initial mask for iCBS: wanda (default), magnitude, gradient, random, sparsegpt")
-    prune.add_argument("--solver", default="sa", help="block solver (see qsurgeon solvers; default sa)")
-    prune.add_argument("--block-size", type=int, default=128, help="weights per iCBS block (default 128)")
-    prune.add_argument("--epochs", type=int, default=1, help="iCBS epochs (default 1)")
+    prune.add_argument("--solver", default=None, help="block solver (see qsurgeon solvers; default sa)")
+    prune.add_argument("--block-size", type=int, default=None, help="weights per iCBS block (default 128)")
+    prune.add_argument("--epochs", type=int, default=None, help="iCBS epochs (default 1)")
     prune.add_argument("--steps-per-epoch", type=int, default=None, metavar="N",
                        help="iCBS blocks per epoch (default: one block in every row of every tensor; "
                        "set it for the fisher objectives, whose rounds hold one block per tensor)")
-    prune.add_argument("--calibration", default="builtin", metavar="FILE|builtin",
+    prune.add_argument("--calibration", default=None, metavar="FILE|builtin",
                        help="text file (one sample per line), .npy/.safetensors token ids, or builtin (default)")
-    prune.add_argument("--samples", type=int, default=128, help="calibration samples (default 128)")
-    prune.add_argument("--seq-len", type=int, default=128, help="tokens per sample (default 128)")
-    prune.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    prune.add_argument("--samples", type=int, default=None, help="calibration samples (default 128)")
+    prune.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default 128)")
+    prune.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     prune.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     prune.add_argument("--json", action="store_true", help="print report.json on stdout")
     prune.add_argument("--time-limit", type=float, default=None, metavar="S",
                        help="stop iCBS after the round running at S seconds (the masks stay valid)")
-    prune.add_argument("--refit", action="store_true", help="refit kept weights by least squares after masking")
-    prune.add_argument("--include", action="append", default=[], metavar="PAT",
+    prune.add_argument("--refit", action="store_true", default=None, help="refit kept weights by least squares after masking")
+    prune.add_argument("--include", action="append", default=None, metavar="PAT",
                        help="prune only tensors matching this glob (repeatable)")
     prune.add_argument("--exclude", action="append", default=None, metavar="PAT",
                        help="never prune tensors matching this glob (repeatable; default lm_head)")
@@ -68,18 +71,18 @@ def register(subparsers: Any) -> None:
                        help="save resumable state to DIR after every round; rerun the same command to resume")
     search = prune.add_argument_group("iCBS search (METHOD.md §3, §6)")
     search.add_argument("--k", type=int, default=None, help="pruned weights per block (default block-size / 2)")
-    search.add_argument("--selection", default="score", help="block selection: score (default) or random")
-    search.add_argument("--tabu-size", type=int, default=1, metavar="N",
+    search.add_argument("--selection", default=None, help="block selection: score (default) or random")
+    search.add_argument("--tabu-size", type=int, default=None, metavar="N",
                         help="recent blocks per row whose weights are skipped (default 1)")
-    search.add_argument("--fixed-pruned", type=float, default=0.0, metavar="F",
+    search.add_argument("--fixed-pruned", type=float, default=None, metavar="F",
                         help="fraction of each row's initial pruned set that stays pruned (default 0)")
-    search.add_argument("--fixed-kept", type=float, default=0.0, metavar="F",
+    search.add_argument("--fixed-kept", type=float, default=None, metavar="F",
                         help="fraction of each row's initial kept set that stays kept (default 0)")
-    search.add_argument("--coverage", type=float, default=1 / 3,
+    search.add_argument("--coverage", type=float, default=None,
                         help="blocks per row and sweep = max(1, round(coverage * width / block-size)) (default 1/3)")
-    search.add_argument("--gamma", type=float, default=0.75, help="fisher: gradient multiplier (default 0.75)")
-    search.add_argument("--ridge", type=float, default=1e-3, help="fisher: ridge on weight changes (default 0.001)")
-    search.add_argument("--fisher-weight", type=float, default=1.0,
+    search.add_argument("--gamma", type=float, default=None, help="fisher: gradient multiplier (default 0.75)")
+    search.add_argument("--ridge", type=float, default=None, help="fisher: ridge on weight changes (default 0.001)")
+    search.add_argument("--fisher-weight", type=float, default=None,
                         help="layerwise+fisher: weight of the fisher term (default 1)")
     prune.add_argument("--quiet", action="store_true", help="no progress on stderr")
     prune.set_defaults(func=run_prune_command)
@@ -95,21 +98,22 @@ def register(subparsers: Any) -> None:
     demo.set_defaults(func=run_demo_command)
 
 
-def options_from_args(args: argparse.Namespace) -> "Any":
-    from qsurgeon.server.adapters import DEFAULT_EXCLUDE
-    from qsurgeon.server.pipeline import PruneOptions
+#: prune options taken from the command line; each is None unless the user gave it
+PRUNE_OPTION_NAMES = (
+    "model", "method", "density", "pattern", "granularity", "objective", "init", "solver", "block_size", "epochs",
+    "steps_per_epoch", "calibration", "samples", "seq_len", "seed", "out", "time_limit", "refit", "include",
+    "exclude", "export_blocks", "k", "selection", "tabu_size", "fixed_pruned", "fixed_kept", "coverage", "gamma",
+    "ridge", "fisher_weight",
+)
 
-    return PruneOptions(
-        model=args.model, method=args.method, density=args.density, pattern=args.pattern,
-        granularity=args.granularity, objective=args.objective, init=args.init, solver=args.solver,
-        block_size=args.block_size, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-        calibration=args.calibration, samples=args.samples,
-        seq_len=args.seq_len, seed=args.seed, out=args.out, time_limit=args.time_limit, refit=args.refit,
-        include=list(args.include), exclude=list(args.exclude if args.exclude is not None else DEFAULT_EXCLUDE),
-        export_blocks=args.export_blocks, k=args.k, selection=args.selection, tabu_size=args.tabu_size,
-        fixed_pruned=args.fixed_pruned, fixed_kept=args.fixed_kept, coverage=args.coverage, gamma=args.gamma,
-        ridge=args.ridge, fisher_weight=args.fisher_weight,
-    )
+
+def options_from_args(args: argparse.Namespace) -> "Any":
+    """PruneOptions: the preset's values (if any), then every option the user gave, then the defaults."""
+    from qsurgeon.server.pipeline import PruneOptions
+    from qsurgeon.server.quality import apply_preset
+
+    explicit = {name: getattr(args, name) for name in PRUNE_OPTION_NAMES if getattr(args, name) not in (None, [])}
+    return PruneOptions(**apply_preset(getattr(args, "preset", None), explicit))
 
 
 def run_prune_command(args: argparse.Namespace) -> int:

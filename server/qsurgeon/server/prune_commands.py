@@ -51,8 +51,9 @@ def register(subparsers: Any) -> None:
     prune.add_argument("--steps-per-epoch", type=int, default=None, metavar="N",
                        help="iCBS blocks per epoch (default: one block in every row of every tensor; "
                        "set it for the fisher objectives, whose rounds hold one block per tensor)")
-    prune.add_argument("--calibration", default=None, metavar="FILE|builtin",
-                       help="text file (one sample per line), .npy/.safetensors token ids, or builtin (default)")
+    prune.add_argument("--calibration", default=None, metavar="FILE|images:DIR|npz:FILE|builtin",
+                       help="text models: a text file (one sample per line) or .npy/.safetensors token ids; "
+                            "image classifiers: images:DIR or npz:FILE of pixels; builtin (default) for both")
     prune.add_argument("--samples", type=int, default=None, help="calibration samples (default 128)")
     prune.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default 128)")
     prune.add_argument("--seed", type=int, default=None, help="random seed (default 0)")

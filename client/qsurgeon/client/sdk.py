@@ -202,6 +202,16 @@ def _parse_sse(lines: Iterator[str]) -> Iterator[JobEvent]:
 
 
 # ---------------------------------------------------------------------- blocking client
+
+def _artifact_targets(dest: str | os.PathLike, names: list[str]) -> list[tuple[str, Path]]:
+    """(name, path in ``dest``) per artifact; refuses names that could leave the folder."""
+    folder = Path(dest)
+    for name in names:
+        if "/" in name or "\\" in name or name in ("", ".", ".."):
+            raise UsageError(f"invalid artifact name {name!r}")
+    folder.mkdir(parents=True, exist_ok=True)
+    return [(name, folder / name) for name in names]
+
 class Client:
     """Blocking client. ``url`` is the server's base URL; ``api_key`` its bearer token
     (default: ``$QSURGEON_API_KEY``)."""
@@ -281,14 +291,8 @@ class Client:
     def download(self, job: JobRef, dest: str | os.PathLike, names: list[str] | None = None) -> list[Path]:
         """Save the job's artifacts (all, or ``names``) into folder ``dest``; returns the paths."""
         current = self.get(job)
-        wanted = names if names is not None else current.artifacts
-        folder = Path(dest)
-        folder.mkdir(parents=True, exist_ok=True)
         saved = []
-        for name in wanted:
-            if "/" in name or "\\" in name or name in ("", ".", ".."):
-                raise UsageError(f"invalid artifact name {name!r}")
-            target = folder / name
+        for name, target in _artifact_targets(dest, names if names is not None else current.artifacts):
             partial = target.with_name(target.name + ".partial")
             with self._http.stream("GET", f"{API_PREFIX}/jobs/{current.id}/artifacts/{name}") as response:
                 if not response.is_success:
@@ -407,15 +411,9 @@ class AsyncClient:
 
     async def download(self, job: JobRef, dest: str | os.PathLike, names: list[str] | None = None) -> list[Path]:
         current = await self.get(job)
-        wanted = names if names is not None else current.artifacts
-        folder = Path(dest)
-        folder.mkdir(parents=True, exist_ok=True)
         saved = []
-        for name in wanted:
-            if "/" in name or "\\" in name or name in ("", ".", ".."):
-                raise UsageError(f"invalid artifact name {name!r}")
+        for name, target in _artifact_targets(dest, names if names is not None else current.artifacts):
             response = await self._request("GET", f"{API_PREFIX}/jobs/{current.id}/artifacts/{name}")
-            target = folder / name
             target.write_bytes(response.content)
             saved.append(target)
         return saved

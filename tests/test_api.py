@@ -9,12 +9,12 @@ import os
 import tarfile
 import threading
 import time
-import uuid
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from redis_support import REDIS_URL, key_prefix, redis_client
 
 redis = pytest.importorskip("redis")
 pytest.importorskip("fastapi")
@@ -31,7 +31,6 @@ from qsurgeon.worker.consumer import Worker  # noqa: E402
 from qsurgeon.worker.problem import BlockProblem  # noqa: E402
 from qsurgeon.worker.redis_queue import QueueSettings, connect  # noqa: E402
 
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 KEY = "test-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 pytestmark = pytest.mark.redis
@@ -39,16 +38,8 @@ pytestmark = pytest.mark.redis
 
 @pytest.fixture
 def prefix():
-    client = connect(REDIS_URL)
-    try:
-        client.ping()
-    except redis.ConnectionError:
-        pytest.skip(f"no Redis at {REDIS_URL}")
-    name = f"qsapi-{uuid.uuid4().hex[:10]}"
-    yield name
-    keys = list(client.scan_iter(match=f"{name}:*", count=1000))
-    if keys:
-        client.delete(*keys)
+    with key_prefix(redis_client(), "qsapi") as name:
+        yield name
 
 
 @pytest.fixture

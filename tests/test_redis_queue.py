@@ -3,18 +3,17 @@ claim renewal, cancellation, limits. Each test uses its own key prefix."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 import numpy as np
 import pytest
+from redis_support import REDIS_URL, key_prefix, redis_client
 
 redis = pytest.importorskip("redis")
 
@@ -29,27 +28,18 @@ from qsurgeon.worker.solve import solve  # noqa: E402
 from qsurgeon.worker.solvers.base import Capabilities, Solver  # noqa: E402
 from qsurgeon.worker.solvers.registry import register, unregister  # noqa: E402
 
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 pytestmark = pytest.mark.redis
 
 
 @pytest.fixture
 def client():
-    connection = connect(REDIS_URL)
-    try:
-        connection.ping()
-    except redis.ConnectionError:
-        pytest.skip(f"no Redis at {REDIS_URL}")
-    return connection
+    return redis_client()
 
 
 @pytest.fixture
 def prefix(client) -> Iterator[str]:
-    name = f"qstest-{uuid.uuid4().hex[:10]}"
-    yield name
-    keys = list(client.scan_iter(match=f"{name}:*", count=1000))
-    if keys:
-        client.delete(*keys)
+    with key_prefix(client, "qstest") as name:
+        yield name
 
 
 def random_problem(rng: np.random.Generator, size: int, k: int, block_id: str, *, factored: bool = False,

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
 import subprocess
 import sys
 import threading
 import time
-import uuid
 
 import numpy as np
 import pytest
+from redis_support import REDIS_URL, key_prefix, redis_client
 
 redis = pytest.importorskip("redis")
 uvicorn = pytest.importorskip("uvicorn")
@@ -28,7 +27,6 @@ from qsurgeon.server.api import ServiceConfig, create_app  # noqa: E402
 from qsurgeon.worker.consumer import Worker  # noqa: E402
 from qsurgeon.worker.redis_queue import QueueSettings, connect  # noqa: E402
 
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 KEY = "sdk-test-key-0123456789"
 pytestmark = pytest.mark.redis
 
@@ -41,12 +39,11 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    client = connect(REDIS_URL)
-    try:
-        client.ping()
-    except redis.ConnectionError:
-        pytest.skip(f"no Redis at {REDIS_URL}")
-    prefix = f"qssdk-{uuid.uuid4().hex[:10]}"
+    with key_prefix(redis_client(), "qssdk") as prefix:
+        yield from _running_service(tmp_path_factory, prefix)
+
+
+def _running_service(tmp_path_factory, prefix: str):
     settings = QueueSettings(prefix=prefix)
     config = ServiceConfig(data_dir=tmp_path_factory.mktemp("data"), redis_url=REDIS_URL, api_keys=frozenset({KEY}),
                            queue=settings, sync_solve_max_variables=12)
@@ -66,9 +63,6 @@ def service(tmp_path_factory):
     server.should_exit = True
     server_thread.join(timeout=10)
     worker_thread.join(timeout=10)
-    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-    if keys:
-        client.delete(*keys)
 
 
 def brute_force(Q: np.ndarray, k: int) -> float:

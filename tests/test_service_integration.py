@@ -12,10 +12,10 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
+from redis_support import REDIS_URL, key_prefix, redis_client
 
 redis = pytest.importorskip("redis")
 torch = pytest.importorskip("torch")
@@ -24,7 +24,6 @@ pytest.importorskip("uvicorn")
 from qsurgeon.client.sdk import BadRequestError, Client, NotFoundError, AuthenticationError  # noqa: E402
 from qsurgeon.worker.redis_queue import GROUP, connect  # noqa: E402
 
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 KEY = "integration-key-0123456789"
 #: small but real: two attention projections of MiniLM, 2 epochs, several queue rounds
 OPTIONS = {
@@ -118,21 +117,13 @@ def reference_masks():
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     """One server and two workers shared by the tests (each test leaves them running)."""
-    client = connect(REDIS_URL)
-    try:
-        client.ping()
-    except redis.ConnectionError:
-        pytest.skip(f"no Redis at {REDIS_URL}")
-    prefix = f"qsint-{uuid.uuid4().hex[:10]}"
-    instance = Service(tmp_path_factory.mktemp("service"), prefix)
-    instance.current_server = instance.server()
-    instance.workers = {"wa": instance.worker("wa"), "wb": instance.worker("wb")}
-    instance.wait_workers(2)
-    yield instance
-    instance.stop()
-    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-    if keys:
-        client.delete(*keys)
+    with key_prefix(redis_client(), "qsint") as prefix:
+        instance = Service(tmp_path_factory.mktemp("service"), prefix)
+        instance.current_server = instance.server()
+        instance.workers = {"wa": instance.worker("wa"), "wb": instance.worker("wb")}
+        instance.wait_workers(2)
+        yield instance
+        instance.stop()
 
 
 def wait_for_round(client: Client, job_id: str, minimum: int, timeout: float = 120, stage: str | None = None) -> None:
@@ -235,7 +226,7 @@ def test_uploaded_model_and_calibration(service, tmp_path):
     with Client(service.url, api_key=KEY) as client:
         job = client.submit_prune(model, calibration=calibration, **options)
         assert job.model == "upload"
-        done = client.wait(job, timeout=180, poll=0.2)
+        assert client.wait(job, timeout=180, poll=0.2).state.value == "succeeded"
         got = downloaded_masks(client, job.id, tmp_path / "c")
     want = run_prune(PruneOptions(model=str(model), calibration=str(calibration), **options)).masks
     assert_same_masks(got, want)

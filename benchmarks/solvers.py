@@ -12,8 +12,8 @@ MiniLM layer-wise blocks, full rank; Fisher blocks, N = 128 < B, semi-synthetic 
   block's energy makes ``gap`` look small), wall seconds, proposals per second;
 - throughput on a batch of 64 problems (16 at dense B = 4096: 64 MiB each), 4 restarts
   × 100 sweeps each;
-- the fastest of a few short configurations that reaches 0.1 % of the best known on the
-  B = 256 layer-wise blocks (the "≤ 100 ms" goal).
+- short runs from x0 on six B = 256 layer-wise blocks, four seeds each (mean and worst gap,
+  share of runs within 0.1 % of the best known, time): the "0.1 % in ≤ 100 ms" goal.
 
 Proposals per second are also given per CPU-second (process time of all threads), which
 is the per-core rate and is less disturbed by other processes sharing the machine; wall
@@ -61,6 +61,8 @@ instances = _load_instances()
 OUT = HERE / "out"
 SIZES = (16, 64, 256, 1024, 4096)
 QUICK_SIZES = (16, 64, 256, 1024)
+#: layer-wise B = 256 blocks of the short-run table (seeds of ``layerwise_block``)
+SHORT_RUN_BLOCKS = tuple(range(6))
 #: sweeps per restart in the batch throughput runs (the rate hardly depends on it)
 BATCH_SWEEPS = 100
 FAMILIES: dict[str, Callable[[int, int], BlockProblem]] = {
@@ -97,11 +99,12 @@ def best_known(problem: BlockProblem, quick: bool) -> tuple[float, str]:
     if problem.num_variables <= 24:
         return solve(problem, "exhaustive").energy, "exhaustive"
     size = problem.num_variables
-    sweeps = {True: 3000, False: 10000}[quick] if size <= 256 else (2000 if size <= 1024 else 1000)
+    sweeps = {True: 3000, False: 20000}[quick] if size <= 256 else (2000 if size <= 1024 else 1000)
+    restarts = 16 if size <= 256 and not quick else 8
     limit = 10.0 if quick else 40.0
     candidates = []
     for start in ("random", "x0"):
-        answer = solve(problem, "sa", seed=12345, restarts=8, sweeps=sweeps, start=start, time_limit=limit)
+        answer = solve(problem, "sa", seed=12345, restarts=restarts, sweeps=sweeps, start=start, time_limit=limit)
         candidates.append((answer.energy, f"sa-long-{start}"))
         polished = greedy_swap(problem, answer.x)
         candidates.append((problem.energy(polished), f"sa-long-{start}+greedy"))
@@ -143,17 +146,40 @@ def bench_batch(family: str, size: int, count: int, sweeps: int = BATCH_SWEEPS) 
             "proposals_per_cpu_s": proposals / max(cpu, 1e-9), "share_improved_over_x0": float(improved)}
 
 
-def fastest_within(problems: list[BlockProblem], bests: list[float], tolerance: float = 1e-3) -> list[dict[str, Any]]:
-    """Short configurations on the B = 256 layer-wise blocks: gap and time of each."""
+#: (restarts, sweeps, beta_range) of the short B = 256 runs; None is the default range, and the
+#: former x0 default (10, 10000) is kept as a reference row.
+SHORT_RUNS = ((1, 100, None), (2, 200, None), (4, 500, None), (4, 1000, None), (4, 1000, (10.0, 10000.0)),
+              (4, 2000, None), (4, 4000, None), (4, 4000, (10.0, 10000.0)), (8, 4000, None))
+
+
+def fastest_within(problems: list[BlockProblem], bests: list[float], tolerance: float = 1e-3,
+                   seeds: tuple[int, ...] = (2, 3, 4, 5)) -> list[dict[str, Any]]:
+    """Short configurations from x0 on the B = 256 layer-wise blocks: gap and time of each.
+
+    Every block is solved with several seeds, because one run's gap on these glassy blocks
+    varies by a factor of several from seed to seed.
+    """
+    runs = []
+    for restarts, sweeps, beta_range in SHORT_RUNS:
+        extra = {} if beta_range is None else {"beta_range": beta_range}
+        energies, seconds = np.empty((len(problems), len(seeds))), []
+        for index, problem in enumerate(problems):
+            for column, seed in enumerate(seeds):
+                answer, wall, _ = _timed(lambda: solve(problem, "sa", seed=seed, restarts=restarts, sweeps=sweeps,
+                                                       start="x0", **extra))
+                energies[index, column] = answer.energy
+                seconds.append(wall)
+        runs.append((restarts, sweeps, beta_range, energies, seconds))
+    # a short run that beats the reference runs becomes the best known (never a negative gap)
+    best = np.minimum(np.asarray(bests, np.float64), np.min([run[3].min(axis=1) for run in runs], axis=0))
     rows = []
-    for restarts, sweeps in ((1, 100), (2, 200), (4, 500), (4, 1000), (4, 4000), (8, 4000), (16, 4000)):
-        worst, seconds = 0.0, 0.0
-        for problem, best in zip(problems, bests):
-            answer, wall, _ = _timed(lambda: solve(problem, "sa", seed=2, restarts=restarts, sweeps=sweeps))
-            worst = max(worst, (answer.energy - best) / abs(best))
-            seconds = max(seconds, wall)
-        rows.append({"restarts": restarts, "sweeps": sweeps, "worst_gap": worst, "max_seconds": seconds,
-                     "within": worst <= tolerance})
+    for restarts, sweeps, beta_range, energies, seconds in runs:
+        gaps = ((energies - best[:, None]) / np.abs(best[:, None])).ravel()
+        rows.append({"restarts": restarts, "sweeps": sweeps, "beta_range": beta_range or "default",
+                     "runs": len(gaps), "mean_gap": float(np.mean(gaps)), "worst_gap": float(np.max(gaps)),
+                     "share_within": float(np.mean(np.array(gaps) <= tolerance)),
+                     "median_seconds": float(np.median(seconds)), "max_seconds": float(np.max(seconds)),
+                     "within": bool(np.max(gaps) <= tolerance)})
     return rows
 
 
@@ -199,12 +225,19 @@ def main() -> None:
                   f"{batch['batch']:>6}{batch['proposals_per_s'] / 1e6:>9.1f}{batch['proposals_per_cpu_s'] / 1e6:>8.1f}",
                   flush=True)
     layerwise_256 = [r for r in rows if r["family"] == "layerwise" and r["B"] == 256][0]
-    problems = [instances.layerwise_block(256, s["seed"]) for s in layerwise_256["seeds"]]
-    short = fastest_within(problems, [s["best"] for s in layerwise_256["seeds"]])
-    print("\nB = 256 layer-wise, short runs from x0 (worst over seeds):")
+    known = {s["seed"]: s["best"] for s in layerwise_256["seeds"]}
+    short_seeds = (0,) if args.quick else SHORT_RUN_BLOCKS
+    for seed in short_seeds:
+        if seed not in known:
+            known[seed] = best_known(instances.layerwise_block(256, seed), args.quick)[0]
+    problems = [instances.layerwise_block(256, seed) for seed in short_seeds]
+    short = fastest_within(problems, [known[seed] for seed in short_seeds])
+    print(f"\nB = 256 layer-wise, short runs from x0 ({len(short_seeds)} blocks × 4 seeds):")
     for entry in short:
-        print(f"  restarts {entry['restarts']} sweeps {entry['sweeps']:>5}: gap {entry['worst_gap']:.2e}  "
-              f"{entry['max_seconds'] * 1e3:7.1f} ms  {'within 0.1 %' if entry['within'] else ''}")
+        print(f"  restarts {entry['restarts']:>2} sweeps {entry['sweeps']:>5} beta {str(entry['beta_range']):<14}: "
+              f"gap mean {entry['mean_gap']:.2e} worst {entry['worst_gap']:.2e}, "
+              f"{entry['share_within']:4.0%} within 0.1 %, {entry['median_seconds'] * 1e3:6.1f} ms median "
+              f"{entry['max_seconds'] * 1e3:6.1f} ms worst")
     OUT.mkdir(parents=True, exist_ok=True)
     report = {"quick": args.quick, "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "load_average": os.getloadavg(), "rows": rows, "b256_short_runs": short}

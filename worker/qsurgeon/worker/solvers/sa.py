@@ -34,7 +34,7 @@ from qsurgeon.worker.solvers.sa_rng import chain_keys, problem_digest
 #: 12 blocks, 4 restarts × 1000 and × 4000 sweeps) and checked on Fisher blocks, B = 1024 and on
 #: iCBS-style short runs (32–256 sweeps, B = 128): a schedule that ends at β_rel 300 spends its
 #: sweeps where the chain still finds better states. A colder tail (10 → 10000, the former x0
-#: default) only re-confirms a frozen state and left a 1.4–2× larger gap at equal sweeps; a hotter
+#: default) only re-confirms a frozen state and left a 1.4–2.2× larger gap at equal sweeps; a hotter
 #: start (β_rel ≤ 10) wastes sweeps in a disordered phase. The best state seen is kept, so the
 #: answer from x0 is never worse than x0.
 DEFAULT_BETA_RANGE_X0 = (20.0, 300.0)

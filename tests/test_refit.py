@@ -53,6 +53,23 @@ def test_cg_reaches_the_exact_error_on_a_wider_rank_deficient_layer():
     assert torch.allclose(error_cg, error_exact, rtol=1e-5, atol=1e-9)
 
 
+
+def test_float32_cg_reaches_the_float64_error_and_keeps_float64_inputs_float64():
+    # the default CG runs in float32 at tol 1e-4; it must land on the same error as float64
+    weight, gram, mask = _layer(rows=64, width=96, tokens=200, seed=4)
+    weight64 = weight.double()
+    hessian = damped_gram(gram, 0.01)
+    fast = refit_rows(weight64, gram, mask)
+    careful = refit_rows(weight64, gram, mask, cg_dtype=torch.float64)
+    exact = refit_rows(weight64, gram, mask, method="exact")
+    assert fast.dtype == torch.float64
+    error_exact = layer_error(weight64, exact, hessian)
+    for refit in (fast, careful):
+        assert torch.allclose(layer_error(weight64, refit, hessian), error_exact, rtol=1e-5, atol=1e-9)
+    # a tolerance float32 cannot reach switches the iterations to float64 by itself
+    tight = refit_rows(weight64, gram, mask, tol=1e-10)
+    torch.testing.assert_close(tight, exact, rtol=1e-7, atol=1e-9)
+
 @pytest.mark.parametrize("method", ["exact", "cg"])
 def test_refit_never_increases_a_rows_error(method):
     weight, gram, mask = _layer(rows=20, width=24, tokens=64, seed=2)

@@ -54,7 +54,7 @@ def register(subparsers: Any) -> None:
     prune.add_argument("--calibration", default=None, metavar="FILE|images:DIR|npz:FILE|builtin",
                        help="text models: a text file (one sample per line) or .npy/.safetensors token ids; "
                             "image classifiers: images:DIR or npz:FILE of pixels; builtin (default) for both")
-    prune.add_argument("--samples", type=int, default=None, help="calibration samples (default 128)")
+    prune.add_argument("--samples", type=int, default=None, help="calibration samples (default 128; --preset quality uses 256)")
     prune.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default 128)")
     prune.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     prune.add_argument("--out", required=True, help="output folder (must not exist or be empty)")

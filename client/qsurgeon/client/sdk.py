@@ -203,6 +203,17 @@ def _parse_sse(lines: Iterator[str]) -> Iterator[JobEvent]:
 
 # ---------------------------------------------------------------------- blocking client
 
+def _settled(current: Job, deadline: float | None, timeout: float | None, raise_on_failure: bool) -> Job | None:
+    """The job once it has finished (JobFailedError if it did not succeed and that should raise);
+    None while it runs; TimeoutError past the deadline."""
+    if current.state.finished:
+        if raise_on_failure and current.state != JobState.succeeded:
+            raise JobFailedError(current)
+        return current
+    if deadline is not None and time.monotonic() > deadline:
+        raise TimeoutError(f"job {current.id} still {current.state.value} after {timeout} s")
+    return None
+
 def _artifact_targets(dest: str | os.PathLike, names: list[str]) -> list[tuple[str, Path]]:
     """(name, path in ``dest``) per artifact; refuses names that could leave the folder."""
     folder = Path(dest)
@@ -278,15 +289,9 @@ class Client:
     def wait(self, job: JobRef, *, timeout: float | None = None, poll: float = 1.0, raise_on_failure: bool = True) -> Job:
         """Poll until the job is finished; raises JobFailedError if it failed or was cancelled."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            current = self.get(job)
-            if current.state.finished:
-                if raise_on_failure and current.state != JobState.succeeded:
-                    raise JobFailedError(current)
-                return current
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {current.id} still {current.state.value} after {timeout} s")
+        while (current := _settled(self.get(job), deadline, timeout, raise_on_failure)) is None:
             time.sleep(poll)
+        return current
 
     def download(self, job: JobRef, dest: str | os.PathLike, names: list[str] | None = None) -> list[Path]:
         """Save the job's artifacts (all, or ``names``) into folder ``dest``; returns the paths."""
@@ -399,15 +404,9 @@ class AsyncClient:
         import asyncio
 
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            current = await self.get(job)
-            if current.state.finished:
-                if raise_on_failure and current.state != JobState.succeeded:
-                    raise JobFailedError(current)
-                return current
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {current.id} still {current.state.value} after {timeout} s")
+        while (current := _settled(await self.get(job), deadline, timeout, raise_on_failure)) is None:
             await asyncio.sleep(poll)
+        return current
 
     async def download(self, job: JobRef, dest: str | os.PathLike, names: list[str] | None = None) -> list[Path]:
         current = await self.get(job)

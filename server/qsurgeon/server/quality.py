@@ -533,17 +533,8 @@ def write_plots(results: dict[str, Any], out: Path) -> list[str]:
                 if isinstance(r["density_spec"], str):
                     axis.plot([0.5], [r[metric]], "*", markersize=11, color=colour)
         axis.set_xlabel("density (★ = 2:4 at 0.5)")
-        axis.set_ylabel(metric)
-        if metric == "perplexity":
-            axis.set_yscale("log")
-        axis.set_title(f"{key}: {metric} vs density")
-        axis.legend(fontsize=8)
-        axis.grid(alpha=0.3)
-        name = f"{key}_quality_vs_density.png"
-        figure.tight_layout()
-        figure.savefig(out / name, dpi=110)
-        plt.close(figure)
-        written.append(name)
+        written.append(_save_plot(figure, axis, metric, f"{key}: {metric} vs density",
+                                  out / f"{key}_quality_vs_density.png"))
         if entry["curve"]:
             figure, axis = plt.subplots(figsize=(6, 4))
             for refit, marker in ((False, "o-"), (True, "s-")):
@@ -554,15 +545,23 @@ def write_plots(results: dict[str, Any], out: Path) -> list[str]:
                     axis.annotate(str(r["epochs"]), (r["prune_seconds"], r[metric]), fontsize=7,
                                   xytext=(3, 3), textcoords="offset points")
             axis.set_xlabel("pruning seconds (labels: epochs; 0 = Wanda)")
-            axis.set_ylabel(metric)
-            if metric == "perplexity":
-                axis.set_yscale("log")
-            axis.set_title(f"{key}: iCBS quality vs time at density {results['densities'][0]}")
-            axis.legend(fontsize=8)
-            axis.grid(alpha=0.3)
-            name = f"{key}_icbs_vs_seconds.png"
-            figure.tight_layout()
-            figure.savefig(out / name, dpi=110)
-            plt.close(figure)
-            written.append(name)
+            written.append(_save_plot(figure, axis, metric,
+                                      f"{key}: iCBS quality vs time at density {results['densities'][0]}",
+                                      out / f"{key}_icbs_vs_seconds.png"))
     return written
+
+
+def _save_plot(figure: Any, axis: Any, metric: str, title: str, path: Path) -> str:
+    """Label the metric axis (log scale for perplexity), title, legend, grid; save; return the file name."""
+    import matplotlib.pyplot as plt
+
+    axis.set_ylabel(metric)
+    if metric == "perplexity":
+        axis.set_yscale("log")
+    axis.set_title(title)
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path.name

@@ -36,6 +36,8 @@ BUILTIN_SOLVERS: dict[str, _BuiltinSpec] = {
                                "exact enumeration of all feasible assignments"),
     "sa": _BuiltinSpec("qsurgeon.worker.solvers.sa", "SimulatedAnnealingSolver", "worker",
                        "cardinality-preserving simulated annealing with swap moves (CPU kernel or CUDA)"),
+    "swap-tabu": _BuiltinSpec("qsurgeon.worker.solvers.swap_tabu", "SwapTabuSolver", "worker",
+                              "best-swap tabu search inside groups (CPU kernel; dense or factored, B ≤ 4096)"),
     "neal": _BuiltinSpec("qsurgeon.worker.solvers.dimod_backends", "NealSolver", "worker",
                          "D-Wave simulated annealing (dwave-samplers), penalty + repair"),
     "tabu": _BuiltinSpec("qsurgeon.worker.solvers.dimod_backends", "TabuSolver", "worker",

@@ -1,0 +1,226 @@
+"""The ``swap-tabu`` solver: optimality on small blocks, exact counts, reproducibility, forms, CLI."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import time
+
+import numpy as np
+import pytest
+
+from qsurgeon.client.cli import main
+from qsurgeon.client.errors import ProblemTooLargeError, UsageError
+from qsurgeon.worker.problem import BlockProblem
+from qsurgeon.worker.solve import solve, solve_batch
+from qsurgeon.worker.solvers.registry import capabilities, solver_names
+
+SOLVER = "swap-tabu"
+
+
+def pruning_block(size: int, seed: int, *, k: int | None = None, groups=None, counts=None,
+                  with_x0: bool = False) -> BlockProblem:
+    """Q = diag(w) X Xᵀ diag(w)/T with heavy-tailed w and correlated X (the kind tests/test_sa.py uses)."""
+    rng = np.random.default_rng(seed)
+    tokens = 3 * size
+    latent = rng.standard_normal((size, 4))
+    X = latent @ rng.standard_normal((4, tokens)) + 0.5 * rng.standard_normal((size, tokens))
+    w = rng.standard_t(3, size) * 0.05
+    Q = (w[:, None] * (X @ X.T / tokens) * w[None, :]).astype(np.float32)
+    if k is None and groups is None:
+        k = int(rng.integers(1, size))
+    x0 = None
+    if with_x0:
+        x0 = np.zeros(size, np.uint8)
+        if groups is None:
+            x0[np.argsort(np.abs(w))[:k]] = 1
+        else:
+            for group, count in enumerate(counts):
+                members = np.nonzero(np.asarray(groups) == group)[0]
+                x0[members[np.argsort(np.abs(w[members]))[:count]]] = 1
+    return BlockProblem.dense(Q, k=k, groups=groups, counts=counts, x0=x0, offset=float(rng.normal()) * 1e-3)
+
+
+def factored_block(size: int, rank: int, seed: int, **constraint) -> BlockProblem:
+    rng = np.random.default_rng(seed)
+    F = rng.standard_normal((rank, size)) * rng.standard_t(3, size) * 0.05
+    c = rng.normal(0, 1e-3, size)
+    return BlockProblem.factored(F, c, offset=0.01, **constraint)
+
+
+def direct_energy(problem: BlockProblem, x: np.ndarray) -> float:
+    x = x.astype(np.float64)
+    return float(x @ problem.dense_Q() @ x) + problem.offset
+
+
+@functools.lru_cache(maxsize=None)
+def _all_assignments(size: int, k: int) -> np.ndarray:
+    rows = list(itertools.combinations(range(size), k))
+    X = np.zeros((len(rows), size))
+    X[np.repeat(np.arange(len(rows)), k), np.array(rows, dtype=np.int64).reshape(-1)] = 1.0
+    return X
+
+
+def enumerated_minimum(problem: BlockProblem) -> float:
+    """min xᵀQx + offset over every x with exactly k ones, by itertools (independent of the solvers)."""
+    X = _all_assignments(problem.num_variables, problem.k)
+    return float(np.einsum("nb,nb->n", X @ problem.dense_Q(), X).min()) + problem.offset
+
+
+# ---------------------------------------------------------------------- answers
+def test_energies_equal_an_independent_computation():
+    problems = [pruning_block(24, 1, k=10), factored_block(20, 3, 2, k=7),
+                pruning_block(16, 3, groups=np.arange(16) // 4, counts=[2, 2, 2, 2])]
+    for problem, answer in zip(problems, solve_batch(problems, SOLVER, seed=0, iterations=50)):
+        assert answer.energy == pytest.approx(direct_energy(problem, answer.x), rel=1e-9, abs=1e-12)
+        assert "reported_energy" not in answer.metadata
+        assert answer.solver == SOLVER and answer.restarts == 2 and answer.sweeps == 50
+
+
+def test_finds_the_exhaustive_optimum_on_small_pruning_blocks():
+    problems = [pruning_block(16, seed) for seed in range(200)]
+    answers = solve_batch(problems, SOLVER, seed=7, iterations=100)
+    optimal = 0
+    for problem, answer in zip(problems, answers):
+        exact = enumerated_minimum(problem)
+        assert answer.energy >= exact - 1e-12 * max(1.0, abs(exact))
+        optimal += answer.energy <= exact + 1e-9 * abs(exact) + 1e-15
+    rate = optimal / len(problems)
+    print(f"swap-tabu found the exhaustive optimum on {rate:.1%} of {len(problems)} blocks")
+    assert rate >= 0.95
+
+
+def test_grouped_blocks_reach_the_exhaustive_optimum():
+    for seed in range(5):
+        problem = pruning_block(16, 40 + seed, groups=np.arange(16) % 4, counts=[1, 2, 3, 2])
+        answer = solve(problem, SOLVER, seed=seed, iterations=100, start="random")
+        assert answer.energy == pytest.approx(solve(problem, "exhaustive").energy, rel=1e-9)
+
+
+@pytest.mark.parametrize("start", ["random", "x0"])
+def test_every_answer_keeps_exact_group_counts(start):
+    groups = np.arange(32) // 4  # N:M-like: 2 of every 4 pruned
+    problems = [pruning_block(32, seed, groups=groups, counts=[2] * 8, with_x0=True) for seed in range(4)]
+    problems += [pruning_block(48, 20 + seed, groups=np.arange(48) % 3, counts=[5, 9, 1], with_x0=True)
+                 for seed in range(2)]
+    problems += [pruning_block(80, 50 + seed, k=13, with_x0=True) for seed in range(2)]  # one large group
+    for problem, answer in zip(problems, solve_batch(problems, SOLVER, seed=1, iterations=60, start=start)):
+        assert np.array_equal(problem.group_sums(answer.x), problem.counts)
+        assert set(np.unique(answer.x)) <= {0, 1}
+        assert answer.metadata["start"] == start
+
+
+def test_x0_start_never_returns_worse_than_x0_and_zero_iterations_return_it():
+    problems = [pruning_block(48, seed, k=20, with_x0=True) for seed in range(4)]
+    for problem, answer in zip(problems, solve_batch(problems, SOLVER, seed=3, iterations=20)):
+        assert answer.energy <= problem.energy(problem.x0) + 1e-15
+    untouched = solve(problems[0], SOLVER, seed=3, iterations=0)
+    assert np.array_equal(untouched.x, problems[0].x0)
+
+
+def test_problems_without_any_possible_swap_return_their_only_answer():
+    problems = [pruning_block(8, 1, k=0), pruning_block(8, 2, k=8),
+                pruning_block(8, 3, groups=np.arange(8) // 4, counts=[0, 4])]
+    for problem, answer in zip(problems, solve_batch(problems, SOLVER, seed=0)):
+        assert problem.is_feasible(answer.x) and answer.metadata["moves"] == 0
+
+
+def test_a_group_with_one_possible_swap_keeps_moving_when_everything_is_tabu():
+    problem = pruning_block(2, 5, k=1, with_x0=True)
+    answer = solve(problem, SOLVER, seed=0, iterations=7, restarts=1, tenure=50)
+    assert answer.metadata["moves"] == 7  # every move is tabu after the first; the best one is taken anyway
+    assert answer.energy == pytest.approx(solve(problem, "exhaustive").energy, rel=1e-9)
+
+
+def test_anneal_first_then_search_from_the_annealed_answer():
+    problem = pruning_block(64, 9, k=32, with_x0=True)
+    answer = solve(problem, SOLVER, seed=2, anneal_sweeps=50, iterations=30)
+    assert answer.metadata["start"] == "sa" and answer.metadata["anneal_sweeps"] == 50
+    assert answer.energy <= answer.metadata["anneal_energy"] + 1e-15
+    assert np.array_equal(answer.x, solve(problem, SOLVER, seed=2, anneal_sweeps=50, iterations=30).x)
+
+
+# ---------------------------------------------------------------------- forms and reproducibility
+def test_factored_problem_gives_the_same_answer_as_its_dense_equivalent():
+    for seed in range(4):
+        factored = factored_block(24, 3, 100 + seed, k=9)
+        dense = BlockProblem.dense(factored.dense_Q(), k=9, offset=factored.offset)
+        from_factored = solve(factored, SOLVER, seed=seed, iterations=40, start="random")
+        from_dense = solve(dense, SOLVER, seed=seed, iterations=40, start="random")
+        assert np.array_equal(from_factored.x, from_dense.x)
+        assert from_factored.energy == pytest.approx(from_dense.energy, rel=1e-5)
+        assert from_factored.energy == pytest.approx(direct_energy(factored, from_factored.x), rel=1e-9)
+
+
+def test_same_seed_same_answer_alone_and_inside_a_mixed_batch():
+    target = pruning_block(40, 11, groups=np.arange(40) // 8, counts=[3, 4, 2, 5, 4], with_x0=True)
+    factored = factored_block(30, 5, 12, k=11)
+    others = [pruning_block(64, 13, k=20), factored_block(50, 8, 14, k=9), pruning_block(20, 15, k=4)]
+    params = dict(seed=5, iterations=40, restarts=3, start="random")
+    alone = solve(target, SOLVER, **params)
+    alone_factored = solve(factored, SOLVER, **params)
+    batch = solve_batch([others[0], factored, others[1], target, others[2]], SOLVER, **params)
+    for answer, single in ((batch[3], alone), (batch[1], alone_factored), (solve(target, SOLVER, **params), alone)):
+        assert np.array_equal(answer.x, single.x) and answer.energy == single.energy
+        assert answer.metadata["moves"] == single.metadata["moves"]
+    starts = [solve(target, SOLVER, seed=seed, iterations=0, start="random").x for seed in (5, 6)]
+    assert not np.array_equal(*starts)  # the seed does reach the chains
+
+
+def test_time_limit_is_honoured_and_the_best_so_far_returned():
+    problem = pruning_block(512, 21, k=256)
+    solve(problem, SOLVER, seed=0, iterations=1)
+    started = time.perf_counter()
+    answer = solve(problem, SOLVER, seed=0, iterations=10_000_000, time_limit=0.3)
+    assert time.perf_counter() - started < 2.0
+    assert answer.metadata["stopped_by_time_limit"] and 0 < answer.sweeps < 10_000_000
+    assert problem.is_feasible(answer.x)
+
+
+# ---------------------------------------------------------------------- parameters and limits
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"restarts": 0}, "restarts"),
+        ({"iterations": -1}, "iterations"),
+        ({"iterations": 1.5}, "iterations"),
+        ({"iterations": 5, "sweeps": 5}, "not both"),
+        ({"tenure": -1}, "tenure"),
+        ({"anneal_sweeps": "many"}, "anneal_sweeps"),
+        ({"time_limit": -1}, "time_limit"),
+        ({"time_limit": "soon"}, "time_limit"),
+        ({"start": "warm"}, "start"),
+        ({"start": "x0"}, "no x0"),
+        ({"seed": "abc"}, "seed"),
+        ({"beta_range": (1, 2)}, "unknown parameter"),
+    ],
+)
+def test_bad_parameters_are_usage_errors(params, message):
+    with pytest.raises(UsageError, match=message):
+        solve(pruning_block(8, 0, k=3), SOLVER, **params)
+
+
+def test_blocks_above_the_limit_are_refused_before_any_work():
+    too_big = BlockProblem.factored(np.ones((1, 4097), np.float32), k=2)
+    with pytest.raises(ProblemTooLargeError, match="at most 4096"):
+        solve(too_big, SOLVER)
+
+
+def test_registered_with_its_capabilities():
+    assert SOLVER in solver_names()
+    info = capabilities(SOLVER)
+    assert info.installed and info.constraints == "native" and info.max_variables == 4096 and info.deterministic
+
+
+def test_cli_solve_and_solvers(tmp_path, capsys):
+    path = tmp_path / "block.npz"
+    factored_block(12, 3, 2, groups=np.arange(12) // 6, counts=[2, 3]).save_npz(path)
+    assert main(["solve", str(path), "--solver", SOLVER, "--json", "--seed", "4", "--sweeps", "50"]) == 0
+    record = json.loads(capsys.readouterr().out.strip())
+    problem = BlockProblem.load_npz(path)
+    assert record["solver"] == SOLVER
+    assert record["energy"] == pytest.approx(solve(problem, "exhaustive").energy, rel=1e-9)
+    assert main(["solvers", "--json"]) == 0
+    listed = capsys.readouterr().out
+    assert SOLVER in listed

@@ -1,0 +1,221 @@
+"""``swap-tabu``: best-improvement swap tabu search for cardinality/group-constrained QUBOs.
+
+Why a second local-search solver next to ``sa``: real layer-wise blocks of B = 256 are
+glassy, and single-swap annealing needs ~10⁷–10⁸ proposals to come within 0.1 % of the best
+known energy. Tabu search looks at *every* swap of one kept and one pruned variable of a
+group at each step (O(1) each from cached fields, ΔE(i in, j out) = d_i + d_j − 2Q_ij),
+takes the best one that is not tabu (or that beats the best state so far), and forbids
+the two variables to move back for a few iterations, so it walks through the low plateaus
+of such landscapes instead of sampling them.
+
+Every chain starts feasible (x0 or a random assignment with the right count in every
+group) and only swaps inside a group, so counts stay exact. Factored blocks are searched
+in dense form (Q = FᵀF + diag(c) formed in float64, stored as float32 like a dense block),
+which is why the solver accepts at most :data:`MAX_VARIABLES` variables: one iteration
+costs O(Σ_g ones_g · size_g), i.e. O(B²) for a single group. A chain's tenures come from
+its key, which depends only on (seed, restart, problem content), so a problem gets the
+same answer alone or anywhere in any batch; the answer is the best state of any restart,
+re-scored in float64 on the original problem.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from qsurgeon.client.errors import UsageError
+from qsurgeon.worker.problem import BlockProblem, BlockSolution
+from qsurgeon.worker.solvers.base import Capabilities, Solver
+from qsurgeon.worker.solvers.sa_rng import chain_keys, problem_digest
+
+#: Largest block accepted: a dense float32 Q of 4096² is 64 MiB, and one iteration scans it.
+MAX_VARIABLES = 4096
+DEFAULT_RESTARTS = 2
+DEFAULT_ITERATIONS = 3000
+#: Tuned on real MiniLM layer-wise blocks (B = 256, 6 blocks × 4 seeds): tenure 2 (a moved
+#: variable is tabu for 2–4 iterations) reached the best known energy far more often than 1
+#: (cycles) or ≥ 3 (forbids too many of the few good moves of a deep valley); see docs/solvers.md.
+DEFAULT_TENURE = 2
+_STARTS = ("auto", "x0", "random")
+#: "sweeps" is accepted as another name for "iterations", so ``qsurgeon solve --sweeps N`` works.
+_KNOWN_PARAMS = {"restarts", "iterations", "sweeps", "tenure", "anneal_sweeps", "time_limit", "start", "seed"}
+_MAX_ITERATIONS = 10**9
+
+
+@dataclass(frozen=True)
+class TabuParams:
+    """Validated parameters of one ``swap-tabu`` call."""
+
+    restarts: int
+    iterations: int
+    tenure: int
+    anneal_sweeps: int  # > 0: an ``sa`` run of this many sweeps first, the search starts from its answer
+    time_limit: float | None
+    start: str
+    seed: int
+
+    @classmethod
+    def parse(cls, params: dict[str, Any]) -> "TabuParams":
+        unknown = set(params) - _KNOWN_PARAMS
+        if unknown:
+            raise UsageError(f"swap-tabu: unknown parameter(s) {sorted(unknown)}; known: {sorted(_KNOWN_PARAMS)}")
+        restarts = _integer(params.get("restarts"), "restarts", DEFAULT_RESTARTS, 1, 4096)
+        if params.get("iterations") is not None and params.get("sweeps") is not None:
+            raise UsageError("swap-tabu: give iterations or sweeps (the same thing here), not both")
+        iterations = params.get("iterations", params.get("sweeps"))
+        iterations = _integer(iterations, "iterations", DEFAULT_ITERATIONS, 0, _MAX_ITERATIONS)
+        tenure = _integer(params.get("tenure"), "tenure", DEFAULT_TENURE, 0, 1_000_000)
+        anneal_sweeps = _integer(params.get("anneal_sweeps"), "anneal_sweeps", 0, 0, _MAX_ITERATIONS)
+        time_limit = params.get("time_limit")
+        if time_limit is not None:
+            try:
+                time_limit = float(time_limit)
+            except (TypeError, ValueError):
+                time_limit = math.nan
+            if not (time_limit > 0 and math.isfinite(time_limit)):
+                raise UsageError(f"swap-tabu: time_limit must be a positive number of seconds, "
+                                 f"got {params['time_limit']!r}")
+        start = params.get("start") or "auto"
+        if start not in _STARTS:
+            raise UsageError(f"swap-tabu: start must be one of {', '.join(_STARTS)}, got {start!r}")
+        seed = params.get("seed")
+        if seed is None:
+            seed = secrets.randbits(63)
+        elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not -(2**127) <= int(seed) < 2**127:
+            raise UsageError(f"swap-tabu: seed must be an integer, got {seed!r}")
+        return cls(restarts=restarts, iterations=iterations, tenure=tenure, anneal_sweeps=anneal_sweeps,
+                   time_limit=time_limit, start=start, seed=int(seed))
+
+
+def _integer(value: Any, name: str, default: int, minimum: int, maximum: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not minimum <= int(value) <= maximum:
+        raise UsageError(f"swap-tabu: {name} must be an integer in {minimum}..{maximum}, got {value!r}")
+    return int(value)
+
+
+def dense_kernel_Q(problem: BlockProblem) -> np.ndarray:
+    """The float32 Q the kernel searches; a factored block's FᵀF + diag(c) is formed in float64.
+
+    Symmetrised like :meth:`BlockProblem.dense` does, so a factored block and the dense block
+    built from its ``dense_Q()`` give the kernel the very same matrix (and the same answer).
+    """
+    if problem.Q is not None:
+        return np.asarray(problem.Q, np.float32)
+    Q = problem.dense_Q().astype(np.float32)
+    return np.ascontiguousarray((Q + Q.T) * np.float32(0.5))
+
+
+def _uses_x0(problem: BlockProblem, start: str) -> bool:
+    if start == "random":
+        return False
+    if start == "x0" and problem.x0 is None:
+        label = f"problem {problem.id!r}" if problem.id else "a problem"
+        raise UsageError(f"swap-tabu: start='x0' but {label} has no x0")
+    return problem.x0 is not None
+
+
+def _keys(problem: BlockProblem, Q: np.ndarray, seed: int, restarts: int) -> np.ndarray:
+    """Chain keys from (seed, restart, content of the kernel's Q and the constraint)."""
+    digest = problem_digest(problem.group_of, problem.counts, problem.x0, np.diagonal(Q), Q[0])
+    return chain_keys(b"swap-tabu" + digest, seed, restarts)
+
+
+class SwapTabuSolver(Solver):
+    """Tabu search over best swaps inside groups; never leaves the feasible set."""
+
+    capabilities = Capabilities(
+        name="swap-tabu",
+        description="best-swap tabu search inside groups (CPU kernel; dense or factored, B ≤ 4096)",
+        max_variables=MAX_VARIABLES,
+        constraints="native",
+        device="cpu",
+        deterministic=True,
+    )
+
+    def sample(self, problem: BlockProblem, **params: Any) -> BlockSolution:
+        return self.sample_batch([problem], **params)[0]
+
+    def sample_batch(self, problems: Sequence[BlockProblem], **params: Any) -> list[BlockSolution]:
+        """Search every problem; parameters (all optional):
+
+        restarts (2; independent searches per problem, run in parallel), iterations (3000 per
+        restart; one iteration = one best swap over the whole neighbourhood), tenure (2: a
+        variable that moved is tabu for tenure + U[0, tenure] iterations), anneal_sweeps (0;
+        when > 0, ``sa`` with this many sweeps and the same restarts and seed runs first on the
+        CPU and every search starts from its answer: for B ≥ 512, where descending from x0
+        one swap per iteration is slow), time_limit (seconds for the whole call, checked
+        between chunks of iterations; the best so far is returned), start ("auto": x0 where
+        the problem has one, else random; "x0"; "random"), seed (None: fresh, reported in the
+        metadata).
+        """
+        options = TabuParams.parse(params)
+        problems = list(problems)
+        if not problems:
+            return []
+        started = time.perf_counter()
+        use_x0 = np.array([_uses_x0(problem, options.start) for problem in problems], np.bool_)
+        annealed: list[BlockSolution | None] = [None] * len(problems)
+        if options.anneal_sweeps:
+            annealed = list(self._anneal(problems, options))
+            use_x0[:] = True
+        remaining = None
+        if options.time_limit is not None:
+            remaining = max(options.time_limit - (time.perf_counter() - started), 1e-6)
+        starts = [problem if answer is None else problem.with_x0(answer.x) for problem, answer in zip(problems, annealed)]
+        results = self._search(starts, use_x0, options, remaining)
+        elapsed = time.perf_counter() - started
+        return [self._solution(problem, result, bool(from_x0), answer, options, elapsed, len(problems))
+                for problem, result, from_x0, answer in zip(problems, results, use_x0, annealed)]
+
+    @staticmethod
+    def _anneal(problems: list[BlockProblem], options: TabuParams) -> list[BlockSolution]:
+        from qsurgeon.worker.solvers.sa import SimulatedAnnealingSolver
+
+        extra = {} if options.time_limit is None else {"time_limit": options.time_limit}
+        return SimulatedAnnealingSolver().sample_batch(problems, restarts=options.restarts, sweeps=options.anneal_sweeps,
+                                                       seed=options.seed, start=options.start, device="cpu", **extra)
+
+    @staticmethod
+    def _search(problems: list[BlockProblem], use_x0: np.ndarray, options: TabuParams,
+                time_limit: float | None) -> list:
+        from qsurgeon.worker.solvers import swap_tabu_cpu
+
+        kernel_problems, keys = [], []
+        for problem in problems:
+            Q = dense_kernel_Q(problem)
+            keys.append(_keys(problem, Q, options.seed, options.restarts))
+            kernel_problems.append(swap_tabu_cpu.kernel_problem(
+                Q, problem.group_of, problem.counts, problem.x0, (options.tenure, options.tenure, options.tenure)))
+        return swap_tabu_cpu.run_batch(kernel_problems, np.stack(keys), use_x0, options.iterations, time_limit)
+
+    def _solution(self, problem: BlockProblem, result: Any, from_x0: bool, annealed: BlockSolution | None,
+                  options: TabuParams, elapsed: float, batch_size: int) -> BlockSolution:
+        energies = problem.energies(result.best_x)
+        best = int(np.argmin(energies))
+        metadata = {
+            "device": "cpu",
+            "seed": options.seed,
+            "start": ("sa" if annealed is not None else "x0" if from_x0 else "random"),
+            "tenure": options.tenure,
+            "iterations": result.iterations_done,
+            "iterations_requested": options.iterations,
+            "moves": int(result.moves.sum()),
+            "best_restart": best,
+            "stopped_by_time_limit": result.iterations_done < options.iterations,
+            "batch_size": batch_size,
+            "batch_seconds": elapsed,
+        }
+        if annealed is not None:
+            metadata.update(anneal_sweeps=annealed.sweeps, anneal_energy=annealed.energy)
+        return BlockSolution(
+            x=result.best_x[best].astype(np.uint8), energy=float(energies[best]), solver=self.name,
+            seconds=elapsed / batch_size, sweeps=result.iterations_done, restarts=options.restarts,
+            problem_id=problem.id, metadata=metadata,
+        )

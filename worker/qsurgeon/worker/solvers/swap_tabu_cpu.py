@@ -1,0 +1,367 @@
+"""Compiled CPU kernel of the ``swap-tabu`` solver (numba), over problems × restarts.
+
+Each chain (one restart of one problem) runs a tabu search whose move is the *best* swap
+of one kept and one pruned variable of the same group. The kernel keeps, per chain,
+
+- ``h = Qx`` in float64 and the single-flip deltas ``d`` (``d_v = Q_vv ± 2 h_v``), so the
+  energy change of the swap (i in, j out) is ``d_i + d_j − 2 Q_ij``: O(1) per pair, and the
+  whole neighbourhood (every one × every zero of every group) costs O(Σ_g ones_g · size_g);
+- ``tabu_until``: the iteration until which a variable may not move again (a variable that
+  left may not come back, one that came in may not leave); a tabu move is still taken when
+  it would beat the best energy of the chain (aspiration);
+- the best state visited and its energy.
+
+Variables are renumbered so that every group is a contiguous range; the scan over one
+row of Q is then a contiguous min-reduction over the group that the compiler vectorises,
+with the pruned/tabu status folded into two "penalty" arrays (``BIG`` where a variable may
+not enter). All random numbers (tenures) come from :func:`sa_cpu._draw` on the chain's
+key and the iteration number, and the state lives in arrays between calls, so a run cut
+into chunks for ``time_limit`` takes the same path as one uncut run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit, prange
+
+from qsurgeon.worker.solvers.sa_cpu import MAX_BYTES_PER_CALL, _below, _draw, _start_state, next_chunk
+
+#: Stands for "no move found yet".
+BIG = 1e300
+#: Groups up to this size are scanned pair by pair; larger ones in bound-pruned order.
+SMALL_GROUP = 32
+_U32 = np.uint64(32)
+_LOW32 = np.uint64(0xFFFFFFFF)
+
+
+@njit(cache=True)
+def _refresh(Q, qo, n, co, x, h, d):
+    """Single-flip deltas: d_v = Q_vv + 2h_v for a zero (0→1), Q_vv − 2h_v for a one (1→0)."""
+    for v in range(n):
+        qvv = np.float64(Q[qo + v * n + v])
+        d[co + v] = qvv - 2.0 * h[co + v] if x[co + v] else qvv + 2.0 * h[co + v]
+
+
+@njit(cache=True, inline="always")
+def _allowed(tabu_until, co, i, j, it, value, current, best):
+    """Neither variable tabu, or the move makes a new best state (aspiration)."""
+    return (tabu_until[co + i] <= it and tabu_until[co + j] <= it) or current + value < best
+
+
+@njit(cache=True)
+def _scan_small(Q, qo, n, co, x, d, tabu_until, it, current, best, begin, end, found):
+    """Every (one, zero) pair of a small group; ``found`` = [value, i, j] is improved in place."""
+    for j in range(begin, end):
+        if not x[co + j]:
+            continue
+        row = qo + j * n
+        dj = d[co + j]
+        for i in range(begin, end):
+            if x[co + i]:
+                continue
+            value = dj + d[co + i] - 2.0 * np.float64(Q[row + i])
+            if value < found[0] and _allowed(tabu_until, co, i, j, it, value, current, best):
+                found[0] = value
+                found[1] = i
+                found[2] = j
+
+
+@njit(cache=True)
+def _scan_pruned(Q, qo, n, co, x, d, rowmax, vo, tabu_until, it, current, best, begin, end, found):
+    """The best allowed pair of a large group, skipping pairs that provably cannot beat it.
+
+    With m_j = max_{i≠j} Q_ji over the group (fixed per problem), ΔE(i, j) ≥ d_i + d_j − 2 m_j.
+    Zeros are visited by ascending d_i, ones by ascending lower bound d_j + min d_zero − 2 m_j;
+    a row stops at the first zero whose bound cannot beat the best found, the scan at the
+    first such row. Exact: the pair returned is the best allowed one (ties aside).
+    """
+    zeros = np.empty(end - begin, np.int64)
+    ones = np.empty(end - begin, np.int64)
+    num_zeros = 0
+    num_ones = 0
+    for v in range(begin, end):
+        if x[co + v]:
+            ones[num_ones] = v
+            num_ones += 1
+        else:
+            zeros[num_zeros] = v
+            num_zeros += 1
+    zeros = zeros[:num_zeros]
+    ones = ones[:num_ones]
+    zero_d = np.empty(num_zeros, np.float64)
+    for position in range(num_zeros):
+        zero_d[position] = d[co + zeros[position]]
+    zero_order = np.argsort(zero_d, kind="mergesort")
+    lowest_zero = zero_d[zero_order[0]]
+    bound = np.empty(num_ones, np.float64)
+    for position in range(num_ones):
+        j = ones[position]
+        bound[position] = d[co + j] + lowest_zero - 2.0 * rowmax[vo + j]
+    one_order = np.argsort(bound, kind="mergesort")
+    for position in range(num_ones):
+        if bound[one_order[position]] >= found[0]:
+            break
+        j = ones[one_order[position]]
+        dj = d[co + j]
+        slack = 2.0 * rowmax[vo + j] - dj  # pair (i, j) can only beat found[0] if d_i < found[0] + slack
+        row = qo + j * n
+        for rank in range(num_zeros):
+            i_position = zero_order[rank]
+            if zero_d[i_position] >= found[0] + slack:
+                break
+            i = zeros[i_position]
+            value = dj + zero_d[i_position] - 2.0 * np.float64(Q[row + i])
+            if value < found[0] and _allowed(tabu_until, co, i, j, it, value, current, best):
+                found[0] = value
+                found[1] = i
+                found[2] = j
+
+
+@njit(cache=True)
+def _best_swap(Q, qo, n, co, x, d, rowmax, vo, tabu_until, it, current, best, g_start, g_size, sw_groups, sw_base,
+               nsw, grp_base, found):
+    """The best allowed swap over every swappable group: found = [ΔE, i (in), j (out)].
+
+    When every move is tabu and none aspires, the best move regardless of tabu is taken
+    (a second pass with ``it`` beyond every tenure); found[1] < 0 only when no swap exists.
+    """
+    for attempt in range(2):
+        found[0] = BIG
+        found[1] = -1
+        found[2] = -1
+        now = it if attempt == 0 else (1 << 62)  # second pass: nothing is tabu
+        for s in range(nsw):
+            group = sw_groups[sw_base + s]
+            begin = g_start[grp_base + group]
+            end = begin + g_size[grp_base + group]
+            if end - begin <= SMALL_GROUP:
+                _scan_small(Q, qo, n, co, x, d, tabu_until, now, current, best, begin, end, found)
+            else:
+                _scan_pruned(Q, qo, n, co, x, d, rowmax, vo, tabu_until, now, current, best, begin, end, found)
+        if found[1] >= 0:
+            return
+
+
+@njit(parallel=True, cache=True)
+def init_chains(Q, q_off, nvar, var_off, var_group, x0, grp_off, ngrp, g_start, g_count, chain_problem,
+                chain_var_off, chain_use_x0, key_start, x, best_x, slot, h, tabu_until, energy, best_energy):
+    """Start state (x0 or random feasible), fields h = Qx and energies of every chain."""
+    for c in prange(chain_problem.shape[0]):
+        p = chain_problem[c]
+        n = nvar[p]
+        co = chain_var_off[c]
+        qo = q_off[p]
+        _start_state(n, var_off[p], co, chain_use_x0[c], x0, var_group, grp_off[p], ngrp[p], g_start, g_count,
+                     key_start[c], x, slot)
+        total = 0.0
+        for v in range(n):
+            field = 0.0
+            row = qo + v * n
+            for u in range(n):
+                if x[co + u]:
+                    field += np.float64(Q[row + u])
+            h[co + v] = field
+            tabu_until[co + v] = 0
+            best_x[co + v] = x[co + v]
+            if x[co + v]:
+                total += field
+        energy[c] = total
+        best_energy[c] = total
+
+
+@njit(parallel=True, cache=True)
+def search(Q, q_off, nvar, var_off, rowmax, grp_off, g_start, g_size, sw_off, nsw, sw_groups, chain_problem,
+           chain_var_off, key_run, tenure_in, tenure_out, tenure_spread, it_begin, it_end, x, best_x, h, d,
+           tabu_until, energy, best_energy, moves):
+    """Iterations it_begin..it_end−1 of every chain's tabu search (state kept in the arrays)."""
+    for c in prange(chain_problem.shape[0]):
+        p = chain_problem[c]
+        if nsw[p] == 0:
+            continue
+        n = nvar[p]
+        co = chain_var_off[c]
+        qo = q_off[p]
+        key = key_run[c]
+        current = energy[c]
+        best = best_energy[c]
+        found = np.empty(3, np.float64)
+        for it in range(it_begin, it_end):
+            _refresh(Q, qo, n, co, x, h, d)
+            _best_swap(Q, qo, n, co, x, d, rowmax, var_off[p], tabu_until, it, current, best, g_start, g_size,
+                       sw_groups, sw_off[p], nsw[p], grp_off[p], found)
+            if found[1] < 0:
+                break
+            i = np.int64(found[1])
+            j = np.int64(found[2])
+            x[co + i] = 1
+            x[co + j] = 0
+            row_i = qo + i * n
+            row_j = qo + j * n
+            for v in range(n):
+                h[co + v] += np.float64(Q[row_i + v]) - np.float64(Q[row_j + v])
+            current += found[0]
+            bits = _draw(key, it)
+            # j may not come back for tenure_out + U[0, spread] iterations; i may not leave for tenure_in + ...
+            tabu_until[co + j] = it + 1 + tenure_out[p] + _below(bits >> _U32, tenure_spread[p] + 1)
+            tabu_until[co + i] = it + 1 + tenure_in[p] + _below(bits & _LOW32, tenure_spread[p] + 1)
+            moves[c] += 1
+            if current < best:
+                best = current
+                for v in range(n):
+                    best_x[co + v] = x[co + v]
+        energy[c] = current
+        best_energy[c] = best
+
+
+# ---------------------------------------------------------------------- packing and driving
+@dataclass
+class TabuResults:
+    """What the kernel hands back for one problem: one row per restart, original variable order."""
+
+    best_x: np.ndarray  # (restarts, B) uint8
+    kernel_energy: np.ndarray  # (restarts,) float64, without the offset
+    moves: np.ndarray  # (restarts,) int64, swaps made
+    iterations_done: int
+
+
+@dataclass
+class KernelProblem:
+    """A problem in the kernel's numbering: dense float32 Q with every group a contiguous range."""
+
+    Q: np.ndarray  # (B, B) float32, rows and columns permuted
+    order: np.ndarray  # kernel index -> original variable
+    group_of: np.ndarray  # sorted group labels, in kernel numbering
+    counts: np.ndarray
+    x0: np.ndarray | None  # in kernel numbering
+    tenure: tuple[int, int, int]  # (in, out, spread)
+    rowmax: np.ndarray  # (B,) float64: max_{i≠j} Q_ji over j's group (groups > SMALL_GROUP only)
+
+    @property
+    def num_variables(self) -> int:
+        return int(self.order.shape[0])
+
+
+def kernel_problem(Q: np.ndarray, group_of: np.ndarray, counts: np.ndarray, x0: np.ndarray | None,
+                   tenure: tuple[int, int, int]) -> KernelProblem:
+    """Renumber a dense problem so that each group is contiguous (a no-op copy for one group)."""
+    order = np.argsort(group_of, kind="stable").astype(np.int64)
+    if not np.array_equal(order, np.arange(order.shape[0])):
+        Q = Q[np.ix_(order, order)]
+    Q = np.ascontiguousarray(Q, dtype=np.float32)
+    sizes = np.bincount(group_of, minlength=len(counts))
+    rowmax = np.zeros(order.shape[0], np.float64)
+    for begin, size in zip(np.concatenate(([0], np.cumsum(sizes)[:-1])), sizes):
+        if size > SMALL_GROUP:
+            block = Q[begin : begin + size, begin : begin + size].astype(np.float64)
+            np.fill_diagonal(block, -np.inf)
+            rowmax[begin : begin + size] = block.max(axis=1)
+    return KernelProblem(Q=Q, order=order, group_of=np.ascontiguousarray(group_of[order], dtype=np.int64),
+                         counts=np.asarray(counts, np.int64),
+                         x0=None if x0 is None else np.ascontiguousarray(x0[order], dtype=np.uint8), tenure=tenure,
+                         rowmax=rowmax)
+
+
+def _layout(problems: list[KernelProblem], use_x0: np.ndarray) -> dict[str, np.ndarray]:
+    nvar = np.array([p.num_variables for p in problems], np.int64)
+    ngrp = np.array([p.counts.shape[0] for p in problems], np.int64)
+    var_off = np.concatenate(([0], np.cumsum(nvar)[:-1])).astype(np.int64)
+    grp_off = np.concatenate(([0], np.cumsum(ngrp)[:-1])).astype(np.int64)
+    sizes = [np.bincount(p.group_of, minlength=p.counts.shape[0]).astype(np.int64) for p in problems]
+    swappable = [np.nonzero((p.counts > 0) & (p.counts < s))[0].astype(np.int64) for p, s in zip(problems, sizes)]
+    nsw = np.array([s.shape[0] for s in swappable], np.int64)
+    return dict(
+        nvar=nvar, ngrp=ngrp, var_off=var_off, grp_off=grp_off,
+        var_group=np.concatenate([p.group_of for p in problems]).astype(np.int64),
+        x0=np.concatenate([p.x0 if (flag and p.x0 is not None) else np.zeros(p.num_variables, np.uint8)
+                           for p, flag in zip(problems, use_x0)]).astype(np.uint8),
+        g_size=np.concatenate(sizes), g_count=np.concatenate([p.counts for p in problems]).astype(np.int64),
+        g_start=np.concatenate([np.concatenate(([0], np.cumsum(s)[:-1])) for s in sizes]).astype(np.int64),
+        nsw=nsw, sw_off=np.concatenate(([0], np.cumsum(nsw)[:-1])).astype(np.int64),
+        sw_groups=np.concatenate(swappable + [np.zeros(1, np.int64)]).astype(np.int64),
+    )
+
+
+def _run_part(problems: list[KernelProblem], keys: np.ndarray, use_x0: np.ndarray, iterations: int,
+              deadline: float | None) -> list[TabuResults]:
+    restarts = keys.shape[1]
+    L = _layout(problems, use_x0)
+    count = len(problems)
+    chain_problem = np.repeat(np.arange(count, dtype=np.int64), restarts)
+    chain_sizes = L["nvar"][chain_problem]
+    chain_var_off = np.concatenate(([0], np.cumsum(chain_sizes)[:-1])).astype(np.int64)
+    chain_use_x0 = np.repeat(use_x0.astype(np.bool_), restarts)
+    key_start = np.ascontiguousarray(keys[:, :, 0].reshape(-1))
+    key_run = np.ascontiguousarray(keys[:, :, 2].reshape(-1))
+    total = int(chain_sizes.sum())
+    chains = chain_problem.shape[0]
+    x, best_x = np.zeros(total, np.uint8), np.zeros(total, np.uint8)
+    slot = np.zeros(total, np.int64)
+    h, d = np.zeros(total, np.float64), np.zeros(total, np.float64)
+    tabu_until = np.zeros(total, np.int64)
+    energy, best_energy = np.zeros(chains, np.float64), np.zeros(chains, np.float64)
+    moves = np.zeros(chains, np.int64)
+    q_off = np.concatenate(([0], np.cumsum(L["nvar"] * L["nvar"])[:-1])).astype(np.int64)
+    Q = np.concatenate([p.Q.reshape(-1) for p in problems])
+    rowmax = np.concatenate([p.rowmax for p in problems])
+    tenure = np.array([p.tenure for p in problems], np.int64).reshape(count, 3)
+    tenure_in, tenure_out, spread = (np.ascontiguousarray(tenure[:, column]) for column in range(3))
+    init_chains(Q, q_off, L["nvar"], L["var_off"], L["var_group"], L["x0"], L["grp_off"], L["ngrp"], L["g_start"],
+                L["g_count"], chain_problem, chain_var_off, chain_use_x0, key_start, x, best_x, slot, h,
+                tabu_until, energy, best_energy)
+    done = 0
+    started = time.perf_counter()
+    while done < iterations:
+        if deadline is not None and done > 0 and time.perf_counter() >= deadline:
+            break
+        chunk = next_chunk(iterations - done, done, time.perf_counter() - started, deadline)
+        search(Q, q_off, L["nvar"], L["var_off"], rowmax, L["grp_off"], L["g_start"], L["g_size"], L["sw_off"],
+               L["nsw"], L["sw_groups"], chain_problem, chain_var_off, key_run, tenure_in, tenure_out, spread, done,
+               done + chunk, x, best_x, h, d, tabu_until, energy, best_energy, moves)
+        done += chunk
+    results = []
+    for index, problem in enumerate(problems):
+        start = int(chain_var_off[index * restarts])
+        size = problem.num_variables
+        permuted = best_x[start : start + restarts * size].reshape(restarts, size)
+        original = np.empty_like(permuted)
+        original[:, problem.order] = permuted
+        rows = slice(index * restarts, (index + 1) * restarts)
+        results.append(TabuResults(best_x=original, kernel_energy=best_energy[rows].copy(),
+                                   moves=moves[rows].copy(), iterations_done=done))
+    return results
+
+
+def run_batch(problems: list[KernelProblem], keys: np.ndarray, use_x0: np.ndarray, iterations: int,
+              time_limit: float | None) -> list[TabuResults]:
+    """Search every problem of a batch; one TabuResults per problem, in order.
+
+    keys: (P, restarts, 3) uint64 chain keys. A batch whose matrices exceed MAX_BYTES_PER_CALL
+    runs in parts; a time limit is shared among the parts in proportion to their O(B²) work.
+    """
+    parts: list[list[int]] = []
+    current: list[int] = []
+    current_bytes = 0
+    for index, problem in enumerate(problems):
+        size = 4 * problem.num_variables**2
+        if current and current_bytes + size > MAX_BYTES_PER_CALL:
+            parts.append(current)
+            current, current_bytes = [], 0
+        current.append(index)
+        current_bytes += size
+    if current:
+        parts.append(current)
+    work = [sum(problems[i].num_variables ** 2 for i in part) for part in parts]
+    results: list[TabuResults | None] = [None] * len(problems)
+    started = time.perf_counter()
+    for position, part in enumerate(parts):
+        deadline = None
+        if time_limit is not None:
+            remaining = time_limit - (time.perf_counter() - started)
+            deadline = time.perf_counter() + max(remaining, 0.0) * work[position] / max(sum(work[position:]), 1)
+        answers = _run_part([problems[i] for i in part], keys[part], use_x0[part], iterations, deadline)
+        for index, answer in zip(part, answers):
+            results[index] = answer
+    return results  # type: ignore[return-value]

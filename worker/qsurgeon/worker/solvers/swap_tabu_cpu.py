@@ -69,51 +69,59 @@ def _scan_small(Q, qo, n, co, x, d, tabu_until, it, current, best, begin, end, f
                 found[2] = j
 
 
+@njit(cache=True, inline="always")
+def _insertion_sort(keys, slot, begin, end):
+    """Sort slot[begin:end] by keys[begin:end] (ascending, stable), moving both.
+
+    The order changes little from one iteration to the next (one swap shifts every d by
+    2(Q_vi − Q_vj)), so insertion sort on the previous order is cheaper than a fresh sort.
+    """
+    for position in range(begin + 1, end):
+        key = keys[position]
+        item = slot[position]
+        back = position - 1
+        while back >= begin and keys[back] > key:
+            keys[back + 1] = keys[back]
+            slot[back + 1] = slot[back]
+            back -= 1
+        keys[back + 1] = key
+        slot[back + 1] = item
+
+
 @njit(cache=True)
-def _scan_pruned(Q, qo, n, co, x, d, rowmax, vo, tabu_until, it, current, best, begin, end, found):
+def _scan_pruned(Q, qo, n, co, d, rowmax, vo, slot, keys, tabu_until, it, current, best, begin, count, end, found):
     """The best allowed pair of a large group, skipping pairs that provably cannot beat it.
 
     With m_j = max_{i≠j} Q_ji over the group (fixed per problem), ΔE(i, j) ≥ d_i + d_j − 2 m_j.
-    Zeros are visited by ascending d_i, ones by ascending lower bound d_j + min d_zero − 2 m_j;
-    a row stops at the first zero whose bound cannot beat the best found, the scan at the
-    first such row. Exact: the pair returned is the best allowed one (ties aside).
+    The group's slots hold [ones | zeros]; zeros are kept sorted by d_i, ones by d_j − 2 m_j.
+    A row stops at the first zero whose bound cannot beat the best found, the scan at the
+    first row whose bound (with the lowest d_i) cannot. Exact: the pair returned is the best
+    allowed one (ties aside).
     """
-    zeros = np.empty(end - begin, np.int64)
-    ones = np.empty(end - begin, np.int64)
-    num_zeros = 0
-    num_ones = 0
-    for v in range(begin, end):
-        if x[co + v]:
-            ones[num_ones] = v
-            num_ones += 1
-        else:
-            zeros[num_zeros] = v
-            num_zeros += 1
-    zeros = zeros[:num_zeros]
-    ones = ones[:num_ones]
-    zero_d = np.empty(num_zeros, np.float64)
-    for position in range(num_zeros):
-        zero_d[position] = d[co + zeros[position]]
-    zero_order = np.argsort(zero_d, kind="mergesort")
-    lowest_zero = zero_d[zero_order[0]]
-    bound = np.empty(num_ones, np.float64)
-    for position in range(num_ones):
-        j = ones[position]
-        bound[position] = d[co + j] + lowest_zero - 2.0 * rowmax[vo + j]
-    one_order = np.argsort(bound, kind="mergesort")
-    for position in range(num_ones):
-        if bound[one_order[position]] >= found[0]:
+    ones_begin = co + begin
+    zeros_begin = ones_begin + count
+    zeros_end = co + end
+    for position in range(ones_begin, zeros_begin):
+        j = slot[position]
+        keys[position] = d[co + j] - 2.0 * rowmax[vo + j]
+    for position in range(zeros_begin, zeros_end):
+        keys[position] = d[co + slot[position]]
+    _insertion_sort(keys, slot, ones_begin, zeros_begin)
+    _insertion_sort(keys, slot, zeros_begin, zeros_end)
+    lowest_zero = keys[zeros_begin]
+    for position in range(ones_begin, zeros_begin):
+        if keys[position] + lowest_zero >= found[0]:
             break
-        j = ones[one_order[position]]
+        j = slot[position]
         dj = d[co + j]
         slack = 2.0 * rowmax[vo + j] - dj  # pair (i, j) can only beat found[0] if d_i < found[0] + slack
         row = qo + j * n
-        for rank in range(num_zeros):
-            i_position = zero_order[rank]
-            if zero_d[i_position] >= found[0] + slack:
+        for zero in range(zeros_begin, zeros_end):
+            di = keys[zero]
+            if di >= found[0] + slack:
                 break
-            i = zeros[i_position]
-            value = dj + zero_d[i_position] - 2.0 * np.float64(Q[row + i])
+            i = slot[zero]
+            value = dj + di - 2.0 * np.float64(Q[row + i])
             if value < found[0] and _allowed(tabu_until, co, i, j, it, value, current, best):
                 found[0] = value
                 found[1] = i
@@ -121,8 +129,18 @@ def _scan_pruned(Q, qo, n, co, x, d, rowmax, vo, tabu_until, it, current, best, 
 
 
 @njit(cache=True)
-def _best_swap(Q, qo, n, co, x, d, rowmax, vo, tabu_until, it, current, best, g_start, g_size, sw_groups, sw_base,
-               nsw, grp_base, found):
+def _move_slots(slot, co, begin, count, end, i, j):
+    """Keep the group's [ones | zeros] slot layout after i came in and j went out."""
+    for position in range(co + begin, co + end):
+        if slot[position] == j and position < co + begin + count:
+            slot[position] = i
+        elif slot[position] == i and position >= co + begin + count:
+            slot[position] = j
+
+
+@njit(cache=True)
+def _best_swap(Q, qo, n, co, x, d, rowmax, vo, slot, keys, tabu_until, it, current, best, g_start, g_size, g_count,
+               sw_groups, sw_base, nsw, grp_base, found):
     """The best allowed swap over every swappable group: found = [ΔE, i (in), j (out)].
 
     When every move is tabu and none aspires, the best move regardless of tabu is taken
@@ -140,7 +158,8 @@ def _best_swap(Q, qo, n, co, x, d, rowmax, vo, tabu_until, it, current, best, g_
             if end - begin <= SMALL_GROUP:
                 _scan_small(Q, qo, n, co, x, d, tabu_until, now, current, best, begin, end, found)
             else:
-                _scan_pruned(Q, qo, n, co, x, d, rowmax, vo, tabu_until, now, current, best, begin, end, found)
+                _scan_pruned(Q, qo, n, co, d, rowmax, vo, slot, keys, tabu_until, now, current, best, begin,
+                             g_count[grp_base + group], end, found)
         if found[1] >= 0:
             return
 
@@ -173,9 +192,9 @@ def init_chains(Q, q_off, nvar, var_off, var_group, x0, grp_off, ngrp, g_start, 
 
 
 @njit(parallel=True, cache=True)
-def search(Q, q_off, nvar, var_off, rowmax, grp_off, g_start, g_size, sw_off, nsw, sw_groups, chain_problem,
-           chain_var_off, key_run, tenure_in, tenure_out, tenure_spread, it_begin, it_end, x, best_x, h, d,
-           tabu_until, energy, best_energy, moves):
+def search(Q, q_off, nvar, var_off, var_group, rowmax, grp_off, g_start, g_size, g_count, sw_off, nsw, sw_groups,
+           chain_problem, chain_var_off, key_run, tenure_in, tenure_out, tenure_spread, it_begin, it_end, x, best_x,
+           slot, keys, h, d, tabu_until, energy, best_energy, moves):
     """Iterations it_begin..it_end−1 of every chain's tabu search (state kept in the arrays)."""
     for c in prange(chain_problem.shape[0]):
         p = chain_problem[c]
@@ -190,14 +209,17 @@ def search(Q, q_off, nvar, var_off, rowmax, grp_off, g_start, g_size, sw_off, ns
         found = np.empty(3, np.float64)
         for it in range(it_begin, it_end):
             _refresh(Q, qo, n, co, x, h, d)
-            _best_swap(Q, qo, n, co, x, d, rowmax, var_off[p], tabu_until, it, current, best, g_start, g_size,
-                       sw_groups, sw_off[p], nsw[p], grp_off[p], found)
+            _best_swap(Q, qo, n, co, x, d, rowmax, var_off[p], slot, keys, tabu_until, it, current, best, g_start,
+                       g_size, g_count, sw_groups, sw_off[p], nsw[p], grp_off[p], found)
             if found[1] < 0:
                 break
             i = np.int64(found[1])
             j = np.int64(found[2])
             x[co + i] = 1
             x[co + j] = 0
+            group = grp_off[p] + var_group[var_off[p] + i]
+            begin = g_start[group]
+            _move_slots(slot, co, begin, g_count[group], begin + g_size[group], i, j)
             row_i = qo + i * n
             row_j = qo + j * n
             for v in range(n):
@@ -299,6 +321,7 @@ def _run_part(problems: list[KernelProblem], keys: np.ndarray, use_x0: np.ndarra
     chains = chain_problem.shape[0]
     x, best_x = np.zeros(total, np.uint8), np.zeros(total, np.uint8)
     slot = np.zeros(total, np.int64)
+    keys = np.zeros(total, np.float64)
     h, d = np.zeros(total, np.float64), np.zeros(total, np.float64)
     tabu_until = np.zeros(total, np.int64)
     energy, best_energy = np.zeros(chains, np.float64), np.zeros(chains, np.float64)
@@ -317,9 +340,10 @@ def _run_part(problems: list[KernelProblem], keys: np.ndarray, use_x0: np.ndarra
         if deadline is not None and done > 0 and time.perf_counter() >= deadline:
             break
         chunk = next_chunk(iterations - done, done, time.perf_counter() - started, deadline)
-        search(Q, q_off, L["nvar"], L["var_off"], rowmax, L["grp_off"], L["g_start"], L["g_size"], L["sw_off"],
-               L["nsw"], L["sw_groups"], chain_problem, chain_var_off, key_run, tenure_in, tenure_out, spread, done,
-               done + chunk, x, best_x, h, d, tabu_until, energy, best_energy, moves)
+        search(Q, q_off, L["nvar"], L["var_off"], L["var_group"], rowmax, L["grp_off"], L["g_start"], L["g_size"],
+               L["g_count"], L["sw_off"], L["nsw"], L["sw_groups"], chain_problem, chain_var_off, key_run, tenure_in,
+               tenure_out, spread, done, done + chunk, x, best_x, slot, keys, h, d, tabu_until, energy, best_energy,
+               moves)
         done += chunk
     results = []
     for index, problem in enumerate(problems):

@@ -11,10 +11,12 @@ row is its own linear system. Two solvers:
 
 - ``"exact"``: a dense solve per row (batched in chunks). Simple and exact, but it
   costs O(rows · d³) and MEASURED.md found ~20 s per wide layer.
-- ``"cg"``: conjugate gradients (Jacobi-preconditioned) on all rows at once. Each iteration is one
-  ``(rows × d) @ (d × d)`` product with the kept entries masked, so the whole layer
-  advances together; it reaches the exact solve's error in a few dozen iterations
-  because the damping bounds the condition number.
+- ``"cg"``: preconditioned conjugate gradients on all rows at once. Each iteration is two
+  ``(rows × d) @ (d × d)`` products with the kept entries masked, so the whole layer
+  advances together. The preconditioner is ``H⁻¹`` restricted to the kept set (one
+  inverse per layer, shared by every row; Jacobi if ``H`` is singular): on MiniLM's
+  1536-input layers it reaches the exact error in ~30 iterations where the diagonal
+  (Jacobi) preconditioner needs ~200, so a layer costs about 3× less.
 
 Damping adds ``damp · mean(diag H)`` to the diagonal (as SparseGPT does): it keeps
 ``H[K,K]`` invertible when inputs are rank-deficient (few tokens, dead features) and
@@ -24,7 +26,7 @@ minimise exactly, so the refit never increases the damped error of a row.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
@@ -53,6 +55,17 @@ def damped_gram(gram: torch.Tensor, damp: float) -> torch.Tensor:
     diagonal[dead] = 1.0 if damp <= 0 else 0.0
     diagonal += damp * float(diagonal[~dead].mean())
     return hessian
+
+
+def inverse_from_cholesky(factor: torch.Tensor) -> torch.Tensor:
+    """``H⁻¹`` from the lower Cholesky factor of ``H``.
+
+    Same result as ``torch.cholesky_inverse``, but that routine is ~10× slower on CPU in
+    float64 (3.3 s vs 0.4 s at 1536 × 1536, measured here), and both the refit and
+    SparseGPT invert one Gram per layer.
+    """
+    identity = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
+    return torch.cholesky_solve(identity, factor)
 
 
 def _check_inputs(weight0: torch.Tensor, gram: torch.Tensor, mask: torch.Tensor, damp: float) -> None:
@@ -108,8 +121,9 @@ def refit_rows(
     else:
         if cg_dtype is None:
             cg_dtype = torch.float32 if tol >= 1e-5 else torch.float64
-        delta = _solve_cg(hessian.to(cg_dtype), kept.to(cg_dtype), rhs.to(cg_dtype), tol=tol,
-                          max_iter=max_iter or 4 * w0.shape[1]).to(torch.float64)
+        kept_cg = kept.to(cg_dtype)
+        delta = _solve_cg(hessian.to(cg_dtype), _preconditioner(hessian, kept_cg), kept_cg, rhs.to(cg_dtype),
+                          tol=tol, max_iter=max_iter or 4 * w0.shape[1]).to(torch.float64)
     refit = (w0 + delta) * kept
     return refit.to(weight0.dtype)
 
@@ -132,21 +146,37 @@ def _solve_exact(hessian: torch.Tensor, kept: torch.Tensor, rhs: torch.Tensor) -
     return delta
 
 
+def _preconditioner(hessian: torch.Tensor, kept: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``r ↦ (r H⁻¹) ∘ k`` per row, or Jacobi ``r ↦ r / diag H`` when ``H`` is singular (no damping).
+
+    ``(H⁻¹)[K,K]`` is SPD, so it is a valid CG preconditioner, and a close one:
+    ``H[K,K]⁻¹ = (H⁻¹)[K,K] − (H⁻¹)[K,P] ((H⁻¹)[P,P])⁻¹ (H⁻¹)[P,K]``, whose second term is
+    small when the pruned inputs are weakly coupled to the kept ones.
+    """
+    factor, info = torch.linalg.cholesky_ex(hessian)
+    if int(info) == 0:
+        inverse = inverse_from_cholesky(factor).to(kept.dtype)
+        return lambda residual: (residual @ inverse) * kept
+    tiny = torch.finfo(kept.dtype).tiny
+    inverse_diagonal = (1.0 / torch.diagonal(hessian).clamp_min(tiny)).to(kept.dtype)
+    return lambda residual: residual * inverse_diagonal
+
+
 def _solve_cg(
-    hessian: torch.Tensor, kept: torch.Tensor, rhs: torch.Tensor, *, tol: float, max_iter: int
+    hessian: torch.Tensor, precondition: Callable[[torch.Tensor], torch.Tensor], kept: torch.Tensor,
+    rhs: torch.Tensor, *, tol: float, max_iter: int
 ) -> torch.Tensor:
     """Conjugate gradients for all rows at once, each restricted to its kept entries.
 
     The operator of row r is ``v ↦ (v @ H) ∘ k_r`` on vectors supported on ``k_r``
     (``H`` is symmetric), which is ``H[K,K]`` padded with zeros: SPD on the kept
-    subspace, so CG converges there. Per-row step sizes keep rows independent; rows
-    that have converged stop moving (their step is masked to zero).
+    subspace, so CG converges there. Per-row step sizes keep rows independent; rows that have
+    converged stop moving (their step is masked to zero).
     """
     tiny = torch.finfo(rhs.dtype).tiny
-    inverse_diagonal = 1.0 / torch.diagonal(hessian).clamp_min(tiny)  # Jacobi preconditioner
     delta = torch.zeros_like(rhs)
     residual = rhs.clone()
-    preconditioned = residual * inverse_diagonal
+    preconditioned = precondition(residual)
     direction = preconditioned.clone()
     rz = (residual * preconditioned).sum(dim=1)
     threshold = (tol**2) * (residual * residual).sum(dim=1).clamp_min(tiny)
@@ -159,7 +189,7 @@ def _solve_cg(
         alpha = torch.where(active & (curvature > 0), rz / curvature.clamp_min(tiny), 0.0)
         delta += alpha[:, None] * direction
         residual -= alpha[:, None] * product
-        preconditioned = residual * inverse_diagonal
+        preconditioned = precondition(residual)
         rz_next = (residual * preconditioned).sum(dim=1)
         beta = torch.where(active, rz_next / rz.clamp_min(tiny), 0.0)
         direction = preconditioned + beta[:, None] * direction

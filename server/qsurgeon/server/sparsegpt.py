@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.server.refit import damped_gram
+from qsurgeon.server.refit import damped_gram, inverse_from_cholesky
 from qsurgeon.server.sparsity import Sparsity
 
 
@@ -128,7 +128,7 @@ def _inverse_cholesky_upper(hessian: torch.Tensor) -> torch.Tensor:
     for _ in range(8):
         factor, info = torch.linalg.cholesky_ex(hessian + jitter * torch.eye(len(hessian), dtype=hessian.dtype, device=hessian.device))
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(factor)
+            inverse = inverse_from_cholesky(factor)
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if int(info) == 0:
                 return upper

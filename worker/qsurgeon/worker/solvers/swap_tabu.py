@@ -165,11 +165,9 @@ class SwapTabuSolver(Solver):
         if options.anneal_sweeps:
             annealed = list(self._anneal(problems, options))
             use_x0[:] = True
-        remaining = None
-        if options.time_limit is not None:
-            remaining = max(options.time_limit - (time.perf_counter() - started), 1e-6)
+        deadline = None if options.time_limit is None else started + options.time_limit
         starts = [problem if answer is None else problem.with_x0(answer.x) for problem, answer in zip(problems, annealed)]
-        results = self._search(starts, use_x0, options, remaining)
+        results = self._search(starts, use_x0, options, deadline)
         elapsed = time.perf_counter() - started
         return [self._solution(problem, result, bool(from_x0), answer, options, elapsed, len(problems))
                 for problem, result, from_x0, answer in zip(problems, results, use_x0, annealed)]
@@ -184,7 +182,7 @@ class SwapTabuSolver(Solver):
 
     @staticmethod
     def _search(problems: list[BlockProblem], use_x0: np.ndarray, options: TabuParams,
-                time_limit: float | None) -> list:
+                deadline: float | None) -> list:
         from qsurgeon.worker.solvers import swap_tabu_cpu
 
         kernel_problems, keys = [], []
@@ -193,6 +191,8 @@ class SwapTabuSolver(Solver):
             keys.append(_keys(problem, Q, options.seed, options.restarts))
             kernel_problems.append(swap_tabu_cpu.kernel_problem(
                 Q, problem.group_of, problem.counts, problem.x0, (options.tenure, options.tenure, options.tenure)))
+        # the time limit covers forming the dense matrices too (seconds at B = 4096)
+        time_limit = None if deadline is None else max(deadline - time.perf_counter(), 1e-6)
         return swap_tabu_cpu.run_batch(kernel_problems, np.stack(keys), use_x0, options.iterations, time_limit)
 
     def _solution(self, problem: BlockProblem, result: Any, from_x0: bool, annealed: BlockSolution | None,

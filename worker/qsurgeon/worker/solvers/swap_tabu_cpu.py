@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from qsurgeon.worker.solvers.sa_cpu import MAX_BYTES_PER_CALL, _below, _draw, _start_state, next_chunk
+from qsurgeon.worker.solvers.sa_cpu import MAX_BYTES_PER_CALL, _below, _draw, _start_state
 
 #: Stands for "no move found yet".
 BIG = 1e300
@@ -239,6 +239,22 @@ def search(Q, q_off, nvar, var_off, var_group, rowmax, grp_off, g_start, g_size,
 
 
 # ---------------------------------------------------------------------- packing and driving
+def next_chunk(left: int, last_chunk: int, last_seconds: float, deadline: float | None) -> int:
+    """Iterations to run before looking at the clock again (all of them without a limit).
+
+    Paced on the *last* chunk and at most doubling: an iteration gets several times slower
+    as the search reaches good states (the pruning bound then skips fewer pairs), so an
+    average over the whole run would overshoot the deadline.
+    """
+    if deadline is None:
+        return left
+    if last_chunk == 0:
+        return min(left, 4)
+    seconds_per_iteration = max(last_seconds / last_chunk, 1e-9)
+    target = max((deadline - time.perf_counter()) / 4.0, 0.002)
+    return max(1, min(left, 2 * last_chunk, int(target / seconds_per_iteration)))
+
+
 @dataclass
 class TabuResults:
     """What the kernel hands back for one problem: one row per restart, original variable order."""
@@ -335,15 +351,18 @@ def _run_part(problems: list[KernelProblem], keys: np.ndarray, use_x0: np.ndarra
                 L["g_count"], chain_problem, chain_var_off, chain_use_x0, key_start, x, best_x, slot, h,
                 tabu_until, energy, best_energy)
     done = 0
-    started = time.perf_counter()
+    chunk = 0
+    chunk_seconds = 0.0
     while done < iterations:
         if deadline is not None and done > 0 and time.perf_counter() >= deadline:
             break
-        chunk = next_chunk(iterations - done, done, time.perf_counter() - started, deadline)
+        chunk = next_chunk(iterations - done, chunk, chunk_seconds, deadline)
+        chunk_started = time.perf_counter()
         search(Q, q_off, L["nvar"], L["var_off"], L["var_group"], rowmax, L["grp_off"], L["g_start"], L["g_size"],
                L["g_count"], L["sw_off"], L["nsw"], L["sw_groups"], chain_problem, chain_var_off, key_run, tenure_in,
                tenure_out, spread, done, done + chunk, x, best_x, slot, keys, h, d, tabu_until, energy, best_energy,
                moves)
+        chunk_seconds = time.perf_counter() - chunk_started
         done += chunk
     results = []
     for index, problem in enumerate(problems):

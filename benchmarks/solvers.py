@@ -22,10 +22,12 @@ MiniLM layer-wise blocks, full rank; Fisher blocks, N = 128 < B, semi-synthetic 
 
 Proposals per second are also given per CPU-second (process time of all threads), which
 is the per-core rate and is less disturbed by other processes sharing the machine; wall
-figures on a shared machine are noisy.
+figures on a shared machine are noisy. Short runs also report their median CPU time (a
+run's restarts run in parallel, so on an idle machine wall ≈ CPU time / cores at best).
 
     .venv/bin/python benchmarks/solvers.py            # full (~15 minutes on 2 busy cores)
     .venv/bin/python benchmarks/solvers.py --quick    # B ≤ 1024, fewer seeds (< 2 minutes)
+    .venv/bin/python benchmarks/solvers.py --short-only   # the B = 256 short-run table only
 
 Prints a table and writes benchmarks/out/solvers.json.
 """
@@ -210,13 +212,15 @@ def fastest_within(problems: list[BlockProblem], bests: list[float], tolerance: 
     """
     runs = []
     for solver, params, fields in _short_configs():
-        energies, seconds = np.empty((len(problems), len(seeds))), []
+        energies, seconds, cpu_seconds = np.empty((len(problems), len(seeds))), [], []
         for index, problem in enumerate(problems):
             for column, seed in enumerate(seeds):
-                answer, wall, _ = _timed(lambda: solve(problem, solver, seed=seed, start="x0", **params))
+                answer, wall, cpu = _timed(lambda: solve(problem, solver, seed=seed, start="x0", **params))
                 energies[index, column] = answer.energy
                 seconds.append(wall)
-        runs.append(({"solver": solver, **fields}, energies, seconds))
+                cpu_seconds.append(cpu)
+        runs.append(({"solver": solver, **fields, "median_cpu_seconds": float(np.median(cpu_seconds))}, energies,
+                     seconds))
     # a short run that beats the reference runs becomes the best known (never a negative gap)
     best = np.minimum(np.asarray(bests, np.float64), np.min([run[1].min(axis=1) for run in runs], axis=0))
     rows = []
@@ -232,8 +236,11 @@ def fastest_within(problems: list[BlockProblem], bests: list[float], tolerance: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="B ≤ 1024, one seed, smaller batches")
+    parser.add_argument("--short-only", action="store_true",
+                        help="only the B = 256 short-run table (~3 minutes); writes benchmarks/out/solvers_short.json")
     args = parser.parse_args()
-    sizes = QUICK_SIZES if args.quick else SIZES
+    load_at_start = os.getloadavg()
+    sizes = () if args.short_only else QUICK_SIZES if args.quick else SIZES
     seeds = (0,) if args.quick else (0, 1, 2)
     solve(instances.pruning_like_dense(16, 0), "sa", sweeps=1)  # compile or load the kernels first
     solve(instances.fisher_block(16, 0), "sa", sweeps=1)
@@ -280,8 +287,7 @@ def main() -> None:
                   f"{row['mean_gap_tabu_x0']:>10.2e}{row['mean_seconds_tabu_x0']:>7.2f}"
                   f"{row['mean_gap_sa_tabu']:>10.2e}{row['mean_seconds_sa_tabu']:>7.2f}",
                   flush=True)
-    layerwise_256 = [r for r in rows if r["family"] == "layerwise" and r["B"] == 256][0]
-    known = {s["seed"]: s["best"] for s in layerwise_256["seeds"]}
+    known = {s["seed"]: s["best"] for r in rows if r["family"] == "layerwise" and r["B"] == 256 for s in r["seeds"]}
     short_seeds = (0,) if args.quick else SHORT_RUN_BLOCKS
     for seed in short_seeds:
         if seed not in known:
@@ -292,12 +298,15 @@ def main() -> None:
     for entry in short:
         print(f"  {_short_label(entry)}: gap mean {entry['mean_gap']:.2e} worst {entry['worst_gap']:.2e}, "
               f"{entry['share_within']:4.0%} within 0.1 %, {entry['median_seconds'] * 1e3:6.1f} ms median "
-              f"{entry['max_seconds'] * 1e3:6.1f} ms worst")
+              f"{entry['max_seconds'] * 1e3:6.1f} ms worst, {entry['median_cpu_seconds'] * 1e3:6.1f} CPU-ms median")
     OUT.mkdir(parents=True, exist_ok=True)
-    report = {"quick": args.quick, "machine": platform.processor() or platform.machine(),
-              "cpus": os.cpu_count(), "load_average": os.getloadavg(), "rows": rows, "b256_short_runs": short}
-    (OUT / "solvers.json").write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {OUT / 'solvers.json'} (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus)")
+    report = {"quick": args.quick, "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+              "load_average_at_start": load_at_start, "load_average": os.getloadavg(), "rows": rows,
+              "b256_short_runs": short}
+    path = OUT / ("solvers_short.json" if args.short_only else "solvers.json")
+    path.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {path} (load average {load_at_start[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, "
+          f"on {os.cpu_count()} cpus)")
 
 
 if __name__ == "__main__":

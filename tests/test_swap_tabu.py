@@ -111,6 +111,42 @@ def test_every_answer_keeps_exact_group_counts(start):
         assert answer.metadata["start"] == start
 
 
+def steepest_swap_descent(problem: BlockProblem) -> list[np.ndarray]:
+    """The states of a best-improving swap descent from x0 (swaps inside groups), by numpy."""
+    Q = problem.dense_Q()
+    x = problem.x0.astype(np.float64).copy()
+    states = [x.copy()]
+    same_group = problem.group_of[:, None] == problem.group_of[None, :]
+    while True:
+        h = Q @ x
+        d = np.where(x == 1, np.diag(Q) - 2 * h, np.diag(Q) + 2 * h)
+        delta = d[:, None] + d[None, :] - 2 * Q  # [i, j]: i comes in, j goes out
+        allowed = (x[:, None] == 0) & (x[None, :] == 1) & same_group
+        delta[~allowed] = np.inf
+        i, j = np.unravel_index(np.argmin(delta), delta.shape)
+        if not delta[i, j] < 0:
+            return states
+        x[i], x[j] = 1.0, 0.0
+        states.append(x.copy())
+
+
+@pytest.mark.parametrize("groups, counts", [
+    (None, None),  # one group of 80: the bound-pruned scan
+    (np.arange(80) // 40, [15, 26]),  # two large groups: pruned scan in each
+    (np.arange(80) % 20, [2] * 20),  # groups of 4: the pair-by-pair scan
+])
+def test_without_tabu_each_iteration_takes_the_best_swap(groups, counts):
+    """tenure 0 turns the search into a steepest descent, which numpy can follow step by step."""
+    for seed in range(3):
+        problem = pruning_block(80, 60 + seed, k=None if groups is not None else 30, groups=groups, counts=counts)
+        problem = problem.with_x0(solve(problem, SOLVER, seed=seed, iterations=0, start="random").x)
+        states = steepest_swap_descent(problem)
+        assert len(states) > 5
+        for steps in (1, len(states) - 1):
+            answer = solve(problem, SOLVER, seed=seed, restarts=1, tenure=0, iterations=steps)
+            assert np.array_equal(answer.x, states[steps].astype(np.uint8))
+
+
 def test_x0_start_never_returns_worse_than_x0_and_zero_iterations_return_it():
     problems = [pruning_block(48, seed, k=20, with_x0=True) for seed in range(4)]
     for problem, answer in zip(problems, solve_batch(problems, SOLVER, seed=3, iterations=20)):

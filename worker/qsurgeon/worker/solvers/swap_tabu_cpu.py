@@ -38,11 +38,10 @@ _LOW32 = np.uint64(0xFFFFFFFF)
 
 
 @njit(cache=True)
-def _refresh(Q, qo, n, co, x, h, d):
+def _refresh(diag, vo, n, co, x, h, d):
     """Single-flip deltas: d_v = Q_vv + 2h_v for a zero (0→1), Q_vv − 2h_v for a one (1→0)."""
     for v in range(n):
-        qvv = np.float64(Q[qo + v * n + v])
-        d[co + v] = qvv - 2.0 * h[co + v] if x[co + v] else qvv + 2.0 * h[co + v]
+        d[co + v] = diag[vo + v] + (2.0 - 4.0 * x[co + v]) * h[co + v]
 
 
 @njit(cache=True, inline="always")
@@ -192,7 +191,7 @@ def init_chains(Q, q_off, nvar, var_off, var_group, x0, grp_off, ngrp, g_start, 
 
 
 @njit(parallel=True, cache=True)
-def search(Q, q_off, nvar, var_off, var_group, rowmax, grp_off, g_start, g_size, g_count, sw_off, nsw, sw_groups,
+def search(Q, diag, q_off, nvar, var_off, var_group, rowmax, grp_off, g_start, g_size, g_count, sw_off, nsw, sw_groups,
            chain_problem, chain_var_off, key_run, tenure_in, tenure_out, tenure_spread, it_begin, it_end, x, best_x,
            slot, keys, h, d, tabu_until, energy, best_energy, moves):
     """Iterations it_begin..it_end−1 of every chain's tabu search (state kept in the arrays)."""
@@ -206,9 +205,10 @@ def search(Q, q_off, nvar, var_off, var_group, rowmax, grp_off, g_start, g_size,
         key = key_run[c]
         current = energy[c]
         best = best_energy[c]
+        vo = var_off[p]
         found = np.empty(3, np.float64)
+        _refresh(diag, vo, n, co, x, h, d)
         for it in range(it_begin, it_end):
-            _refresh(Q, qo, n, co, x, h, d)
             _best_swap(Q, qo, n, co, x, d, rowmax, var_off[p], slot, keys, tabu_until, it, current, best, g_start,
                        g_size, g_count, sw_groups, sw_off[p], nsw[p], grp_off[p], found)
             if found[1] < 0:
@@ -222,8 +222,10 @@ def search(Q, q_off, nvar, var_off, var_group, rowmax, grp_off, g_start, g_size,
             _move_slots(slot, co, begin, g_count[group], begin + g_size[group], i, j)
             row_i = qo + i * n
             row_j = qo + j * n
-            for v in range(n):
-                h[co + v] += np.float64(Q[row_i + v]) - np.float64(Q[row_j + v])
+            for v in range(n):  # fields and single-flip deltas after the move, in one pass
+                field = h[co + v] + (np.float64(Q[row_i + v]) - np.float64(Q[row_j + v]))
+                h[co + v] = field
+                d[co + v] = diag[vo + v] + (2.0 - 4.0 * x[co + v]) * field
             current += found[0]
             bits = _draw(key, it)
             # j may not come back for tenure_out + U[0, spread] iterations; i may not leave for tenure_in + ...
@@ -345,6 +347,7 @@ def _run_part(problems: list[KernelProblem], keys: np.ndarray, use_x0: np.ndarra
     q_off = np.concatenate(([0], np.cumsum(L["nvar"] * L["nvar"])[:-1])).astype(np.int64)
     Q = np.concatenate([p.Q.reshape(-1) for p in problems])
     rowmax = np.concatenate([p.rowmax for p in problems])
+    diag = np.concatenate([np.diagonal(p.Q).astype(np.float64) for p in problems])
     tenure = np.array([p.tenure for p in problems], np.int64).reshape(count, 3)
     tenure_in, tenure_out, spread = (np.ascontiguousarray(tenure[:, column]) for column in range(3))
     init_chains(Q, q_off, L["nvar"], L["var_off"], L["var_group"], L["x0"], L["grp_off"], L["ngrp"], L["g_start"],
@@ -358,7 +361,7 @@ def _run_part(problems: list[KernelProblem], keys: np.ndarray, use_x0: np.ndarra
             break
         chunk = next_chunk(iterations - done, chunk, chunk_seconds, deadline)
         chunk_started = time.perf_counter()
-        search(Q, q_off, L["nvar"], L["var_off"], L["var_group"], rowmax, L["grp_off"], L["g_start"], L["g_size"],
+        search(Q, diag, q_off, L["nvar"], L["var_off"], L["var_group"], rowmax, L["grp_off"], L["g_start"], L["g_size"],
                L["g_count"], L["sw_off"], L["nsw"], L["sw_groups"], chain_problem, chain_var_off, key_run, tenure_in,
                tenure_out, spread, done, done + chunk, x, best_x, slot, keys, h, d, tabu_until, energy, best_energy,
                moves)

@@ -11,11 +11,12 @@ of one kept and one pruned variable of the same group. The kernel keeps, per cha
   it would beat the best energy of the chain (aspiration);
 - the best state visited and its energy.
 
-Variables are renumbered so that every group is a contiguous range; the scan over one
-row of Q is then a contiguous min-reduction over the group that the compiler vectorises,
-with the pruned/tabu status folded into two "penalty" arrays (``BIG`` where a variable may
-not enter). All random numbers (tenures) come from :func:`sa_cpu._draw` on the chain's
-key and the iteration number, and the state lives in arrays between calls, so a run cut
+Variables are renumbered so that every group is a contiguous range, and each chain keeps
+the [ones | zeros] slot layout of every group (as ``sa`` does). Small groups (N:M) are
+scanned pair by pair; large ones in the order of a lower bound on ΔE, which skips the pairs
+that cannot beat the best found so far (see :func:`_scan_pruned`). All random numbers (the
+random start, the tenures) come from :func:`sa_cpu._draw` on the chain's key and the
+iteration number, and the state lives in arrays between calls, so a run cut
 into chunks for ``time_limit`` takes the same path as one uncut run.
 """
 
@@ -70,11 +71,7 @@ def _scan_small(Q, qo, n, co, x, d, tabu_until, it, current, best, begin, end, f
 
 @njit(cache=True, inline="always")
 def _insertion_sort(keys, slot, begin, end):
-    """Sort slot[begin:end] by keys[begin:end] (ascending, stable), moving both.
-
-    The order changes little from one iteration to the next (one swap shifts every d by
-    2(Q_vi − Q_vj)), so insertion sort on the previous order is cheaper than a fresh sort.
-    """
+    """Sort slot[begin:end] by keys[begin:end] (ascending, stable), moving both; for short runs."""
     for position in range(begin + 1, end):
         key = keys[position]
         item = slot[position]
@@ -87,44 +84,89 @@ def _insertion_sort(keys, slot, begin, end):
         slot[back + 1] = item
 
 
+@njit(cache=True, inline="always")
+def _scan_row(Q, row, dj, slack, co, j, slot, keys, zeros_begin, zeros_end, tabu_until, it, current, best, found):
+    """Zeros of one row in ascending d_i (keys), up to the first whose bound cannot beat found."""
+    for zero in range(zeros_begin, zeros_end):
+        di = keys[zero]
+        if di >= found[0] + slack:
+            break
+        i = slot[zero]
+        value = dj + di - 2.0 * np.float64(Q[row + i])
+        if value < found[0] and _allowed(tabu_until, co, i, j, it, value, current, best):
+            found[0] = value
+            found[1] = i
+            found[2] = j
+
+
 @njit(cache=True)
 def _scan_pruned(Q, qo, n, co, d, rowmax, vo, slot, keys, tabu_until, it, current, best, begin, count, end, found):
     """The best allowed pair of a large group, skipping pairs that provably cannot beat it.
 
     With m_j = max_{i≠j} Q_ji over the group (fixed per problem), ΔE(i, j) ≥ d_i + d_j − 2 m_j.
-    The group's slots hold [ones | zeros]; zeros are kept sorted by d_i, ones by d_j − 2 m_j.
-    A row stops at the first zero whose bound cannot beat the best found, the scan at the
-    first row whose bound (with the lowest d_i) cannot. Exact: the pair returned is the best
-    allowed one (ties aside).
+    1. The row with the lowest d_j − 2 m_j is scanned against every zero: a first "best".
+    2. Rows whose bound (with the lowest d_i) cannot beat it are dropped; a zero can only
+       matter if d_i < best + max over the remaining rows of (2 m_j − d_j). Those zeros are
+       moved to the front of the group's zero slots and sorted by d_i (few: ~10 % of pairs
+       survive on real blocks), and each remaining row scans them up to its own bound.
+    Exact: the pair returned is the best allowed one (ties aside). The slots' order inside
+    the [ones | zeros] segments is scratch; only the membership matters elsewhere.
     """
     ones_begin = co + begin
     zeros_begin = ones_begin + count
     zeros_end = co + end
+    lowest_zero = BIG
+    for position in range(zeros_begin, zeros_end):
+        value = d[co + slot[position]]
+        keys[position] = value
+        if value < lowest_zero:
+            lowest_zero = value
+    first = -1
+    lowest_key = BIG
     for position in range(ones_begin, zeros_begin):
         j = slot[position]
-        keys[position] = d[co + j] - 2.0 * rowmax[vo + j]
-    for position in range(zeros_begin, zeros_end):
-        keys[position] = d[co + slot[position]]
-    _insertion_sort(keys, slot, ones_begin, zeros_begin)
-    _insertion_sort(keys, slot, zeros_begin, zeros_end)
-    lowest_zero = keys[zeros_begin]
+        key = d[co + j] - 2.0 * rowmax[vo + j]
+        keys[position] = key
+        if key < lowest_key:
+            lowest_key = key
+            first = position
+    if lowest_key + lowest_zero >= found[0]:
+        return
+    # 1. the most promising row against every zero (unsorted: no early stop)
+    j = slot[first]
+    dj = d[co + j]
+    row = qo + j * n
+    for zero in range(zeros_begin, zeros_end):
+        i = slot[zero]
+        value = dj + keys[zero] - 2.0 * np.float64(Q[row + i])
+        if value < found[0] and _allowed(tabu_until, co, i, j, it, value, current, best):
+            found[0] = value
+            found[1] = i
+            found[2] = j
+    # 2. the zeros any other row could still use, sorted
+    widest = -BIG
     for position in range(ones_begin, zeros_begin):
-        if keys[position] + lowest_zero >= found[0]:
-            break
+        if position != first and keys[position] + lowest_zero < found[0]:
+            slack = 2.0 * rowmax[vo + slot[position]] - d[co + slot[position]]
+            if slack > widest:
+                widest = slack
+    if widest == -BIG:
+        return
+    candidates_end = zeros_begin
+    limit = found[0] + widest
+    for zero in range(zeros_begin, zeros_end):
+        if keys[zero] < limit:
+            keys[zero], keys[candidates_end] = keys[candidates_end], keys[zero]
+            slot[zero], slot[candidates_end] = slot[candidates_end], slot[zero]
+            candidates_end += 1
+    _insertion_sort(keys, slot, zeros_begin, candidates_end)
+    for position in range(ones_begin, zeros_begin):
+        if position == first or keys[position] + lowest_zero >= found[0]:
+            continue
         j = slot[position]
         dj = d[co + j]
-        slack = 2.0 * rowmax[vo + j] - dj  # pair (i, j) can only beat found[0] if d_i < found[0] + slack
-        row = qo + j * n
-        for zero in range(zeros_begin, zeros_end):
-            di = keys[zero]
-            if di >= found[0] + slack:
-                break
-            i = slot[zero]
-            value = dj + di - 2.0 * np.float64(Q[row + i])
-            if value < found[0] and _allowed(tabu_until, co, i, j, it, value, current, best):
-                found[0] = value
-                found[1] = i
-                found[2] = j
+        _scan_row(Q, qo + j * n, dj, 2.0 * rowmax[vo + j] - dj, co, j, slot, keys, zeros_begin, candidates_end,
+                  tabu_until, it, current, best, found)
 
 
 @njit(cache=True)

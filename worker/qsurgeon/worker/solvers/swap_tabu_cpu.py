@@ -87,13 +87,17 @@ def _insertion_sort(keys, slot, begin, end):
 @njit(cache=True, inline="always")
 def _scan_row(Q, row, dj, slack, co, j, slot, keys, zeros_begin, zeros_end, tabu_until, it, current, best, found):
     """Zeros of one row in ascending d_i (keys), up to the first whose bound cannot beat found."""
+    target = found[0]  # a local copy: the compiler cannot tell found from keys, and would reload it
+    stop = target + slack
     for zero in range(zeros_begin, zeros_end):
         di = keys[zero]
-        if di >= found[0] + slack:
+        if di >= stop:
             break
         i = slot[zero]
         value = dj + di - 2.0 * np.float64(Q[row + i])
-        if value < found[0] and _allowed(tabu_until, co, i, j, it, value, current, best):
+        if value < target and _allowed(tabu_until, co, i, j, it, value, current, best):
+            target = value
+            stop = target + slack
             found[0] = value
             found[1] = i
             found[2] = j

@@ -177,6 +177,16 @@ def test_anneal_first_then_search_from_the_annealed_answer():
     assert np.array_equal(answer.x, solve(problem, SOLVER, seed=2, anneal_sweeps=50, iterations=30).x)
 
 
+def test_large_groups_are_annealed_first_unless_told_otherwise():
+    large = pruning_block(520, 3, k=200, with_x0=True)  # one group of 520 > 512
+    small = pruning_block(64, 4, k=20, with_x0=True)
+    both = solve_batch([large, small], SOLVER, seed=1, iterations=5, restarts=1)
+    assert both[0].metadata["start"] == "sa" and both[0].metadata["anneal_sweeps"] == 1000
+    assert both[1].metadata["start"] == "x0" and "anneal_sweeps" not in both[1].metadata
+    assert np.array_equal(both[0].x, solve(large, SOLVER, seed=1, iterations=5, restarts=1).x)
+    assert solve(large, SOLVER, seed=1, iterations=5, restarts=1, anneal_sweeps=0).metadata["start"] == "x0"
+
+
 # ---------------------------------------------------------------------- forms and reproducibility
 def test_factored_problem_gives_the_same_answer_as_its_dense_equivalent():
     for seed in range(4):

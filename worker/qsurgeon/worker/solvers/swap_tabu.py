@@ -41,6 +41,12 @@ DEFAULT_ITERATIONS = 3000
 #: variable is tabu for 2–4 iterations) reached the best known energy far more often than 1
 #: (cycles) or ≥ 3 (forbids too many of the few good moves of a deep valley); see docs/solvers.md.
 DEFAULT_TENURE = 2
+#: Without an explicit anneal_sweeps, a problem whose largest group exceeds this many variables is
+#: annealed first (DEFAULT_ANNEAL_SWEEPS of ``sa``): from x0, one best swap per O(B²) iteration
+#: descends too slowly there. At B = 1024 (both families, 3 blocks each) ``sa`` then 1000 iterations
+#: beat ``sa`` alone and the search from x0 (docs/solvers.md); at B = 256 the search alone is best.
+AUTO_ANNEAL_ABOVE = 512
+DEFAULT_ANNEAL_SWEEPS = 1000
 _STARTS = ("auto", "x0", "random")
 #: "sweeps" is accepted as another name for "iterations", so ``qsurgeon solve --sweeps N`` works.
 _KNOWN_PARAMS = {"restarts", "iterations", "sweeps", "tenure", "anneal_sweeps", "time_limit", "start", "seed"}
@@ -54,7 +60,7 @@ class TabuParams:
     restarts: int
     iterations: int
     tenure: int
-    anneal_sweeps: int  # > 0: an ``sa`` run of this many sweeps first, the search starts from its answer
+    anneal_sweeps: int | None  # > 0: ``sa`` with this many sweeps first; None: by size (sweeps_to_anneal)
     time_limit: float | None
     start: str
     seed: int
@@ -70,7 +76,9 @@ class TabuParams:
         iterations = params.get("iterations", params.get("sweeps"))
         iterations = _integer(iterations, "iterations", DEFAULT_ITERATIONS, 0, _MAX_ITERATIONS)
         tenure = _integer(params.get("tenure"), "tenure", DEFAULT_TENURE, 0, 1_000_000)
-        anneal_sweeps = _integer(params.get("anneal_sweeps"), "anneal_sweeps", 0, 0, _MAX_ITERATIONS)
+        anneal_sweeps = params.get("anneal_sweeps")
+        if anneal_sweeps is not None:
+            anneal_sweeps = _integer(anneal_sweeps, "anneal_sweeps", 0, 0, _MAX_ITERATIONS)
         time_limit = params.get("time_limit")
         if time_limit is not None:
             try:
@@ -98,6 +106,14 @@ def _integer(value: Any, name: str, default: int, minimum: int, maximum: int) ->
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not minimum <= int(value) <= maximum:
         raise UsageError(f"swap-tabu: {name} must be an integer in {minimum}..{maximum}, got {value!r}")
     return int(value)
+
+
+def sweeps_to_anneal(problem: BlockProblem, anneal_sweeps: int | None) -> int:
+    """``sa`` sweeps to run before the search: as asked, or by the size of the largest group."""
+    if anneal_sweeps is not None:
+        return anneal_sweeps
+    largest = int(np.bincount(problem.group_of, minlength=problem.num_groups).max(initial=0))
+    return DEFAULT_ANNEAL_SWEEPS if largest > AUTO_ANNEAL_ABOVE else 0
 
 
 def dense_kernel_Q(problem: BlockProblem) -> np.ndarray:
@@ -147,10 +163,11 @@ class SwapTabuSolver(Solver):
 
         restarts (2; independent searches per problem, run in parallel), iterations (3000 per
         restart; one iteration = one best swap over the whole neighbourhood), tenure (2: a
-        variable that moved is tabu for tenure + U[0, tenure] iterations), anneal_sweeps (0;
-        when > 0, ``sa`` with this many sweeps and the same restarts and seed runs first on the
-        CPU and every search starts from its answer: for B ≥ 512, where descending from x0
-        one swap per iteration is slow), time_limit (seconds for the whole call, checked
+        variable that moved is tabu for tenure + U[0, tenure] iterations), anneal_sweeps (when
+        > 0, ``sa`` with this many sweeps and the same restarts and seed runs first on the CPU
+        and the search starts from its answer; 0: never; None: 1000 for problems whose largest
+        group has more than 512 variables, where descending from x0 one best swap per O(B²)
+        iteration is slow, else 0), time_limit (seconds for the whole call, checked
         between chunks of iterations; the best so far is returned), start ("auto": x0 where
         the problem has one, else random; "x0"; "random"), seed (None: fresh, reported in the
         metadata).
@@ -162,9 +179,12 @@ class SwapTabuSolver(Solver):
         started = time.perf_counter()
         use_x0 = np.array([_uses_x0(problem, options.start) for problem in problems], np.bool_)
         annealed: list[BlockSolution | None] = [None] * len(problems)
-        if options.anneal_sweeps:
-            annealed = list(self._anneal(problems, options))
-            use_x0[:] = True
+        sweeps = [sweeps_to_anneal(problem, options.anneal_sweeps) for problem in problems]
+        for count in sorted(set(sweeps) - {0}):  # sa's answers do not depend on the batch
+            chosen = [index for index, value in enumerate(sweeps) if value == count]
+            for index, answer in zip(chosen, self._anneal([problems[i] for i in chosen], count, options)):
+                annealed[index] = answer
+                use_x0[index] = True
         deadline = None if options.time_limit is None else started + options.time_limit
         starts = [problem if answer is None else problem.with_x0(answer.x) for problem, answer in zip(problems, annealed)]
         results = self._search(starts, use_x0, options, deadline)
@@ -173,11 +193,11 @@ class SwapTabuSolver(Solver):
                 for problem, result, from_x0, answer in zip(problems, results, use_x0, annealed)]
 
     @staticmethod
-    def _anneal(problems: list[BlockProblem], options: TabuParams) -> list[BlockSolution]:
+    def _anneal(problems: list[BlockProblem], sweeps: int, options: TabuParams) -> list[BlockSolution]:
         from qsurgeon.worker.solvers.sa import SimulatedAnnealingSolver
 
         extra = {} if options.time_limit is None else {"time_limit": options.time_limit}
-        return SimulatedAnnealingSolver().sample_batch(problems, restarts=options.restarts, sweeps=options.anneal_sweeps,
+        return SimulatedAnnealingSolver().sample_batch(problems, restarts=options.restarts, sweeps=sweeps,
                                                        seed=options.seed, start=options.start, device="cpu", **extra)
 
     @staticmethod

@@ -15,7 +15,8 @@ which is why the solver accepts at most :data:`MAX_VARIABLES` variables: one ite
 costs O(Σ_g ones_g · size_g), i.e. O(B²) for a single group. A chain's tenures come from
 its key, which depends only on (seed, restart, problem content), so a problem gets the
 same answer alone or anywhere in any batch; the answer is the best state of any restart,
-re-scored in float64 on the original problem.
+re-scored in float64 on the original problem. Blocks whose largest group has more than 512
+variables are first annealed with ``sa`` (``anneal_sweeps``) and searched from its answer.
 """
 
 from __future__ import annotations

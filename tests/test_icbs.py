@@ -273,13 +273,14 @@ def test_stop_between_rounds_is_prompt():
     assert not state.done and state.epoch < 50
 
 
+@pytest.mark.parametrize("solver", ["sa", "swap-tabu"])
 @pytest.mark.parametrize("objective", ["layerwise", "fisher"])
-def test_sa_blocks_beyond_enumeration_improve_monotonically(objective):
-    """The real annealer on B = 32 blocks (too big to enumerate): still only downhill, and it helps."""
+def test_real_solvers_beyond_enumeration_improve_monotonically(objective, solver):
+    """The real solvers on B = 32 blocks (too big to enumerate): still only downhill, and they help."""
     sparsity = Sparsity(0.5)
     tasks, activations = _tasks(sparsity, shapes=((16, 64), (8, 96)), samples=8 if objective == "fisher" else None)
     values: list[float] = []
-    state = run_icbs(tasks, ICBSConfig(block_size=32, epochs=2, objective=objective, solver="sa", seed=3),
+    state = run_icbs(tasks, ICBSConfig(block_size=32, epochs=2, objective=objective, solver=solver, seed=3),
                      InProcessQueue(), on_round=lambda s, r: values.append(s.surrogate))
     assert all(b <= a + 1e-9 * abs(a) for a, b in zip(values, values[1:]))
     assert state.surrogate < state.initial_surrogate

@@ -35,6 +35,10 @@ from qsurgeon.server.refit import damped_gram, inverse_from_cholesky
 from qsurgeon.server.sparsity import Sparsity
 
 
+#: columns per eagerly updated sub-block inside a block of ``blocksize`` columns
+_SUB_BLOCK = 16
+
+
 def _cumulative_share(total: int, start: int, stop: int, width: int) -> int:
     """Pruned count for columns [start, stop) when ``total`` is spread evenly over ``width``."""
     return int(round(total * stop / width)) - int(round(total * start / width))
@@ -89,6 +93,7 @@ def sparsegpt_prune(
     sparsity.check_shape((rows, width))
     group = sparsity.pattern[1] if sparsity.pattern else 1
     blocksize = -(-blocksize // group) * group
+    sub = -(-_SUB_BLOCK // group) * group  # whole N:M groups, so a group's columns are current when chosen
 
     hessian = damped_gram(gram.to(weight.device), damp)
     upper = _inverse_cholesky_upper(hessian)
@@ -104,14 +109,22 @@ def sparsegpt_prune(
         block_mask = torch.zeros_like(block, dtype=torch.bool)
         if sparsity.pattern is None:
             block_mask = _block_mask(block**2 / pivots**2, sparsity, start, width, rows)
-        for column in range(stop - start):
-            if sparsity.pattern is not None and column % group == 0:
-                scores = block[:, column : column + group] ** 2 / pivots[column : column + group] ** 2
-                block_mask[:, column : column + group] = _lowest(scores, group - sparsity.pattern[0], dim=1)
-            values = block[:, column]
-            error = torch.where(block_mask[:, column], values, 0.0) / pivots[column]
-            block[:, column:] -= error[:, None] * block_upper[column, column:][None, :]
-            errors[:, column] = error
+        # error_j = w_j / U_jj where pruned, else 0: one product per column with this factor
+        error_factor = block_mask.to(block.dtype) / pivots
+        # The same lazy-update idea one level down: columns update the rest of their
+        # sub-block eagerly and the rest of the block by one product per sub-block, so
+        # the per-column work is rows × sub instead of rows × blocksize (same arithmetic).
+        for sub_start in range(0, stop - start, sub):
+            sub_stop = min(sub_start + sub, stop - start)
+            for column in range(sub_start, sub_stop):
+                if sparsity.pattern is not None and column % group == 0:
+                    scores = block[:, column : column + group] ** 2 / pivots[column : column + group] ** 2
+                    chosen = _lowest(scores, group - sparsity.pattern[0], dim=1)
+                    block_mask[:, column : column + group] = chosen
+                    error_factor[:, column : column + group] = chosen.to(block.dtype) / pivots[column : column + group]
+                error = torch.mul(block[:, column], error_factor[:, column], out=errors[:, column])
+                block[:, column:sub_stop].addr_(error, block_upper[column, column:sub_stop], alpha=-1.0)
+            block[:, sub_stop:] -= errors[:, sub_start:sub_stop] @ block_upper[sub_start:sub_stop, sub_stop:]
         block[block_mask] = 0.0
         work[:, start:stop] = block
         mask[:, start:stop] = block_mask

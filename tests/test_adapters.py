@@ -175,3 +175,14 @@ def test_encoder_adapter_has_no_loss(tiny_models):
     adapter = HFTextAdapter.from_folder(tiny_models["bert"])
     with pytest.raises(UsageError, match="no loss"):
         adapter.loss(None, {})
+
+
+def test_model_kind_reads_the_config_without_loading(tiny_models, tmp_path):
+    from qsurgeon.server.adapters import model_kind
+
+    assert model_kind(str(tiny_models["bert"])) == "encoder"
+    assert model_kind("builtin:minilm") == "encoder"
+    assert model_kind(str(tiny_models["gpt2"])) == "causal-lm"
+    assert model_kind(str(tiny_models["llama"])) == "causal-lm"
+    assert model_kind(str(tmp_path / "missing")) is None
+    assert model_kind("builtin:nothing") is None

@@ -75,3 +75,20 @@ def test_presets_are_defaults_that_explicit_options_override():
         PruneOptions(model="builtin:minilm", **apply_preset(name, {}))
     with pytest.raises(UsageError, match="unknown preset"):
         apply_preset("best", {})
+
+
+def test_the_quality_preset_changes_what_it_measured_per_model_kind():
+    from qsurgeon.server.pipeline import PruneOptions
+    from qsurgeon.server.quality import PRESETS, PRESETS_BY_KIND, apply_preset, bench_overrides
+
+    for kind in ("encoder", "image-classifier", None):
+        assert apply_preset("quality", {}, kind) == PRESETS["quality"]
+    causal = apply_preset("quality", {}, "causal-lm")
+    assert causal == {**PRESETS["quality"], **PRESETS_BY_KIND["quality"]["causal-lm"]}
+    assert causal["block_size"] < 128 and causal["init"] == "wanda" and causal["refit"]
+    assert apply_preset("quality", {"block_size": 32}, "causal-lm")["block_size"] == 32  # explicit still wins
+    PruneOptions(model="m", **causal)
+    # the benchmark's icbs-quality row runs exactly the preset of the model's kind
+    assert bench_overrides("icbs-quality", "causal-lm") == causal
+    assert bench_overrides("icbs-quality", "encoder") == PRESETS["quality"]
+    assert bench_overrides("wanda", "causal-lm") == {"method": "wanda"}

@@ -181,6 +181,27 @@ def test_presets_set_defaults_that_explicit_options_override(tmp_path):
     assert overridden.refit == PRESETS["quality"].get("refit", False)
 
 
+def test_the_quality_preset_follows_the_model_kind(tmp_path):
+    from test_adapters import save_tiny_model
+
+    from qsurgeon.client.cli import build_parser
+    from qsurgeon.server.prune_commands import options_from_args
+    from qsurgeon.server.quality import PRESETS, PRESETS_BY_KIND
+
+    folder = save_tiny_model("llama", tmp_path / "llama")
+
+    def parsed(model, *extra):
+        return options_from_args(build_parser().parse_args(["prune", model, "--out", str(tmp_path / "o"), *extra]))
+
+    causal = parsed(str(folder), "--preset", "quality").to_dict()
+    expected = {**PRESETS["quality"], **PRESETS_BY_KIND["quality"]["causal-lm"]}
+    assert {name: causal[name] for name in expected} == expected
+    encoder = parsed("builtin:minilm", "--preset", "quality").to_dict()
+    assert {name: encoder[name] for name in PRESETS["quality"]} == PRESETS["quality"]
+    assert encoder["block_size"] != causal["block_size"]
+    assert parsed(str(folder), "--preset", "quality", "--block-size", "64").block_size == 64
+
+
 def test_unknown_preset_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["prune", "builtin:minilm", "--out", str(tmp_path / "o"), "--preset", "turbo"])

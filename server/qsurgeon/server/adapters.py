@@ -342,6 +342,26 @@ def check_model_folder(folder: str | Path) -> Path:
     return folder
 
 
+def model_kind(reference: str) -> str | None:
+    """The kind ``reference`` loads as (``encoder``, ``causal-lm``, ``image-classifier``), from
+    its config.json alone, without loading weights; None when that cannot be read (loading
+    the model then says why). Presets use it: some settings differ by model kind.
+    """
+    from types import SimpleNamespace
+
+    from qsurgeon.server.vision import is_image_classifier_config, read_config
+
+    try:
+        config = read_config(resolve_model(reference))
+    except UsageError:
+        return None
+    if not config:
+        return None
+    if is_image_classifier_config(config):
+        return "image-classifier"
+    return "causal-lm" if is_causal_lm(SimpleNamespace(**config)) else "encoder"
+
+
 def load_adapter(reference: str, include: Sequence[str] = (), exclude: Sequence[str] = DEFAULT_EXCLUDE) -> ModelAdapter:
     """The CLI's way in: a ``builtin:`` name or a local Hugging Face folder."""
     from qsurgeon.server.vision import HFImageAdapter, is_image_model_folder  # image classifiers (vision.py)

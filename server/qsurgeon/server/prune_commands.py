@@ -37,7 +37,8 @@ def register(subparsers: Any) -> None:
     prune.add_argument("model", metavar="MODEL", help="a local Hugging Face folder with safetensors weights, or builtin:minilm")
     prune.add_argument("--preset", default=None, choices=("fast", "quality"),
                        help="fast: Wanda plus one iCBS epoch; quality: iCBS from SparseGPT's mask plus refit "
-                            "(see docs/quality.md); options given explicitly override the preset's")
+                            "(causal LMs: small blocks from Wanda's mask; see docs/quality.md); options given "
+                            "explicitly override the preset's")
     prune.add_argument("--method", default=None, help="icbs (default), wanda, magnitude, sparsegpt")
     prune.add_argument("--density", type=float, default=None, help="fraction of weights kept, 0 < d < 1 (default 0.5)")
     prune.add_argument("--pattern", default=None, metavar="N:M", help="keep N of every M input weights of a row (2:4, 4:8)")
@@ -111,10 +112,13 @@ PRUNE_OPTION_NAMES = (
 def options_from_args(args: argparse.Namespace) -> "Any":
     """PruneOptions: the preset's values (if any), then every option the user gave, then the defaults."""
     from qsurgeon.server.pipeline import PruneOptions
+    from qsurgeon.server.adapters import model_kind
     from qsurgeon.server.quality import apply_preset
 
     explicit = {name: getattr(args, name) for name in PRUNE_OPTION_NAMES if getattr(args, name) not in (None, [])}
-    return PruneOptions(**apply_preset(getattr(args, "preset", None), explicit))
+    preset = getattr(args, "preset", None)
+    kind = model_kind(args.model) if preset is not None else None
+    return PruneOptions(**apply_preset(preset, explicit, kind))
 
 
 def run_prune_command(args: argparse.Namespace) -> int:

@@ -180,8 +180,9 @@ QUALITY_SAMPLES = 256
 #: from this benchmark's measurements (docs/results.md): ``quality`` is the best iCBS
 #: combination measured — one epoch from SparseGPT's mask, then refit, at coverage 1/6
 #: (1/3 scored the same — 0.9497 vs 0.9496 at density 0.5, 0.909 / 0.841 / 0.903 vs
-#: 0.909 / 0.843 / 0.903 at 0.4 / 0.3 / 2:4 — in twice the search time; a second epoch,
-#: damping 0.001 and blocks of 64 were all within ±0.0015, the run-to-run spread);
+#: 0.909 / 0.843 / 0.903 at 0.4 / 0.3 / 2:4 — with 20 % more blocks: only the 1536-wide
+#: rows get fewer; a second epoch, damping 0.001 and blocks of 64 were all within
+#: ±0.0015, the run-to-run spread);
 #: ``fast`` is Wanda plus one epoch of iCBS, no refit.
 PRESETS: dict[str, dict[str, Any]] = {
     "fast": {"method": "icbs", "init": "wanda", "epochs": 1, "refit": False},

@@ -2,70 +2,19 @@
 
 from __future__ import annotations
 
-import functools
-import itertools
 import json
 import time
 
 import numpy as np
 import pytest
 import torch
+from block_instances import direct_energy, enumerated_minimum, factored_block, pruning_block
 
 from qsurgeon.client.cli import main
 from qsurgeon.client.errors import SolverUnavailableError, UsageError
 from qsurgeon.worker.problem import BlockProblem
 from qsurgeon.worker.solve import solve, solve_batch
 from qsurgeon.worker.solvers import sa_rng
-
-
-def pruning_block(size: int, seed: int, *, k: int | None = None, groups=None, counts=None,
-                  with_x0: bool = False) -> BlockProblem:
-    """Q = diag(w) X Xᵀ diag(w) with heavy-tailed weights and correlated inputs, as in pruning."""
-    rng = np.random.default_rng(seed)
-    tokens = 3 * size
-    latent = rng.standard_normal((size, 4))
-    X = latent @ rng.standard_normal((4, tokens)) + 0.5 * rng.standard_normal((size, tokens))
-    w = rng.standard_t(3, size) * 0.05
-    Q = (w[:, None] * (X @ X.T / tokens) * w[None, :]).astype(np.float32)
-    if k is None and groups is None:
-        k = int(rng.integers(1, size))
-    x0 = None
-    if with_x0:
-        x0 = np.zeros(size, np.uint8)
-        if groups is None:
-            x0[np.argsort(np.abs(w))[:k]] = 1  # magnitude pruning: a plausible current mask
-        else:
-            for group, count in enumerate(counts):
-                members = np.nonzero(np.asarray(groups) == group)[0]
-                x0[members[np.argsort(np.abs(w[members]))[:count]]] = 1
-    return BlockProblem.dense(Q, k=k, groups=groups, counts=counts, x0=x0, offset=float(rng.normal()) * 1e-3)
-
-
-def factored_block(size: int, rank: int, seed: int, **constraint) -> BlockProblem:
-    rng = np.random.default_rng(seed)
-    F = rng.standard_normal((rank, size)) * rng.standard_t(3, size) * 0.05
-    c = rng.normal(0, 1e-3, size)
-    return BlockProblem.factored(F, c, offset=0.01, **constraint)
-
-
-def direct_energy(problem: BlockProblem, x: np.ndarray) -> float:
-    Q = problem.dense_Q()
-    x = x.astype(np.float64)
-    return float(x @ Q @ x) + problem.offset
-
-
-@functools.lru_cache(maxsize=None)
-def _all_assignments(size: int, k: int) -> np.ndarray:
-    rows = list(itertools.combinations(range(size), k))
-    X = np.zeros((len(rows), size))
-    X[np.repeat(np.arange(len(rows)), k), np.array(rows, dtype=np.int64).reshape(-1)] = 1.0
-    return X
-
-
-def enumerated_minimum(problem: BlockProblem) -> float:
-    """min xᵀQx + offset over every x with exactly k ones (one group), by itertools."""
-    X = _all_assignments(problem.num_variables, problem.k)
-    return float(np.einsum("nb,nb->n", X @ problem.dense_Q(), X).min()) + problem.offset
 
 
 # ---------------------------------------------------------------------- kernel conventions
@@ -307,3 +256,19 @@ def test_cuda_answers_are_feasible_correct_and_reproducible():
         assert a.metadata["device"] == "cuda"
     exact = solve(problems[-1], "exhaustive").energy
     assert first[-1].energy == pytest.approx(exact, rel=1e-6)
+
+
+def test_stacked_views_are_annealed_in_place_with_the_same_answers():
+    from qsurgeon.worker.solvers import sa_cpu
+
+    blocks = [pruning_block(24, seed, k=9, with_x0=True) for seed in range(6)]
+    stacked = np.stack([np.asarray(block.Q, np.float32) for block in blocks])
+    views = [BlockProblem.dense(stacked[i], k=9, x0=block.x0, offset=block.offset) for i, block in enumerate(blocks)]
+    flat = sa_cpu._flat_matrices(views)
+    assert np.shares_memory(flat, stacked) and np.array_equal(flat, stacked.reshape(-1))
+    shuffled = views[::-1]  # views of one array, but not back to back: copied
+    assert not np.shares_memory(sa_cpu._flat_matrices(shuffled), stacked)
+    assert np.array_equal(sa_cpu._flat_matrices(shuffled), stacked[::-1].reshape(-1))
+    params = dict(sweeps=40, restarts=2, seed=5)
+    for in_place, copied in zip(solve_batch(views, "sa", **params), solve_batch(blocks, "sa", **params)):
+        assert np.array_equal(in_place.x, copied.x) and in_place.energy == copied.energy

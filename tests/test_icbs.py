@@ -301,3 +301,30 @@ def test_full_sweep_gives_wide_rows_more_blocks():
     assert plan[:7] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2)]  # every row once first
     single = ICBSConfig(block_size=8, coverage=0.0)
     assert len(_plan(contexts, single, epoch=0)) == 7
+
+
+class _InspectingQueue(InProcessQueue):
+    """Records whether each round's block matrices lie back to back in one buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.in_place: list[bool] = []
+
+    def run_round(self, request: RoundRequest) -> RoundResult:
+        from qsurgeon.worker.solvers import sa_cpu
+
+        first = request.problems[0].Q
+        self.in_place.append(np.shares_memory(sa_cpu._flat_matrices(list(request.problems)), first))
+        return super().run_round(request)
+
+
+def test_a_rounds_layerwise_blocks_of_every_tensor_share_one_buffer():
+    sparsity = Sparsity(0.5)
+    tasks, _ = _tasks(sparsity, shapes=((8, 24), (6, 32), (5, 40)))
+    queue = _InspectingQueue()
+    config = ICBSConfig(block_size=8, epochs=2, solver="sa", seed=1)
+    state = run_icbs(tasks, config, queue)
+    assert queue.in_place and all(queue.in_place)
+    reference = run_icbs(_tasks(sparsity, shapes=((8, 24), (6, 32), (5, 40)))[0], config, InProcessQueue())
+    for name in state.masks:  # reproducible with the shared buffer (sa tests: in place == copied)
+        assert torch.equal(state.masks[name], reference.masks[name])

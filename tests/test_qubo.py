@@ -203,3 +203,21 @@ def test_tracked_row_errors_give_the_same_blocks():
         assert np.allclose(full[0], tracked[0], rtol=1e-6, atol=1e-6 * np.abs(full[0]).max())
         assert np.array_equal(full[1], tracked[1])
         assert np.allclose(full[2], tracked[2], rtol=1e-9)
+
+
+def test_layerwise_arrays_write_into_a_given_buffer():
+    from qsurgeon.server.qubo import layerwise_arrays
+
+    weight, _, gram, generator = _layer(4, out=6, width=32)
+    mask = _random_mask(generator, weight.shape, 16)
+    rows = torch.arange(6)
+    cols = torch.stack([torch.randperm(32, generator=generator)[:8] for _ in range(6)])
+    fresh = layerwise_arrays(weight, gram, mask, rows, cols)
+    out = np.full((6, 8, 8), np.nan, np.float32)
+    given = layerwise_arrays(weight, gram, mask, rows, cols, out=out)
+    assert given[0] is out and np.array_equal(out, fresh[0])
+    assert np.array_equal(given[1], fresh[1]) and np.array_equal(given[2], fresh[2])
+    for wrong in (np.empty((6, 8, 7), np.float32), np.empty((6, 8, 8), np.float64),
+                  np.empty((6, 8, 16), np.float32)[:, :, :8]):
+        with pytest.raises(UsageError, match="out must be"):
+            layerwise_arrays(weight, gram, mask, rows, cols, out=wrong)

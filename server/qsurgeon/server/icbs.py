@@ -497,8 +497,29 @@ class _Pending:
     groups: np.ndarray | None = None  # (B,) N:M group labels of every block, if any
 
 
+class _RoundBuffer:
+    """One float32 buffer for the Q matrices of every tensor of a round, handed out in order.
+
+    The blocks of a round then lie back to back in one array, which the ``sa`` kernel
+    reads in place (``sa_cpu._flat_matrices``) instead of copying a few hundred MB per
+    round into fresh, page-faulting memory. Sized for the most a round can ask for.
+    """
+
+    def __init__(self, capacity: int):
+        self._flat = np.empty(capacity, np.float32)
+        self._used = 0
+
+    def take(self, blocks: int, size: int) -> np.ndarray:
+        count = blocks * size * size
+        if self._used + count > self._flat.size:  # never for the sizes _run_round reserves
+            return np.empty((blocks, size, size), np.float32)
+        view = self._flat[self._used:self._used + count].reshape(blocks, size, size)
+        self._used += count
+        return view
+
+
 def _build_tensor_blocks(context: _Context, state: ICBSState, lines: Tensor, config: ICBSConfig,
-                         round_index: int) -> _Pending | None:
+                         round_index: int, buffer: _RoundBuffer | None = None) -> _Pending | None:
     task = context.task
     name = task.name
     mask = state.masks[name]
@@ -534,8 +555,9 @@ def _build_tensor_blocks(context: _Context, state: ICBSState, lines: Tensor, con
     if config.objective == "layerwise":
         if context.row_error is None:  # resumed run: the cache starts from the saved mask
             context.row_error = row_errors(context.weight, context.gram, mask)
+        out = None if buffer is None else buffer.take(cols.shape[0], cols.shape[1])
         stacked = layerwise_arrays(context.weight, context.gram, mask, rows, cols, gram_is_symmetric=True,
-                                   row_error=context.row_error)
+                                   row_error=context.row_error, out=out)
         problems = problems_from_arrays(*stacked, ids, labels)
         return _Pending(tensor=-1, rows=rows, cols=cols, lines=lines, problems=problems, stacked=stacked,
                         groups=labels)
@@ -635,8 +657,12 @@ def _run_round(contexts: list[_Context], state: ICBSState, steps: list[tuple[int
     for t, line in steps:
         by_tensor.setdefault(t, []).append(line)
     pending: list[_Pending] = []
+    buffer = None
+    if config.objective == "layerwise":  # blocks never exceed B × B, one per line
+        buffer = _RoundBuffer(sum(len(lines) * contexts[t].block ** 2 for t, lines in by_tensor.items()))
     for t, lines in by_tensor.items():
-        built = _build_tensor_blocks(contexts[t], state, torch.tensor(lines, dtype=torch.int64), config, round_index)
+        built = _build_tensor_blocks(contexts[t], state, torch.tensor(lines, dtype=torch.int64), config, round_index,
+                                     buffer)
         if built is not None and built.problems:
             built.tensor = t
             pending.append(built)

@@ -116,8 +116,13 @@ def layerwise_arrays(
     *,
     gram_is_symmetric: bool = False,
     row_error: Tensor | None = None,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The stacked form of :func:`layerwise_blocks`: Q (n,B,B) float32, x0 (n,B) uint8, offsets (n,).
+
+    ``out``: a C-contiguous float32 (n,B,B) array to write Q into (iCBS hands every tensor
+    of a round a slice of one buffer, so the solver can read all blocks of the round in
+    place); by default Q is a new array.
 
     For engines that judge thousands of blocks at once without a Python loop per block.
     ``row_error`` (out,), the current error of every row when the caller tracks it, spares
@@ -169,7 +174,12 @@ def layerwise_arrays(
         touched_error = errors
     w_s = weight[entry_rows, cols]
     x_s = mask[entry_rows, cols]
-    Q = np.empty((n_blocks, block, block), np.float32)
+    if out is None:
+        Q = np.empty((n_blocks, block, block), np.float32)
+    elif out.shape != (n_blocks, block, block) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise UsageError(f"out must be a C-contiguous float32 array of shape {(n_blocks, block, block)}")
+    else:
+        Q = out
     offsets = np.empty(n_blocks, np.float64)
     if n_blocks:
         _layerwise_kernel(gram.numpy(), w_s.contiguous().numpy(), cols.contiguous().numpy(),

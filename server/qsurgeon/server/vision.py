@@ -280,7 +280,8 @@ class ImageCalibrationData:
         """Images, the unit the statistics are taken over (each contributes all its patches)."""
         return self.num_samples
 
-    def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    def batches(self, batch_size: int, by_length: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches in order; ``by_length`` is accepted for the text interface (every image has the same size)."""
         for start in range(0, self.num_samples, batch_size):
             batch = {"pixel_values": self.pixel_values[start:start + batch_size]}
             if self.labels is not None:

@@ -52,6 +52,7 @@ BACKENDS: list[tuple[str, str, dict[str, Any], int]] = [
     ("sa", "sa", {}, 1 << 16),
     ("sa-random", "sa", {"start": "random"}, 1 << 16),
     ("sa-16", "sa", {"restarts": 16}, 1 << 16),  # as many restarts as neal has reads
+    ("swap-tabu", "swap-tabu", {}, 4096),
     ("neal", "neal", {}, 2048),
     ("tabu", "tabu", {}, 2048),
     ("steepest", "steepest", {}, 2048),

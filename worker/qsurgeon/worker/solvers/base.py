@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
+from qsurgeon.client.errors import UsageError
 from qsurgeon.worker.problem import BlockProblem, BlockSolution
 
 
@@ -52,3 +53,17 @@ class Solver(ABC):
     def sample_batch(self, problems: Sequence[BlockProblem], **params: Any) -> list[BlockSolution]:
         """Answer many problems; each answer must equal what :meth:`sample` gives alone."""
         return [self.sample(problem, **params) for problem in problems]
+
+
+def starts_from_x0(problem: BlockProblem, start: str, solver: str) -> bool:
+    """Whether a chain of ``solver`` starts from the problem's ``x0`` under its ``start`` parameter.
+
+    ``"random"`` never does, ``"x0"`` always does (a problem without ``x0`` is an error),
+    ``"auto"`` does when the problem has one.
+    """
+    if start == "random":
+        return False
+    if start == "x0" and problem.x0 is None:
+        label = f"problem {problem.id!r}" if problem.id else "a problem"
+        raise UsageError(f"{solver}: start='x0' but {label} has no x0")
+    return problem.x0 is not None

@@ -27,7 +27,7 @@ import numpy as np
 
 from qsurgeon.client.errors import SolverUnavailableError, UsageError
 from qsurgeon.worker.problem import MAX_VARIABLES, BlockProblem, BlockSolution
-from qsurgeon.worker.solvers.base import Capabilities, Solver
+from qsurgeon.worker.solvers.base import Capabilities, Solver, starts_from_x0
 from qsurgeon.worker.solvers.sa_rng import chain_keys, problem_digest
 
 #: β_rel range from x0 and from a random start. Tuned on real MiniLM layer-wise blocks (B = 256,
@@ -125,15 +125,6 @@ def _beta_table(params: AnnealParams) -> tuple[np.ndarray, list[tuple[float, flo
     return np.ascontiguousarray(table[:, : params.sweeps]), ranges
 
 
-def _uses_x0(problem: BlockProblem, start: str) -> bool:
-    if start == "random":
-        return False
-    if start == "x0" and problem.x0 is None:
-        label = f"problem {problem.id!r}" if problem.id else "a problem"
-        raise UsageError(f"sa: start='x0' but {label} has no x0")
-    return problem.x0 is not None
-
-
 def _digest(problem: BlockProblem) -> bytes:
     if problem.Q is not None:
         Q = np.asarray(problem.Q)
@@ -196,7 +187,7 @@ class SimulatedAnnealingSolver(Solver):
         if not problems:
             return []
         started = time.perf_counter()
-        use_x0 = np.array([_uses_x0(problem, options.start) for problem in problems], np.bool_)
+        use_x0 = np.array([starts_from_x0(problem, options.start, self.name) for problem in problems], np.bool_)
         keys = np.stack([chain_keys(_digest(problem), options.seed, options.restarts) for problem in problems])
         betas, ranges = _beta_table(options)
         beta_rows = use_x0.astype(np.int64)

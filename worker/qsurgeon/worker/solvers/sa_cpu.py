@@ -354,7 +354,8 @@ class ChainResults:
 
 
 def _constraint_layout(problems: list[BlockProblem], use_x0: np.ndarray) -> dict[str, np.ndarray]:
-    """Flat per-problem constraint arrays shared by both kernels."""
+    """Flat per-problem constraint arrays shared by both kernels (and swap-tabu's): any problem
+    with ``num_variables``, ``num_groups``, ``group_of``, ``counts`` and ``x0`` will do."""
     nvar = np.array([p.num_variables for p in problems], np.int64)
     ngrp = np.array([p.num_groups for p in problems], np.int64)
     var_off = np.zeros(len(problems), np.int64)

@@ -31,7 +31,7 @@ import numpy as np
 
 from qsurgeon.client.errors import UsageError
 from qsurgeon.worker.problem import BlockProblem, BlockSolution
-from qsurgeon.worker.solvers.base import Capabilities, Solver
+from qsurgeon.worker.solvers.base import Capabilities, Solver, starts_from_x0
 from qsurgeon.worker.solvers.sa_rng import chain_keys, problem_digest
 
 #: Largest block accepted: a dense float32 Q of 4096² is 64 MiB, and one iteration scans it.
@@ -129,15 +129,6 @@ def dense_kernel_Q(problem: BlockProblem) -> np.ndarray:
     return np.ascontiguousarray((Q + Q.T) * np.float32(0.5))
 
 
-def _uses_x0(problem: BlockProblem, start: str) -> bool:
-    if start == "random":
-        return False
-    if start == "x0" and problem.x0 is None:
-        label = f"problem {problem.id!r}" if problem.id else "a problem"
-        raise UsageError(f"swap-tabu: start='x0' but {label} has no x0")
-    return problem.x0 is not None
-
-
 def _keys(problem: BlockProblem, Q: np.ndarray, seed: int, restarts: int) -> np.ndarray:
     """Chain keys from (seed, restart, content of the kernel's Q and the constraint)."""
     digest = problem_digest(problem.group_of, problem.counts, problem.x0, np.diagonal(Q), Q[0])
@@ -178,7 +169,7 @@ class SwapTabuSolver(Solver):
         if not problems:
             return []
         started = time.perf_counter()
-        use_x0 = np.array([_uses_x0(problem, options.start) for problem in problems], np.bool_)
+        use_x0 = np.array([starts_from_x0(problem, options.start, self.name) for problem in problems], np.bool_)
         annealed: list[BlockSolution | None] = [None] * len(problems)
         sweeps = [sweeps_to_anneal(problem, options.anneal_sweeps) for problem in problems]
         for count in sorted(set(sweeps) - {0}):  # sa's answers do not depend on the batch

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from qsurgeon.worker.solvers.sa_cpu import MAX_BYTES_PER_CALL, _below, _draw, _start_state
+from qsurgeon.worker.solvers.sa_cpu import MAX_BYTES_PER_CALL, _below, _constraint_layout, _draw, _start_state
 
 #: Stands for "no move found yet".
 BIG = 1e300
@@ -329,6 +329,10 @@ class KernelProblem:
     def num_variables(self) -> int:
         return int(self.order.shape[0])
 
+    @property
+    def num_groups(self) -> int:
+        return int(self.counts.shape[0])
+
 
 def kernel_problem(Q: np.ndarray, group_of: np.ndarray, counts: np.ndarray, x0: np.ndarray | None,
                    tenure: tuple[int, int, int]) -> KernelProblem:
@@ -350,30 +354,10 @@ def kernel_problem(Q: np.ndarray, group_of: np.ndarray, counts: np.ndarray, x0: 
                          rowmax=rowmax)
 
 
-def _layout(problems: list[KernelProblem], use_x0: np.ndarray) -> dict[str, np.ndarray]:
-    nvar = np.array([p.num_variables for p in problems], np.int64)
-    ngrp = np.array([p.counts.shape[0] for p in problems], np.int64)
-    var_off = np.concatenate(([0], np.cumsum(nvar)[:-1])).astype(np.int64)
-    grp_off = np.concatenate(([0], np.cumsum(ngrp)[:-1])).astype(np.int64)
-    sizes = [np.bincount(p.group_of, minlength=p.counts.shape[0]).astype(np.int64) for p in problems]
-    swappable = [np.nonzero((p.counts > 0) & (p.counts < s))[0].astype(np.int64) for p, s in zip(problems, sizes)]
-    nsw = np.array([s.shape[0] for s in swappable], np.int64)
-    return dict(
-        nvar=nvar, ngrp=ngrp, var_off=var_off, grp_off=grp_off,
-        var_group=np.concatenate([p.group_of for p in problems]).astype(np.int64),
-        x0=np.concatenate([p.x0 if (flag and p.x0 is not None) else np.zeros(p.num_variables, np.uint8)
-                           for p, flag in zip(problems, use_x0)]).astype(np.uint8),
-        g_size=np.concatenate(sizes), g_count=np.concatenate([p.counts for p in problems]).astype(np.int64),
-        g_start=np.concatenate([np.concatenate(([0], np.cumsum(s)[:-1])) for s in sizes]).astype(np.int64),
-        nsw=nsw, sw_off=np.concatenate(([0], np.cumsum(nsw)[:-1])).astype(np.int64),
-        sw_groups=np.concatenate(swappable + [np.zeros(1, np.int64)]).astype(np.int64),
-    )
-
-
 def _run_part(problems: list[KernelProblem], keys: np.ndarray, use_x0: np.ndarray, iterations: int,
               deadline: float | None) -> list[TabuResults]:
     restarts = keys.shape[1]
-    L = _layout(problems, use_x0)
+    L = _constraint_layout(problems, use_x0)
     count = len(problems)
     chain_problem = np.repeat(np.arange(count, dtype=np.int64), restarts)
     chain_sizes = L["nvar"][chain_problem]

@@ -502,7 +502,8 @@ class _RoundBuffer:
 
     The blocks of a round then lie back to back in one array, which the ``sa`` kernel
     reads in place (``sa_cpu._flat_matrices``) instead of copying a few hundred MB per
-    round into fresh, page-faulting memory. Sized for the most a round can ask for.
+    round into fresh, page-faulting memory. Sized for the most a round can ask for: one
+    block of at most the tensor's B × B per line.
     """
 
     def __init__(self, capacity: int):
@@ -511,8 +512,6 @@ class _RoundBuffer:
 
     def take(self, blocks: int, size: int) -> np.ndarray:
         count = blocks * size * size
-        if self._used + count > self._flat.size:  # never for the sizes _run_round reserves
-            return np.empty((blocks, size, size), np.float32)
         view = self._flat[self._used:self._used + count].reshape(blocks, size, size)
         self._used += count
         return view

@@ -1,0 +1,26 @@
+"""The masks of a fixed set of ``qsurgeon prune`` commands stay byte-identical (see mask_digests.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mask_digests import CASES, DIGESTS_FILE, run_case, tiny_models
+
+RECORDED = json.loads(DIGESTS_FILE.read_text())
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return tiny_models(tmp_path_factory.mktemp("digest-models"))
+
+
+def test_every_case_has_a_recorded_digest():
+    assert set(RECORDED) == set(CASES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_masks_are_byte_identical_to_the_recorded_ones(case, models, tmp_path):
+    assert run_case(case, models, tmp_path / "out") == RECORDED[case]

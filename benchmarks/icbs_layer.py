@@ -30,10 +30,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from qsurgeon.server.icbs import ICBSConfig, TensorTask, relative_layer_error, run_icbs  # noqa: E402
-from qsurgeon.server.masks import initial_mask, score_weights  # noqa: E402
-from qsurgeon.server.sparsity import Sparsity  # noqa: E402
-from qsurgeon.worker.queue import InProcessQueue  # noqa: E402
+from qsurgeon.server.engine.icbs import ICBSConfig, TensorTask, relative_layer_error, run_icbs  # noqa: E402
+from qsurgeon.server.pruning.masks import initial_mask, score_weights  # noqa: E402
+from qsurgeon.server.pruning.sparsity import Sparsity  # noqa: E402
+from qsurgeon.worker.queue.base import InProcessQueue  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 LAYERS = ("encoder.layer.0.attention.self.query", "encoder.layer.2.intermediate.dense",

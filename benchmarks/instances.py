@@ -34,7 +34,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-from qsurgeon.worker.problem import BlockProblem  # noqa: E402
+from qsurgeon.worker.block.problem import BlockProblem  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / "cache"
 NUM_LAYERS = 6

@@ -34,11 +34,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from qsurgeon.server.adapters import load_adapter  # noqa: E402
-from qsurgeon.server.calibration import builtin_texts, tokenize_texts  # noqa: E402
-from qsurgeon.server.capture import collect_stats, iterate_blocks, weight_error  # noqa: E402
-from qsurgeon.server.embeddings import agreement, sentence_embeddings  # noqa: E402
-from qsurgeon.server.pipeline import PruneOptions, run_prune  # noqa: E402
+from qsurgeon.server.models.adapters import load_adapter  # noqa: E402
+from qsurgeon.server.models.calibration import builtin_texts, tokenize_texts  # noqa: E402
+from qsurgeon.server.models.capture import collect_stats, iterate_blocks, weight_error  # noqa: E402
+from qsurgeon.server.evaluate.embeddings import agreement, sentence_embeddings  # noqa: E402
+from qsurgeon.server.engine.run import PruneOptions, run_prune  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out" / "prune_minilm.json"
 

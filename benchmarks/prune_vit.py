@@ -56,7 +56,7 @@ def ensure_model() -> Path:
 
 
 def prune_once(model: str, method: str, setting: dict, calibration: str, out: Path, args) -> dict:
-    from qsurgeon.server.pipeline import PruneOptions, run_prune
+    from qsurgeon.server.engine.run import PruneOptions, run_prune
 
     refit = method.endswith("+refit")
     options = PruneOptions(
@@ -117,8 +117,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from qsurgeon.server.classification import evaluate_classification
-    from qsurgeon.server.pipeline import METHODS
+    from qsurgeon.server.evaluate.classification import evaluate_classification
+    from qsurgeon.server.engine.run import METHODS
 
     cache = ensure_model() if args.model is None else None
     model = args.model or str(cache / "model")

@@ -37,9 +37,9 @@ os.environ["NUMBA_NUM_THREADS"] = "1"
 
 import numpy as np  # noqa: E402
 
-from qsurgeon.worker.problem import BlockProblem  # noqa: E402
-from qsurgeon.worker.queue import InProcessQueue, RoundRequest  # noqa: E402
-from qsurgeon.worker.redis_queue import QueueSettings, RedisQueue, connect  # noqa: E402
+from qsurgeon.worker.block.problem import BlockProblem  # noqa: E402
+from qsurgeon.worker.queue.base import InProcessQueue, RoundRequest  # noqa: E402
+from qsurgeon.worker.queue.redis import QueueSettings, RedisQueue, connect  # noqa: E402
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 OUT = Path(__file__).resolve().parent / "out"

@@ -53,7 +53,7 @@ import importlib.util  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from qsurgeon.worker.problem import BlockProblem  # noqa: E402
+from qsurgeon.worker.block.problem import BlockProblem  # noqa: E402
 from qsurgeon.worker.solve import solve, solve_batch  # noqa: E402
 
 

@@ -9,7 +9,7 @@ Corpus: English prose that ships with every Debian system — the license texts 
 ``/usr/share/common-licenses`` and the plain-text documentation under ``/usr/share/doc``
 (READMEs, Markdown, copyright files; gzipped files skipped), de-duplicated by content.
 It is real, varied English and, crucially, DIFFERENT from the calibration corpus
-(docstrings of the Python standard library, ``qsurgeon.server.calibration``), so
+(docstrings of the Python standard library, ``qsurgeon.server.models.calibration``), so
 perplexity after pruning measures generalisation rather than memorised calibration
 text. Every tenth document (by a hash of its text) is held out for perplexity.
 

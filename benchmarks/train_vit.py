@@ -59,7 +59,7 @@ def split(images: np.ndarray, labels: np.ndarray) -> dict[str, tuple[np.ndarray,
     for image models, so those stay held out from this model's test set too. The 128
     calibration images of the benchmark are drawn (seeded) from the training part.
     """
-    from qsurgeon.server.vision import digits_split
+    from qsurgeon.server.models.vision import digits_split
 
     indices = digits_split()
     train_x, train_y = images[indices["calibration"]], labels[indices["calibration"]]

@@ -7,7 +7,7 @@ import itertools
 
 import numpy as np
 
-from qsurgeon.worker.problem import BlockProblem
+from qsurgeon.worker.block.problem import BlockProblem
 
 
 def pruning_block(size: int, seed: int, *, k: int | None = None, groups=None, counts=None,

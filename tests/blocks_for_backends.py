@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qsurgeon.worker.problem import BlockProblem
+from qsurgeon.worker.block.problem import BlockProblem
 
 
 def layerwise_like(num_variables: int, seed: int, *, groups_of: int | None = None, with_x0: bool = True) -> BlockProblem:

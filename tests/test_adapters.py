@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.server.adapters import (
+from qsurgeon.server.models.adapters import (
     HFTextAdapter,
     TorchModuleAdapter,
     builtin_model_folder,
@@ -178,7 +178,7 @@ def test_encoder_adapter_has_no_loss(tiny_models):
 
 
 def test_model_kind_reads_the_config_without_loading(tiny_models, tmp_path):
-    from qsurgeon.server.adapters import model_kind
+    from qsurgeon.server.models.adapters import model_kind
 
     assert model_kind(str(tiny_models["bert"])) == "encoder"
     assert model_kind("builtin:minilm") == "encoder"

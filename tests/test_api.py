@@ -22,14 +22,14 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from qsurgeon.client.errors import UsageError  # noqa: E402
-from qsurgeon.client.models import JobCreate  # noqa: E402
+from qsurgeon.client.schemas import JobCreate  # noqa: E402
 from qsurgeon.server.api import ServiceConfig, create_app, load_api_keys  # noqa: E402
 from qsurgeon.server.api.archives import ArchiveError, extract_model_archive  # noqa: E402
 from qsurgeon.server.api.store import JobStore  # noqa: E402
 from qsurgeon.server.api.submit import create_job  # noqa: E402
-from qsurgeon.worker.consumer import Worker  # noqa: E402
-from qsurgeon.worker.problem import BlockProblem  # noqa: E402
-from qsurgeon.worker.redis_queue import QueueSettings, connect  # noqa: E402
+from qsurgeon.worker.queue.consumer import Worker  # noqa: E402
+from qsurgeon.worker.block.problem import BlockProblem  # noqa: E402
+from qsurgeon.worker.queue.redis import QueueSettings, connect  # noqa: E402
 
 KEY = "test-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -8,8 +8,8 @@ import torch
 from safetensors.numpy import save_file
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.server.adapters import builtin_model_folder
-from qsurgeon.server.calibration import (
+from qsurgeon.server.models.adapters import builtin_model_folder
+from qsurgeon.server.models.calibration import (
     CalibrationData,
     builtin_texts,
     load_calibration,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qsurgeon.server.adapters import load_adapter
-from qsurgeon.server.calibration import builtin_texts, tokenize_texts
-from qsurgeon.server.capture import (
+from qsurgeon.server.models.adapters import load_adapter
+from qsurgeon.server.models.calibration import builtin_texts, tokenize_texts
+from qsurgeon.server.models.capture import (
     _real_rows,
     capture_first_block_inputs,
     collect_stats,
@@ -124,8 +124,8 @@ def test_relative_error_is_reconstruction_error():
 @pytest.mark.parametrize("kind", ["bert", "gpt2"])
 def test_per_sample_gradients_equal_autograd_per_sample(tmp_path, kind):
     """vmap(grad) over length groups == one backward pass per unpadded sample (Conv1D transposed to (out, in))."""
-    from qsurgeon.server.calibration import CalibrationData
-    from qsurgeon.server.capture import dense_outputs, per_sample_gradients
+    from qsurgeon.server.models.calibration import CalibrationData
+    from qsurgeon.server.models.capture import dense_outputs, per_sample_gradients
 
     adapter = load_adapter(str(save_tiny_model(kind, tmp_path / kind)))
     ids = torch.randint(1000, 2000, (5, 9))

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModel
 
 from qsurgeon.client.cli import main
-from qsurgeon.server.outputs import load_masks
+from qsurgeon.server.engine.outputs import load_masks
 
 
 @pytest.mark.slow

@@ -11,8 +11,8 @@ from blocks_for_backends import fisher_like, layerwise_like
 from qsurgeon.client.cli import main
 from qsurgeon.client.errors import UsageError
 from qsurgeon.worker import BlockProblem, solve
-from qsurgeon.worker.export import MANIFEST_NAME, ExportingQueue, read_manifest
-from qsurgeon.worker.queue import InProcessQueue, RoundRequest
+from qsurgeon.worker.queue.export import MANIFEST_NAME, ExportingQueue, read_manifest
+from qsurgeon.worker.queue.base import InProcessQueue, RoundRequest
 
 
 def round_problems(seed: int) -> list[BlockProblem]:

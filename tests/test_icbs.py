@@ -14,14 +14,14 @@ import safetensors.torch
 import torch
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.server.icbs import (
+from qsurgeon.server.engine.icbs import (
     FisherTerms, ICBSConfig, ICBSState, TensorTask, _plan, _prepare, initial_state, layer_error,
     relative_layer_error, run_icbs,
 )
-from qsurgeon.server.masks import check_mask, initial_mask, score_weights
-from qsurgeon.server.sparsity import Sparsity
-from qsurgeon.worker.problem import BlockProblem, BlockSolution
-from qsurgeon.worker.queue import InProcessQueue, RoundRequest, RoundResult
+from qsurgeon.server.pruning.masks import check_mask, initial_mask, score_weights
+from qsurgeon.server.pruning.sparsity import Sparsity
+from qsurgeon.worker.block.problem import BlockProblem, BlockSolution
+from qsurgeon.worker.queue.base import InProcessQueue, RoundRequest, RoundResult
 from qsurgeon.worker.solvers.base import Capabilities, Solver
 from qsurgeon.worker.solvers.registry import register, unregister
 

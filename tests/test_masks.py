@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.server.masks import check_mask, initial_mask, score_weights
-from qsurgeon.server.sparsity import Sparsity
+from qsurgeon.server.pruning.masks import check_mask, initial_mask, score_weights
+from qsurgeon.server.pruning.sparsity import Sparsity
 
 
 def _weight(seed: int = 0, shape=(6, 16)):

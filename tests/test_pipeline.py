@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.server.masks import check_mask
-from qsurgeon.server.outputs import MASKS_FILE, REPORT_FILE, load_masks
-from qsurgeon.server.pipeline import METHODS, DirectoryCheckpoint, PruneOptions, run_prune
-from qsurgeon.server.sparsity import Sparsity
+from qsurgeon.server.pruning.masks import check_mask
+from qsurgeon.server.engine.outputs import MASKS_FILE, REPORT_FILE, load_masks
+from qsurgeon.server.engine.run import METHODS, DirectoryCheckpoint, PruneOptions, run_prune
+from qsurgeon.server.pruning.sparsity import Sparsity
 from test_adapters import save_tiny_model
 
 FAST = {"samples": 16, "seq_len": 32, "block_size": 16, "epochs": 1}
@@ -232,8 +232,8 @@ def test_include_prunes_only_matching_blocks_and_resumes(models, tmp_path):
 
 def test_plain_module_with_user_loss(tmp_path):
     """A plain nn.Module from Python: layer-wise iCBS, then fisher with the user's loss and gradient init."""
-    from qsurgeon.server.adapters import TorchModuleAdapter
-    from qsurgeon.server.calibration import CalibrationData
+    from qsurgeon.server.models.adapters import TorchModuleAdapter
+    from qsurgeon.server.models.calibration import CalibrationData
     from test_adapters import _Stack
 
     torch.manual_seed(0)

@@ -22,7 +22,7 @@ NEVER_IMPORTED = "qsurgeon_test_never_imported"
 
 PLUGIN_SOURCE = '''
 import numpy as np
-from qsurgeon.worker.problem import BlockSolution
+from qsurgeon.worker.block.problem import BlockSolution
 from qsurgeon.worker.solvers.base import Capabilities, Solver
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qsurgeon.client.errors import InfeasibleSolutionError, InvalidProblemError
-from qsurgeon.worker.problem import BlockProblem, BlockSolution
+from qsurgeon.worker.block.problem import BlockProblem, BlockSolution
 from qsurgeon.worker.solve import solve
 
 

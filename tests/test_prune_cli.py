@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from qsurgeon.client.cli import main
-from qsurgeon.server.outputs import load_masks
+from qsurgeon.server.engine.outputs import load_masks
 from test_adapters import save_tiny_model
 
 
@@ -120,8 +120,8 @@ def test_prune_builtin_minilm_subprocess(tmp_path):
 def test_progress_bar_lines_when_not_a_terminal(bert, tmp_path):
     import io
 
-    from qsurgeon.server.pipeline import PruneOptions, run_prune
-    from qsurgeon.server.progress import ProgressBar
+    from qsurgeon.server.engine.run import PruneOptions, run_prune
+    from qsurgeon.server.engine.progress import ProgressBar
 
     stream = io.StringIO()
     run_prune(PruneOptions(model=str(bert), samples=8, seq_len=24, block_size=16), progress=ProgressBar(stream))
@@ -134,7 +134,7 @@ def test_progress_bar_lines_when_not_a_terminal(bert, tmp_path):
 
 def test_icbs_search_options_reach_the_loop(tmp_path):
     from qsurgeon.client.cli import build_parser
-    from qsurgeon.server.prune_commands import options_from_args
+    from qsurgeon.server.cli.prune import options_from_args
 
     args = build_parser().parse_args([
         "prune", "m", "--out", str(tmp_path / "o"), "--k", "5", "--selection", "random", "--tabu-size", "3",
@@ -162,14 +162,14 @@ def test_bad_icbs_search_options_exit_2(tmp_path, capsys, flag, value, message):
 
 def _parsed_options(tmp_path, *extra):
     from qsurgeon.client.cli import build_parser
-    from qsurgeon.server.prune_commands import options_from_args
+    from qsurgeon.server.cli.prune import options_from_args
 
     return options_from_args(build_parser().parse_args(["prune", "m", "--out", str(tmp_path / "o"), *extra]))
 
 
 def test_presets_set_defaults_that_explicit_options_override(tmp_path):
-    from qsurgeon.server.pipeline import PruneOptions
-    from qsurgeon.server.quality import PRESETS
+    from qsurgeon.server.engine.run import PruneOptions
+    from qsurgeon.server.evaluate.quality import PRESETS
 
     plain = _parsed_options(tmp_path)
     assert plain.to_dict() == PruneOptions(model="m", out=str(tmp_path / "o")).to_dict()
@@ -185,8 +185,8 @@ def test_the_quality_preset_follows_the_model_kind(tmp_path):
     from test_adapters import save_tiny_model
 
     from qsurgeon.client.cli import build_parser
-    from qsurgeon.server.prune_commands import options_from_args
-    from qsurgeon.server.quality import PRESETS, PRESETS_BY_KIND
+    from qsurgeon.server.cli.prune import options_from_args
+    from qsurgeon.server.evaluate.quality import PRESETS, PRESETS_BY_KIND
 
     folder = save_tiny_model("llama", tmp_path / "llama")
 

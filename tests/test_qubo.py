@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.server.qubo import fisher_block, layerwise_blocks, row_errors, weighted_sum
+from qsurgeon.server.pruning.qubo import fisher_block, layerwise_blocks, row_errors, weighted_sum
 from qsurgeon.worker import solve
 
 
@@ -189,7 +189,7 @@ def test_weighted_sum_adds_energies():
 
 def test_tracked_row_errors_give_the_same_blocks():
     """With the caller's row errors the field is computed only at block entries: same Q, same offsets."""
-    from qsurgeon.server.qubo import layerwise_arrays
+    from qsurgeon.server.pruning.qubo import layerwise_arrays
 
     weight, _, gram, generator = _layer(9, out=10, width=64)
     mask = _random_mask(generator, weight.shape, 32)
@@ -206,7 +206,7 @@ def test_tracked_row_errors_give_the_same_blocks():
 
 
 def test_layerwise_arrays_write_into_a_given_buffer():
-    from qsurgeon.server.qubo import layerwise_arrays
+    from qsurgeon.server.pruning.qubo import layerwise_arrays
 
     weight, _, gram, generator = _layer(4, out=6, width=32)
     mask = _random_mask(generator, weight.shape, 16)

@@ -18,10 +18,10 @@ from redis_support import REDIS_URL, key_prefix, redis_client
 redis = pytest.importorskip("redis")
 
 from qsurgeon.client.errors import InvalidProblemError, UsageError  # noqa: E402
-from qsurgeon.worker.consumer import Worker, current_lease  # noqa: E402
-from qsurgeon.worker.problem import BlockProblem, BlockSolution  # noqa: E402
-from qsurgeon.worker.queue import InProcessQueue, RoundRequest  # noqa: E402
-from qsurgeon.worker.redis_queue import (  # noqa: E402
+from qsurgeon.worker.queue.consumer import Worker, current_lease  # noqa: E402
+from qsurgeon.worker.block.problem import BlockProblem, BlockSolution  # noqa: E402
+from qsurgeon.worker.queue.base import InProcessQueue, RoundRequest  # noqa: E402
+from qsurgeon.worker.queue.redis import (  # noqa: E402
     QueueSettings, RedisQueue, RoundAborted, connect, decode_problem, encode_problem, encode_result,
 )
 from qsurgeon.worker.solve import solve  # noqa: E402

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.server.refit import damped_gram, layer_error, refit_rows
+from qsurgeon.server.pruning.refit import damped_gram, layer_error, refit_rows
 
 
 def _layer(rows: int, width: int, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -19,13 +19,13 @@ redis = pytest.importorskip("redis")
 uvicorn = pytest.importorskip("uvicorn")
 
 from qsurgeon.client.cli import main as cli_main  # noqa: E402
-from qsurgeon.client.models import Job, SolveResult  # noqa: E402
+from qsurgeon.client.schemas import Job, SolveResult  # noqa: E402
 from qsurgeon.client.sdk import (  # noqa: E402
     AsyncClient, AuthenticationError, BadRequestError, Client, NotFoundError, ServiceUnavailableError,
 )
 from qsurgeon.server.api import ServiceConfig, create_app  # noqa: E402
-from qsurgeon.worker.consumer import Worker  # noqa: E402
-from qsurgeon.worker.redis_queue import QueueSettings, connect  # noqa: E402
+from qsurgeon.worker.queue.consumer import Worker  # noqa: E402
+from qsurgeon.worker.queue.redis import QueueSettings, connect  # noqa: E402
 
 KEY = "sdk-test-key-0123456789"
 pytestmark = pytest.mark.redis
@@ -165,7 +165,7 @@ def test_client_modules_import_without_numpy_or_torch():
         "import sys\n"
         "for name in ('numpy', 'torch', 'redis', 'fastapi'):\n"
         "    sys.modules[name] = None  # any import of them now fails\n"
-        "import qsurgeon.client.sdk, qsurgeon.client.models, qsurgeon.client.service_commands\n"
+        "import qsurgeon.client.sdk, qsurgeon.client.schemas, qsurgeon.client.cli.jobs\n"
         "from qsurgeon.client.cli import build_parser\n"
         "build_parser().parse_args(['status', '--url', 'http://x'])\n"
         "print('ok')\n"

@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("uvicorn")
 
 from qsurgeon.client.sdk import BadRequestError, Client, NotFoundError, AuthenticationError  # noqa: E402
-from qsurgeon.worker.redis_queue import GROUP, connect  # noqa: E402
+from qsurgeon.worker.queue.redis import GROUP, connect  # noqa: E402
 
 KEY = "integration-key-0123456789"
 #: small but real: two attention projections of MiniLM, 2 epochs, several queue rounds
@@ -108,7 +108,7 @@ class Service:
 @pytest.fixture(scope="module")
 def reference_masks():
     """The embedded run: same options, in-process queue."""
-    from qsurgeon.server.pipeline import PruneOptions, run_prune
+    from qsurgeon.server.engine.run import PruneOptions, run_prune
 
     result = run_prune(PruneOptions(model="builtin:minilm", **OPTIONS))
     return {name: mask.clone() for name, mask in result.masks.items()}
@@ -217,7 +217,7 @@ def tiny_bert(folder: Path) -> Path:
 
 
 def test_uploaded_model_and_calibration(service, tmp_path):
-    from qsurgeon.server.pipeline import PruneOptions, run_prune
+    from qsurgeon.server.engine.run import PruneOptions, run_prune
 
     model = tiny_bert(tmp_path / "tiny")
     calibration = tmp_path / "calibration.txt"

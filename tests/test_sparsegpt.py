@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.server.refit import damped_gram, layer_error
-from qsurgeon.server.sparsegpt import sparsegpt_prune
-from qsurgeon.server.sparsity import Sparsity
+from qsurgeon.server.pruning.refit import damped_gram, layer_error
+from qsurgeon.server.pruning.sparsegpt import sparsegpt_prune
+from qsurgeon.server.pruning.sparsity import Sparsity
 
 
 def _layer(rows: int, width: int, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +115,7 @@ def test_bad_inputs():
 
 
 def test_initial_masks_for_icbs_are_sparsegpts_masks_with_wanda_scores():
-    from qsurgeon.server.sparsegpt import sparsegpt_initial_masks
+    from qsurgeon.server.pruning.sparsegpt import sparsegpt_initial_masks
 
     weight, gram = _layer(6, 16, 30, seed=5)
     sparsity = Sparsity(0.5)

@@ -11,7 +11,7 @@ from block_instances import direct_energy, enumerated_minimum, factored_block, p
 
 from qsurgeon.client.cli import main
 from qsurgeon.client.errors import ProblemTooLargeError, UsageError
-from qsurgeon.worker.problem import BlockProblem
+from qsurgeon.worker.block.problem import BlockProblem
 from qsurgeon.worker.solve import solve, solve_batch
 from qsurgeon.worker.solvers.registry import capabilities, solver_names
 

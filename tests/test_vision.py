@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.server.classification import evaluate_classification, format_classification, match_class_names
-from qsurgeon.server.vision import (
+from qsurgeon.server.evaluate.classification import evaluate_classification, format_classification, match_class_names
+from qsurgeon.server.models.vision import (
     HFImageAdapter,
     ImageCalibrationData,
     builtin_digits,
@@ -232,7 +232,7 @@ def test_evaluate_classification_from_npz(tmp_path, deit_dir):
 def test_evaluate_builtin_digits_on_a_grey_digit_classifier(tmp_path, deit_dir):
     from transformers import ViTForImageClassification
 
-    from qsurgeon.server.vision import builtin_digits, load_image_processor
+    from qsurgeon.server.models.vision import builtin_digits, load_image_processor
 
     folder = _save_classifier(tmp_path / "digits", "ViTForImageClassification", num_channels=1,
                               labels=[str(d) for d in range(10)])

@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator, Iterator, Mapping
 import httpx
 
 from qsurgeon.client.errors import QsurgeonError, UsageError
-from qsurgeon.client.models import (
+from qsurgeon.client.schemas import (
     API_PREFIX, Job, JobEvent, JobList, JobState, SolveAccepted, SolveResult, SolverInfo,
 )
 

@@ -1,6 +1,6 @@
 """qsurgeon worker: the block problem format, the solver backends and the queue consumer."""
 
-from qsurgeon.worker.problem import BlockProblem, BlockSolution
+from qsurgeon.worker.block.problem import BlockProblem, BlockSolution
 from qsurgeon.worker.solve import solve, solve_batch
 from qsurgeon.worker.solvers import Capabilities, Solver, all_capabilities, get_solver, solver_names
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from qsurgeon.client.errors import ProblemTooLargeError
-from qsurgeon.worker.problem import BlockProblem, BlockSolution
+from qsurgeon.worker.block.problem import BlockProblem, BlockSolution
 from qsurgeon.worker.solvers.base import Solver
 from qsurgeon.worker.solvers.registry import get_solver
 

@@ -13,14 +13,14 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.client.models import Health, Readiness
+from qsurgeon.client.schemas import Health, Readiness
 from qsurgeon.server.api.config import ServiceConfig
 from qsurgeon.server.api.limits import BodyLimitMiddleware
 from qsurgeon.server.api.manager import JobManager
 from qsurgeon.server.api.routes import router
 from qsurgeon.server.api.store import JobStore
 from qsurgeon.server.api.submit import MalformedRequest, validation_message
-from qsurgeon.worker.redis_queue import RedisQueue, connect
+from qsurgeon.worker.queue.redis import RedisQueue, connect
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def _document_job_body(app: FastAPI) -> None:
     JobCreate; add its schema to the OpenAPI components the route's requestBody refers to."""
     from fastapi.openapi.utils import get_openapi
 
-    from qsurgeon.client.models import JobCreate
+    from qsurgeon.client.schemas import JobCreate
 
     def openapi() -> dict:
         if app.openapi_schema is None:

@@ -1,6 +1,6 @@
 """How a job runs: the same ``run_prune`` as ``qsurgeon prune``, with a RedisQueue.
 
-The request's options become a :class:`~qsurgeon.server.pipeline.PruneOptions`; the
+The request's options become a :class:`~qsurgeon.server.engine.run.PruneOptions`; the
 fields that name server-side paths (model, calibration file, output and export folders)
 are never taken from a request: the server fills them in from what it resolved itself.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.worker.problem import BlockProblem
-from qsurgeon.worker.queue import Queue, RoundRequest
+from qsurgeon.worker.block.problem import BlockProblem
+from qsurgeon.worker.queue.base import Queue, RoundRequest
 
 #: options a request may not set: they are server-side paths or server decisions
 SERVER_OWNED_OPTIONS = frozenset({"model", "out", "calibration", "export_blocks", "json"})
@@ -26,14 +26,14 @@ CHECKPOINT_FOLDER = "checkpoint"
 
 def option_names() -> list[str]:
     """Names a request's ``options`` may hold (every PruneOptions field the server does not own)."""
-    from qsurgeon.server.pipeline import PruneOptions
+    from qsurgeon.server.engine.run import PruneOptions
 
     return sorted(f.name for f in dataclasses.fields(PruneOptions) if f.name not in SERVER_OWNED_OPTIONS)
 
 
 def build_options(options: dict[str, Any], *, model_path: str, calibration: str, out_dir: Path):
     """A validated PruneOptions (UsageError says which option is wrong)."""
-    from qsurgeon.server.pipeline import PruneOptions
+    from qsurgeon.server.engine.run import PruneOptions
 
     owned = sorted(set(options) & SERVER_OWNED_OPTIONS)
     if owned:
@@ -58,7 +58,7 @@ def _jsonable(value: Any) -> Any:
 def run_prune_job(spec: dict[str, Any], job_dir: Path, *, queue: Queue, progress: Callable[..., None],
                   should_stop: Callable[[], bool]) -> tuple[dict[str, Any], list[str]]:
     """Run (or resume) one prune job; returns (metrics, artifact names)."""
-    from qsurgeon.server.pipeline import DirectoryCheckpoint, run_prune
+    from qsurgeon.server.engine.run import DirectoryCheckpoint, run_prune
 
     out_dir = job_dir / OUTPUT_FOLDER
     _clear_partial_output(out_dir)

@@ -22,11 +22,11 @@ from typing import Any, Callable
 import redis
 
 from qsurgeon.client.errors import QsurgeonError
-from qsurgeon.client.models import Job, JobKind, JobState
+from qsurgeon.client.schemas import Job, JobKind, JobState
 from qsurgeon.server.api import engine
 from qsurgeon.server.api.config import ServiceConfig
 from qsurgeon.server.api.store import JobStore
-from qsurgeon.worker.redis_queue import RedisQueue, RoundAborted
+from qsurgeon.worker.queue.redis import RedisQueue, RoundAborted
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qsurgeon.worker.redis_queue import RedisQueue
+from qsurgeon.worker.queue.redis import RedisQueue
 
 
 def render_metrics(app: Any) -> str:

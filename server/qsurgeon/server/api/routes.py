@@ -15,16 +15,16 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from pydantic import ValidationError
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.client.models import (
+from qsurgeon.client.schemas import (
     Job, JobKind, JobList, JobState, SolveAccepted, SolveRequest, SolveResult, SolverInfo,
 )
 from qsurgeon.server.api import engine
 from qsurgeon.server.api.metrics import render_metrics
 from qsurgeon.server.api.security import require_api_key
 from qsurgeon.server.api.submit import create_job, parse_spec, validation_message
-from qsurgeon.worker.problem import BlockProblem
-from qsurgeon.worker.queue import RoundRequest
-from qsurgeon.worker.redis_queue import QueueSettings, RedisQueue
+from qsurgeon.worker.block.problem import BlockProblem
+from qsurgeon.worker.queue.base import RoundRequest
+from qsurgeon.worker.queue.redis import QueueSettings, RedisQueue
 from qsurgeon.worker.solvers.registry import all_capabilities, solver_names
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
@@ -170,7 +170,7 @@ def download_artifact(request: Request, job_id: str, name: str) -> FileResponse:
 def prune_options() -> dict[str, object]:
     import dataclasses
 
-    from qsurgeon.server.pipeline import PruneOptions
+    from qsurgeon.server.engine.run import PruneOptions
 
     defaults: dict[str, object] = {}
     for item in dataclasses.fields(PruneOptions):

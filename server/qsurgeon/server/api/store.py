@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import redis
 
-from qsurgeon.client.models import Job, JobKind, JobState
+from qsurgeon.client.schemas import Job, JobKind, JobState
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_EVENTS_PER_JOB = 20000

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.client.models import Job, JobCreate, JobKind
+from qsurgeon.client.schemas import Job, JobCreate, JobKind
 from qsurgeon.server.api import engine
 from qsurgeon.server.api.archives import extract_model_archive
 from qsurgeon.server.api.config import ServiceConfig

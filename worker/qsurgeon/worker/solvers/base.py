@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.worker.problem import BlockProblem, BlockSolution
+from qsurgeon.worker.block.problem import BlockProblem, BlockSolution
 
 
 @dataclass(frozen=True)

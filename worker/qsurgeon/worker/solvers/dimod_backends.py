@@ -28,7 +28,7 @@ import numpy as np
 from dwave.samplers import SimulatedAnnealingSampler, SteepestDescentSolver as _DWaveSteepestDescent, TabuSampler
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.worker.problem import BlockProblem, BlockSolution
+from qsurgeon.worker.block.problem import BlockProblem, BlockSolution
 from qsurgeon.worker.solvers.base import Capabilities, Solver
 from qsurgeon.worker.solvers.penalty import MAX_DENSE_VARIABLES, PenaltyModel
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from qsurgeon.worker.problem import BlockProblem, BlockSolution
+from qsurgeon.worker.block.problem import BlockProblem, BlockSolution
 from qsurgeon.worker.solvers.base import Capabilities, Solver
 
 MAX_EXHAUSTIVE_VARIABLES = 24

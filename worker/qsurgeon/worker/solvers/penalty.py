@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from qsurgeon.client.errors import ProblemTooLargeError, UsageError
-from qsurgeon.worker.problem import BlockProblem
+from qsurgeon.worker.block.problem import BlockProblem
 
 #: The largest block whose Q is formed densely (a factored FᵀF + diag(c) is expanded up
 #: to here: 2048² float64 = 32 MiB). Penalty samplers need every coupling explicitly.

@@ -31,7 +31,7 @@ from qiskit_optimization.minimum_eigensolvers import QAOA
 from qiskit_optimization.optimizers import COBYLA, NELDER_MEAD, SPSA, Optimizer
 
 from qsurgeon.client.errors import ProblemTooLargeError, UsageError
-from qsurgeon.worker.problem import BlockProblem, BlockSolution
+from qsurgeon.worker.block.problem import BlockProblem, BlockSolution
 from qsurgeon.worker.solvers.base import Capabilities, Solver
 from qsurgeon.worker.solvers.penalty import PenaltyModel
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from qsurgeon.worker.problem import BlockProblem
+from qsurgeon.worker.block.problem import BlockProblem
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qsurgeon.worker.problem import BlockProblem
+from qsurgeon.worker.block.problem import BlockProblem
 from qsurgeon.worker.solvers.sa_cpu import ChainResults, next_chunk
 from qsurgeon.worker.solvers.sa_rng import GAMMA, MAX_BETA_DELTA, MIX1, MIX2, SCALE_SAMPLES
 

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.worker.problem import BlockProblem, BlockSolution
+from qsurgeon.worker.block.problem import BlockProblem, BlockSolution
 from qsurgeon.worker.solvers.base import Capabilities, Solver, starts_from_x0
 from qsurgeon.worker.solvers.sa_rng import chain_keys, problem_digest
 

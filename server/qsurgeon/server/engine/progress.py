@@ -1,6 +1,6 @@
 """A progress line on stderr for ``qsurgeon prune``: transformer block, epoch, round, energy.
 
-It consumes the event dicts :func:`~qsurgeon.server.pipeline.run_prune` emits. On a
+It consumes the event dicts :func:`~qsurgeon.server.engine.run.run_prune` emits. On a
 terminal it rewrites one line in place (carriage return); when stderr is a file or a
 pipe it prints a line per finished block instead, so logs stay readable.
 """

@@ -35,10 +35,10 @@ from typing import Any, Callable, Literal
 import torch
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.server.adapters import ModelAdapter
-from qsurgeon.server.calibration import builtin_texts, read_text_file
-from qsurgeon.server.embeddings import agreement, sentence_embeddings
-from qsurgeon.server.perplexity import perplexity, token_windows
+from qsurgeon.server.models.adapters import ModelAdapter
+from qsurgeon.server.models.calibration import builtin_texts, read_text_file
+from qsurgeon.server.evaluate.embeddings import agreement, sentence_embeddings
+from qsurgeon.server.evaluate.perplexity import perplexity, token_windows
 
 Task = Literal["embeddings", "perplexity"]
 TASKS: tuple[str, ...] = ("embeddings", "perplexity")
@@ -236,7 +236,7 @@ def bench_overrides(method: str, kind: str) -> dict[str, Any]:
 CURVE_EPOCHS: tuple[int, ...] = (0, 1, 2, 4, 8)
 QUICK_CURVE_EPOCHS: tuple[int, ...] = (0, 1)
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+REPO_ROOT = Path(__file__).resolve().parents[4]
 DEFAULT_LM = REPO_ROOT / "benchmarks" / "cache" / "tiny-gpt2"
 
 
@@ -291,7 +291,7 @@ class BenchOptions:
 
 def _parse_density(text: str) -> float | str:
     """``0.5`` -> 0.5, ``2:4`` -> "2:4"; checked by Sparsity so errors read the same everywhere."""
-    from qsurgeon.server.sparsity import Sparsity
+    from qsurgeon.server.pruning.sparsity import Sparsity
 
     text = text.strip()
     if ":" in text:
@@ -319,7 +319,7 @@ def _density_fields(density: float | str) -> dict[str, Any]:
 
 def _expected_density(adapter: Any, density: float | str) -> dict[str, float]:
     """What every prunable tensor's density must be for a (row-granular) spec."""
-    from qsurgeon.server.sparsity import Sparsity
+    from qsurgeon.server.pruning.sparsity import Sparsity
 
     sparsity = Sparsity.parse(None, density) if isinstance(density, str) else Sparsity(float(density))
     expected = {}
@@ -389,7 +389,7 @@ def _prune_and_score(spec: ModelSpec, dense: Any, calibration: Any, overrides: d
     """Prune a copy of the dense model (loaded once; copying is far cheaper than loading)."""
     import copy
 
-    from qsurgeon.server.pipeline import PruneOptions, run_prune
+    from qsurgeon.server.engine.run import PruneOptions, run_prune
 
     # the benchmark calibrates each model once (``calibration``), so the spec's sample count
     # wins over a preset's: the quality preset's ``samples`` would otherwise be reported
@@ -428,8 +428,8 @@ def _metric_key(spec: ModelSpec, dense: Any) -> str:
 
 def run_quality_bench(options: BenchOptions, log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
     """Run the benchmark; write ``results.json``, ``results.md`` and PNG plots into ``options.out``."""
-    from qsurgeon.server.adapters import load_adapter
-    from qsurgeon.server.calibration import load_calibration
+    from qsurgeon.server.models.adapters import load_adapter
+    from qsurgeon.server.models.calibration import load_calibration
 
     options.out.mkdir(parents=True, exist_ok=True)
     densities = options.densities or (QUICK_DENSITIES if options.quick else DENSITIES)

@@ -349,7 +349,7 @@ def model_kind(reference: str) -> str | None:
     """
     from types import SimpleNamespace
 
-    from qsurgeon.server.vision import is_image_classifier_config, read_config
+    from qsurgeon.server.models.vision import is_image_classifier_config, read_config
 
     try:
         config = read_config(resolve_model(reference))
@@ -364,7 +364,7 @@ def model_kind(reference: str) -> str | None:
 
 def load_adapter(reference: str, include: Sequence[str] = (), exclude: Sequence[str] = DEFAULT_EXCLUDE) -> ModelAdapter:
     """The CLI's way in: a ``builtin:`` name or a local Hugging Face folder."""
-    from qsurgeon.server.vision import HFImageAdapter, is_image_model_folder  # image classifiers (vision.py)
+    from qsurgeon.server.models.vision import HFImageAdapter, is_image_model_folder  # image classifiers (vision.py)
 
     if is_image_model_folder(resolve_model(reference)):
         return HFImageAdapter.from_folder(resolve_model(reference), include=include, exclude=exclude)

@@ -32,7 +32,7 @@ from numba import njit, prange
 from torch import Tensor
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.worker.problem import BlockProblem
+from qsurgeon.worker.block.problem import BlockProblem
 
 def symmetric_gram(gram: Tensor) -> Tensor:
     """H as float64 and exactly symmetric ((H + Hᵀ)/2 is bitwise symmetric), so block Qs are too."""

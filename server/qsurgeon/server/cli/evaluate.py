@@ -74,8 +74,8 @@ def _quiet_transformers() -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from qsurgeon.server.adapters import load_adapter
-    from qsurgeon.server.quality import evaluate_pair
+    from qsurgeon.server.models.adapters import load_adapter
+    from qsurgeon.server.evaluate.quality import evaluate_pair
 
     _quiet_transformers()
 
@@ -103,9 +103,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def _evaluate_classification(args: argparse.Namespace, pruned: Any) -> int:
     """Top-1/top-5 of both image classifiers on labelled images, and the pruned densities."""
-    from qsurgeon.server.adapters import resolve_model
-    from qsurgeon.server.classification import evaluate_classification, format_classification
-    from qsurgeon.server.quality import overall_density, tensor_densities
+    from qsurgeon.server.models.adapters import resolve_model
+    from qsurgeon.server.evaluate.classification import evaluate_classification, format_classification
+    from qsurgeon.server.evaluate.quality import overall_density, tensor_densities
 
     if pruned.kind != "image-classifier":
         raise UsageError(f"{args.pruned} is not an image classifier; --task classification needs one")
@@ -122,7 +122,7 @@ def _evaluate_classification(args: argparse.Namespace, pruned: Any) -> int:
 
 
 def run_bench_quality(args: argparse.Namespace) -> int:
-    from qsurgeon.server.quality import BenchOptions, run_quality_bench
+    from qsurgeon.server.evaluate.quality import BenchOptions, run_quality_bench
 
     _quiet_transformers()
     options = BenchOptions.from_cli(args)

@@ -43,8 +43,8 @@ import numpy as np
 import redis
 
 from qsurgeon.client.errors import InvalidProblemError, QsurgeonError, UsageError
-from qsurgeon.worker.problem import BlockProblem, BlockSolution
-from qsurgeon.worker.queue import RoundRequest, RoundResult
+from qsurgeon.worker.block.problem import BlockProblem, BlockSolution
+from qsurgeon.worker.queue.base import RoundRequest, RoundResult
 from qsurgeon.worker.solve import checked
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.server.sparsity import Sparsity
+from qsurgeon.server.pruning.sparsity import Sparsity
 
 SCORE_METHODS: tuple[str, ...] = ("magnitude", "wanda", "gradient", "random")
 

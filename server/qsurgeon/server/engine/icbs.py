@@ -1,7 +1,7 @@
 """The iCBS loop: block coordinate descent over the pruning masks (METHOD.md §3, §6).
 
 Every round picks many blocks that are independent of each other, builds their QUBOs
-(:mod:`qsurgeon.server.qubo`), hands them to a :class:`Queue` as one request, and merges
+(:mod:`qsurgeon.server.pruning.qubo`), hands them to a :class:`Queue` as one request, and merges
 the answers that lower the block's energy. Independence is what makes a round exact:
 
 - layer-wise, row blocks: rows never couple, so a round holds at most one block per
@@ -32,14 +32,14 @@ import torch
 from torch import Tensor
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.server.masks import check_mask
-from qsurgeon.server.qubo import (
+from qsurgeon.server.pruning.masks import check_mask
+from qsurgeon.server.pruning.qubo import (
     block_energies, fisher_block, layerwise_arrays, layerwise_blocks, problems_from_arrays, row_errors,
     symmetric_gram, weighted_sum,
 )
-from qsurgeon.server.sparsity import Sparsity
-from qsurgeon.worker.problem import BlockProblem
-from qsurgeon.worker.queue import Queue, RoundRequest
+from qsurgeon.server.pruning.sparsity import Sparsity
+from qsurgeon.worker.block.problem import BlockProblem
+from qsurgeon.worker.queue.base import Queue, RoundRequest
 
 OBJECTIVES: tuple[str, ...] = ("layerwise", "fisher", "layerwise+fisher")
 SELECTIONS: tuple[str, ...] = ("score", "random")

@@ -29,8 +29,8 @@ from typing import Any, Iterator
 import redis
 
 from qsurgeon.client.errors import QsurgeonError
-from qsurgeon.worker.problem import BlockProblem
-from qsurgeon.worker.redis_queue import (
+from qsurgeon.worker.block.problem import BlockProblem
+from qsurgeon.worker.queue.redis import (
     GROUP, PUBLISH_SCRIPT, Keys, QueueSettings, decode_problem, encode_result, ensure_group,
 )
 from qsurgeon.worker.solve import solve, solve_batch

@@ -30,15 +30,15 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 import torch
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.server.adapters import DEFAULT_EXCLUDE, ModelAdapter, TargetLayer, load_adapter
-from qsurgeon.server.calibration import CalibrationData, load_calibration
-from qsurgeon.server.capture import LayerStats, capture_first_block_inputs, collect_stats, run_block
-from qsurgeon.server.masks import SCORE_METHODS, check_mask, initial_mask, score_weights
-from qsurgeon.server.sparsity import GRANULARITIES, Sparsity
-from qsurgeon.worker.queue import InProcessQueue, Queue
+from qsurgeon.server.models.adapters import DEFAULT_EXCLUDE, ModelAdapter, TargetLayer, load_adapter
+from qsurgeon.server.models.calibration import CalibrationData, load_calibration
+from qsurgeon.server.models.capture import LayerStats, capture_first_block_inputs, collect_stats, run_block
+from qsurgeon.server.pruning.masks import SCORE_METHODS, check_mask, initial_mask, score_weights
+from qsurgeon.server.pruning.sparsity import GRANULARITIES, Sparsity
+from qsurgeon.worker.queue.base import InProcessQueue, Queue
 
 if TYPE_CHECKING:
-    from qsurgeon.server.icbs import ICBSConfig
+    from qsurgeon.server.engine.icbs import ICBSConfig
 
 OBJECTIVES: tuple[str, ...] = ("layerwise", "fisher", "layerwise+fisher")
 #: report phases, in order; each gets its seconds in ``report["seconds"]``
@@ -158,7 +158,7 @@ class PruneOptions:
 
     def icbs_config(self) -> "ICBSConfig":
         """The iCBS loop's settings taken from these options."""
-        from qsurgeon.server.icbs import ICBSConfig
+        from qsurgeon.server.engine.icbs import ICBSConfig
 
         return ICBSConfig(
             block_size=self.block_size, k=self.k, epochs=self.epochs, steps_per_epoch=self.steps_per_epoch,
@@ -178,7 +178,7 @@ class PruneOptions:
 
 def _refit_function() -> Callable[..., torch.Tensor]:
     try:
-        from qsurgeon.server.refit import refit_rows
+        from qsurgeon.server.pruning.refit import refit_rows
     except ImportError:
         raise UsageError("--refit is not available yet") from None
     return refit_rows
@@ -186,7 +186,7 @@ def _refit_function() -> Callable[..., torch.Tensor]:
 
 def _exporting_queue_class() -> type:
     try:
-        from qsurgeon.worker.export import ExportingQueue
+        from qsurgeon.worker.queue.export import ExportingQueue
     except ImportError:
         raise UsageError("--export-blocks is not available yet") from None
     return ExportingQueue
@@ -309,7 +309,7 @@ def initial_masks(context: BlockContext, score: str | None = None) -> tuple[dict
     """Scores and one-shot masks (METHOD.md §2) for every tensor of the block."""
     score = score or context.options.init
     if score == "sparsegpt":  # SparseGPT's masks, Wanda's scores to pick iCBS blocks (sparsegpt.py)
-        from qsurgeon.server.sparsegpt import sparsegpt_initial_masks
+        from qsurgeon.server.pruning.sparsegpt import sparsegpt_initial_masks
 
         return sparsegpt_initial_masks(context.weights0, {n: s.gram for n, s in context.stats.items()},
                                        context.sparsity, context.options.damp)
@@ -329,7 +329,7 @@ def initial_masks(context: BlockContext, score: str | None = None) -> tuple[dict
 
 def fisher_terms(context: BlockContext, masks: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """Per-sample gradients at the reference weights w0∘(1 − initial mask) of this block (METHOD.md §4)."""
-    from qsurgeon.server.icbs import FisherTerms
+    from qsurgeon.server.engine.icbs import FisherTerms
 
     if context.gradients is None:
         raise UsageError("this model has no loss for the fisher objective")
@@ -355,7 +355,7 @@ def _one_shot(score: str) -> PruneMethod:
 
 def icbs_method(context: BlockContext) -> BlockOutcome:
     """iCBS (METHOD.md §3–§6) on the block's tensors, starting from the ``--init`` mask."""
-    from qsurgeon.server.icbs import ICBSConfig, ICBSState, TensorTask, run_icbs
+    from qsurgeon.server.engine.icbs import ICBSConfig, ICBSState, TensorTask, run_icbs
 
     options = context.options
     with _Timer(context.timings, "init"):
@@ -401,7 +401,7 @@ def icbs_method(context: BlockContext) -> BlockOutcome:
 
 def sparsegpt_method(context: BlockContext) -> BlockOutcome:
     """SparseGPT (OBS mask selection with weight updates) on every tensor of the block."""
-    from qsurgeon.server.sparsegpt import sparsegpt_prune
+    from qsurgeon.server.pruning.sparsegpt import sparsegpt_prune
 
     outcome = BlockOutcome(masks={})
     with _Timer(context.timings, "init"):
@@ -439,7 +439,7 @@ def _relative(error: float, reference: float) -> float:
 
 def _tensor_report(weight0: torch.Tensor, gram: torch.Tensor, initial: torch.Tensor, final: torch.Tensor,
                    weight: torch.Tensor | None) -> dict[str, Any]:
-    from qsurgeon.server.capture import relative_error, weight_error
+    from qsurgeon.server.models.capture import relative_error, weight_error
 
     error_initial, reference = relative_error(weight0, initial, gram)
     error_final, _ = relative_error(weight0, final, gram)
@@ -489,12 +489,12 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
     iCBS rounds (the time limit too): a stopped run still finishes with valid masks
     (the best found so far) and reports ``completed: false``. ``adapter`` and
     ``calibration`` let Python callers bring their own model (e.g. a plain
-    :class:`~qsurgeon.server.adapters.TorchModuleAdapter`) and data.
+    :class:`~qsurgeon.server.models.adapters.TorchModuleAdapter`) and data.
     """
     options.validate()
     sparsity = options.sparsity()
     if options.out is not None:
-        from qsurgeon.server.outputs import check_out_folder
+        from qsurgeon.server.engine.outputs import check_out_folder
 
         check_out_folder(options.out)
     emit: Progress = progress or (lambda event: None)
@@ -513,7 +513,7 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
     with _Timer(timings, "calibrate"):
         if calibration is None:
             if adapter.kind == "image-classifier":  # images:DIR, npz:FILE or builtin digits (vision.py)
-                from qsurgeon.server.vision import load_image_calibration
+                from qsurgeon.server.models.vision import load_image_calibration
 
                 calibration = load_image_calibration(options.calibration, adapter, options.samples, options.seed)
             else:
@@ -598,7 +598,7 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
     report = _report(options, sparsity, calibration, tensor_reports, block_reports, timings, completed)
     out_path = None
     if options.out is not None:
-        from qsurgeon.server.outputs import write_result
+        from qsurgeon.server.engine.outputs import write_result
 
         with _Timer(timings, "save"):
             out_path = write_result(options.out, adapter.save, masks, report)
@@ -621,7 +621,7 @@ def _gradient_source(options: PruneOptions, adapter: ModelAdapter,
     """
     if options.objective == "layerwise" and options.init != "gradient":
         return None
-    from qsurgeon.server.capture import dense_outputs, per_sample_gradients
+    from qsurgeon.server.models.capture import dense_outputs, per_sample_gradients
 
     if adapter.kind == "encoder":
         if options.init == "gradient":
@@ -634,7 +634,7 @@ def _gradient_source(options: PruneOptions, adapter: ModelAdapter,
 
 
 def _report_text(report: Mapping[str, Any]) -> str:
-    from qsurgeon.server.outputs import report_json
+    from qsurgeon.server.engine.outputs import report_json
 
     return report_json(report) + "\n"
 

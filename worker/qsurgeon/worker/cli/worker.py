@@ -14,8 +14,8 @@ from qsurgeon.client.errors import UsageError
 def run_worker(args: argparse.Namespace) -> int:
     import redis
 
-    from qsurgeon.worker.consumer import Worker
-    from qsurgeon.worker.redis_queue import QueueSettings, connect
+    from qsurgeon.worker.queue.consumer import Worker
+    from qsurgeon.worker.queue.redis import QueueSettings, connect
     from qsurgeon.worker.solvers.registry import solver_names
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

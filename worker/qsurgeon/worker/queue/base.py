@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol, Sequence
 
 from qsurgeon.client.errors import QsurgeonError
-from qsurgeon.worker.problem import BlockProblem, BlockSolution
+from qsurgeon.worker.block.problem import BlockProblem, BlockSolution
 from qsurgeon.worker.solve import solve, solve_batch
 
 log = logging.getLogger(__name__)

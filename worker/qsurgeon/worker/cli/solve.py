@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.worker.export import block_file, read_manifest
-from qsurgeon.worker.problem import BlockProblem
+from qsurgeon.worker.queue.export import block_file, read_manifest
+from qsurgeon.worker.block.problem import BlockProblem
 from qsurgeon.worker.solve import solve_batch
 from qsurgeon.worker.solvers.registry import all_capabilities
 

@@ -19,12 +19,12 @@ from qsurgeon.client.errors import QsurgeonError
 
 #: command modules, with the commands they add and the extra that installs their needs
 COMMAND_MODULES: list[tuple[str, tuple[str, ...], str]] = [
-    ("qsurgeon.server.prune_commands", ("prune", "demo"), "server"),
-    ("qsurgeon.server.quality_commands", ("evaluate", "bench"), "server"),
-    ("qsurgeon.worker.commands", ("solve", "solvers"), "worker"),
-    ("qsurgeon.worker.service_commands", ("worker",), "worker"),
-    ("qsurgeon.server.service_commands", ("serve",), "server"),
-    ("qsurgeon.client.service_commands", ("submit", "status", "watch", "download", "cancel"), ""),
+    ("qsurgeon.server.cli.prune", ("prune", "demo"), "server"),
+    ("qsurgeon.server.cli.evaluate", ("evaluate", "bench"), "server"),
+    ("qsurgeon.worker.cli.solve", ("solve", "solvers"), "worker"),
+    ("qsurgeon.worker.cli.worker", ("worker",), "worker"),
+    ("qsurgeon.server.cli.serve", ("serve",), "server"),
+    ("qsurgeon.client.cli.jobs", ("submit", "status", "watch", "download", "cancel"), ""),
 ]
 
 EXIT_USAGE = 2
@@ -79,5 +79,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

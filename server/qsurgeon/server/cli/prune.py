@@ -1,7 +1,7 @@
 """CLI commands ``qsurgeon prune`` and ``qsurgeon demo``.
 
-Both are thin: they turn arguments into :class:`~qsurgeon.server.pipeline.PruneOptions`
-and call :func:`~qsurgeon.server.pipeline.run_prune` with the in-process queue, exactly
+Both are thin: they turn arguments into :class:`~qsurgeon.server.engine.run.PruneOptions`
+and call :func:`~qsurgeon.server.engine.run.run_prune` with the in-process queue, exactly
 what the service runs with a Redis queue. Errors in the options are UsageErrors, which
 the CLI frame prints as one line with exit code 2 — before anything is written.
 """
@@ -111,9 +111,9 @@ PRUNE_OPTION_NAMES = (
 
 def options_from_args(args: argparse.Namespace) -> "Any":
     """PruneOptions: the preset's values (if any), then every option the user gave, then the defaults."""
-    from qsurgeon.server.pipeline import PruneOptions
-    from qsurgeon.server.adapters import model_kind
-    from qsurgeon.server.quality import apply_preset
+    from qsurgeon.server.engine.run import PruneOptions
+    from qsurgeon.server.models.adapters import model_kind
+    from qsurgeon.server.evaluate.quality import apply_preset
 
     explicit = {name: getattr(args, name) for name in PRUNE_OPTION_NAMES if getattr(args, name) not in (None, [])}
     preset = getattr(args, "preset", None)
@@ -123,9 +123,9 @@ def options_from_args(args: argparse.Namespace) -> "Any":
 
 def run_prune_command(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from qsurgeon.server.outputs import check_out_folder, report_json
-    from qsurgeon.server.pipeline import DirectoryCheckpoint, run_prune
-    from qsurgeon.server.progress import ProgressBar
+    from qsurgeon.server.engine.outputs import check_out_folder, report_json
+    from qsurgeon.server.engine.run import DirectoryCheckpoint, run_prune
+    from qsurgeon.server.engine.progress import ProgressBar
 
     options = options_from_args(args)
     check_out_folder(options.out)
@@ -145,10 +145,10 @@ def run_prune_command(args: argparse.Namespace) -> int:
 def run_demo(out: str | None = None, progress: Any = None) -> dict[str, Any]:
     """Prune MiniLM with iCBS and compare with Wanda and the dense model on held-out text."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from qsurgeon.server.adapters import HFTextAdapter, load_adapter
-    from qsurgeon.server.calibration import builtin_texts, load_calibration
-    from qsurgeon.server.embeddings import embedding_agreement
-    from qsurgeon.server.pipeline import PruneOptions, run_prune
+    from qsurgeon.server.models.adapters import HFTextAdapter, load_adapter
+    from qsurgeon.server.models.calibration import builtin_texts, load_calibration
+    from qsurgeon.server.evaluate.embeddings import embedding_agreement
+    from qsurgeon.server.engine.run import PruneOptions, run_prune
 
     started = time.perf_counter()
     target = Path(out) if out else Path(tempfile.mkdtemp(prefix="qsurgeon-demo-")) / "minilm-icbs-50"
@@ -177,11 +177,11 @@ def run_demo(out: str | None = None, progress: Any = None) -> dict[str, Any]:
 
 def run_demo_command(args: argparse.Namespace) -> int:
     if args.out is not None:
-        from qsurgeon.server.outputs import check_out_folder
+        from qsurgeon.server.engine.outputs import check_out_folder
 
         check_out_folder(args.out)
     print("qsurgeon demo: pruning all-MiniLM-L6-v2 to 50% with iCBS (a minute or two on 2 idle cores)", file=sys.stderr)
-    from qsurgeon.server.progress import ProgressBar
+    from qsurgeon.server.engine.progress import ProgressBar
 
     result = run_demo(args.out, progress=ProgressBar())
     if args.json:

@@ -2,7 +2,7 @@
 
 Labelled data comes as a folder ``DIR/<class name>/*.png`` (class names matched to the
 model's ``id2label``: exactly, then case-insensitively, then as the class index), an
-``.npz`` with ``pixel_values`` (see :func:`qsurgeon.server.vision.load_npz_images`) and
+``.npz`` with ``pixel_values`` (see :func:`qsurgeon.server.models.vision.load_npz_images`) and
 integer ``labels``, or ``builtin`` (the held-out split of scikit-learn's digits, for digit
 classifiers). Both models see the same pixels, preprocessed with the DENSE model's
 processor (the pruned folder carries a copy of it). Besides the two accuracies, the
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.server.vision import (
+from qsurgeon.server.models.vision import (
     ImageCalibrationData,
     builtin_digits,
     list_image_files,

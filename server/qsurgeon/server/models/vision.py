@@ -2,7 +2,7 @@
 
 Vision transformers (ViT, DeiT with its distillation token, and any Hugging Face
 ``*ForImageClassification`` whose encoder is a stack of identical transformer layers)
-prune exactly like text encoders: the generic :class:`~qsurgeon.server.adapters.ModelAdapter`
+prune exactly like text encoders: the generic :class:`~qsurgeon.server.models.adapters.ModelAdapter`
 finds the block stack (``vit.encoder.layer``, ``deit.encoder.layer``...) and its linears,
 capture catches block 0's inputs from a forward pass on ``pixel_values``, and every
 encoder linear is a target. The classifier head(s) sit outside the block stack, so they
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.server.adapters import DEFAULT_EXCLUDE, ModelAdapter, check_model_folder
+from qsurgeon.server.models.adapters import DEFAULT_EXCLUDE, ModelAdapter, check_model_folder
 
 #: architecture-name endings of the image classifiers this adapter loads
 CLASSIFIER_SUFFIXES: tuple[str, ...] = ("ForImageClassification", "ForImageClassificationWithTeacher")

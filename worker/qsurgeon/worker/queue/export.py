@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.worker.problem import BlockProblem, BlockSolution
-from qsurgeon.worker.queue import Queue, RoundRequest, RoundResult
+from qsurgeon.worker.block.problem import BlockProblem, BlockSolution
+from qsurgeon.worker.queue.base import Queue, RoundRequest, RoundResult
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "qsurgeon-blocks"

@@ -31,8 +31,8 @@ from __future__ import annotations
 import torch
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.server.refit import damped_gram, inverse_from_cholesky
-from qsurgeon.server.sparsity import Sparsity
+from qsurgeon.server.pruning.refit import damped_gram, inverse_from_cholesky
+from qsurgeon.server.pruning.sparsity import Sparsity
 
 
 #: columns per eagerly updated sub-block inside a block of ``blocksize`` columns
@@ -163,7 +163,7 @@ def sparsegpt_initial_masks(
     used for that, being the saliency of a weight under the original weights.
     Returns ``(scores, masks)`` keyed like ``weights0``.
     """
-    from qsurgeon.server.masks import score_weights
+    from qsurgeon.server.pruning.masks import score_weights
 
     scores, masks = {}, {}
     for name, weight0 in weights0.items():

@@ -19,8 +19,8 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from qsurgeon.server.adapters import ModelAdapter, StopForward, TargetLayer
-from qsurgeon.server.calibration import CalibrationData
+from qsurgeon.server.models.adapters import ModelAdapter, StopForward, TargetLayer
+from qsurgeon.server.models.calibration import CalibrationData
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""The server portion's commands: ``prune``, ``demo``, ``evaluate``, ``bench``, ``serve``."""

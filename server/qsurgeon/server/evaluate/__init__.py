@@ -1,0 +1,1 @@
+"""Measuring a pruned model against its dense original: embeddings, perplexity, classification."""

@@ -1,0 +1,1 @@
+"""The worker portion's commands: ``qsurgeon solve``, ``qsurgeon solvers``, ``qsurgeon worker``."""

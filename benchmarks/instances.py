@@ -1,6 +1,6 @@
 """Block-problem generators for the solver benchmarks (shared by solvers.py and shootout.py).
 
-- :func:`layerwise_block`: a real layer-wise block (METHOD.md §5) of all-MiniLM-L6-v2.
+- :func:`layerwise_block`: a real layer-wise block (docs/icbs.md §5) of all-MiniLM-L6-v2.
   Hₗ = AᵀA/T from the real inputs A of an FFN output linear (``encoder.layer[l].output.dense``,
   1,536 inputs) over real sentences (standard-library docstrings, padding excluded); the
   weights are real rows of that linear; the current mask is Wanda's at density 0.5 per row
@@ -8,7 +8,7 @@
   score and the B−k kept ones with the lowest). The fixed pruned weights outside the block
   enter as the linear term and the constant. Blocks larger than a row (B > 1,536) span
   several rows (block-diagonal Q, the rows are independent). Full rank.
-- :func:`fisher_block`: a rank-deficient Fisher block (METHOD.md §4, γ = 0.75, λ = 1e-3)
+- :func:`fisher_block`: a rank-deficient Fisher block (docs/icbs.md §4, γ = 0.75, λ = 1e-3)
   from per-sample gradients G (N × B, N = 128 < B) of the same real rows. The gradients are
   *semi-synthetic*: a weight's per-sample gradient is Σ_t δ_t a_t over the tokens of a
   sample, with the real activations a_t of that sample and a random output gradient δ_t

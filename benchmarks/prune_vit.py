@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (MEASURED.md)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (docs/solvers.md)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch

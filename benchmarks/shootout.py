@@ -61,7 +61,7 @@ BACKENDS: list[tuple[str, str, dict[str, Any], int]] = [
 
 # ---------------------------------------------------------------------- instances
 def _local_layerwise(num_variables: int, seed: int) -> BlockProblem:
-    """Layer-wise block (METHOD.md §5): diag(w)·Hₗ[S,S]·diag(w) with Hₗ = AAᵀ/T, plus the
+    """Layer-wise block (docs/icbs.md §5): diag(w)·Hₗ[S,S]·diag(w) with Hₗ = AAᵀ/T, plus the
     cross term with the fixed pruned weights of the row on the diagonal."""
     rng = np.random.default_rng(seed)
     inputs = 2 * num_variables
@@ -82,7 +82,7 @@ def _local_layerwise(num_variables: int, seed: int) -> BlockProblem:
 
 
 def _local_fisher(num_variables: int, seed: int) -> BlockProblem:
-    """Fisher block (METHOD.md §4): F = G·diag(w0) with N = B/4 per-sample gradients."""
+    """Fisher block (docs/icbs.md §4): F = G·diag(w0) with N = B/4 per-sample gradients."""
     rng = np.random.default_rng(seed)
     samples = max(2, num_variables // 4)
     w0 = rng.normal(size=num_variables) * 0.05

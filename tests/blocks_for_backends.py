@@ -9,7 +9,7 @@ from qsurgeon.worker.block.problem import BlockProblem
 
 def layerwise_like(num_variables: int, seed: int, *, groups_of: int | None = None, with_x0: bool = True) -> BlockProblem:
     """diag(w)·H·diag(w) with H a Gram matrix of activations, plus a linear term from fixed
-    weights outside the block (METHOD.md §5): PSD quadratic part, signed diagonal."""
+    weights outside the block (docs/icbs.md §5): PSD quadratic part, signed diagonal."""
     rng = np.random.default_rng(seed)
     activations = rng.normal(size=(num_variables, 3 * num_variables)) * rng.uniform(0.2, 2.0, size=(num_variables, 1))
     gram = activations @ activations.T / activations.shape[1]

@@ -71,7 +71,7 @@ def register(subparsers: Any) -> None:
                        help="also write every solved block QUBO to DIR (re-solve with qsurgeon solve DIR)")
     prune.add_argument("--checkpoint", default=None, metavar="DIR",
                        help="save resumable state to DIR after every round; rerun the same command to resume")
-    search = prune.add_argument_group("iCBS search (METHOD.md §3, §6)")
+    search = prune.add_argument_group("iCBS search (docs/icbs.md §3, §6)")
     search.add_argument("--k", type=int, default=None, help="pruned weights per block (default block-size / 2)")
     search.add_argument("--selection", default=None, help="block selection: score (default) or random")
     search.add_argument("--tabu-size", type=int, default=None, metavar="N",

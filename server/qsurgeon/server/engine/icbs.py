@@ -1,4 +1,4 @@
-"""The iCBS loop: block coordinate descent over the pruning masks (METHOD.md §3, §6).
+"""The iCBS loop: block coordinate descent over the pruning masks (docs/icbs.md §3, §6).
 
 Every round picks many blocks that are independent of each other, builds their QUBOs
 (:mod:`qsurgeon.server.pruning.qubo`), hands them to a :class:`Queue` as one request, and merges

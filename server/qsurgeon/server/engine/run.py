@@ -76,7 +76,7 @@ class PruneOptions:
     batch_size: int = 16
     damp: float = 0.01  # refit damping, a fraction of mean(diag H)
     solver_params: dict[str, Any] = field(default_factory=dict)
-    # how iCBS searches (METHOD.md §3, §6); see ICBSConfig for the meaning of each
+    # how iCBS searches (docs/icbs.md §3, §6); see ICBSConfig for the meaning of each
     k: int | None = None  # pruned weights per block (default block_size // 2)
     selection: str = "score"
     tabu_size: int = 1
@@ -306,7 +306,7 @@ class _Timer:
 
 
 def initial_masks(context: BlockContext, score: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Scores and one-shot masks (METHOD.md §2) for every tensor of the block."""
+    """Scores and one-shot masks (docs/icbs.md §2) for every tensor of the block."""
     score = score or context.options.init
     if score == "sparsegpt":  # SparseGPT's masks, Wanda's scores to pick iCBS blocks (sparsegpt.py)
         from qsurgeon.server.pruning.sparsegpt import sparsegpt_initial_masks
@@ -328,7 +328,7 @@ def initial_masks(context: BlockContext, score: str | None = None) -> tuple[dict
 
 
 def fisher_terms(context: BlockContext, masks: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """Per-sample gradients at the reference weights w0∘(1 − initial mask) of this block (METHOD.md §4)."""
+    """Per-sample gradients at the reference weights w0∘(1 − initial mask) of this block (docs/icbs.md §4)."""
     from qsurgeon.server.engine.icbs import FisherTerms
 
     if context.gradients is None:
@@ -349,12 +349,12 @@ def _one_shot(score: str) -> PruneMethod:
             _, masks = initial_masks(context, score)
         return BlockOutcome(masks)
 
-    method.__doc__ = f"One-shot {score} pruning (METHOD.md §2): the lowest scores of every group."
+    method.__doc__ = f"One-shot {score} pruning (docs/icbs.md §2): the lowest scores of every group."
     return method
 
 
 def icbs_method(context: BlockContext) -> BlockOutcome:
-    """iCBS (METHOD.md §3–§6) on the block's tensors, starting from the ``--init`` mask."""
+    """iCBS (docs/icbs.md §3–§6) on the block's tensors, starting from the ``--init`` mask."""
     from qsurgeon.server.engine.icbs import ICBSConfig, ICBSState, TensorTask, run_icbs
 
     options = context.options

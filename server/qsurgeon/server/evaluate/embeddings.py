@@ -6,7 +6,7 @@ pooling all-MiniLM-L6-v2 was trained with), L2-normalised. Two numbers:
 - ``cosine``: mean cosine between each text's pruned and dense embedding;
 - ``retrieval_at_1``: the fraction of texts whose pruned embedding is closest to its own
   dense embedding among all texts' dense embeddings (a retrieval sanity check; every
-  calibrated method scores near 1 on MiniLM, MEASURED.md: cosine is what separates them).
+  calibrated method scores near 1 on MiniLM, docs/quality.md: cosine is what separates them).
 """
 
 from __future__ import annotations

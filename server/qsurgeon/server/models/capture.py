@@ -1,7 +1,7 @@
 """Sequential capture of layer statistics, one transformer block at a time.
 
 The layer-wise objective of block l must see the inputs block l receives *after* blocks
-< l are pruned (METHOD.md §5, as SparseGPT and Wanda do). So the pipeline never runs the
+< l are pruned (docs/icbs.md §5, as SparseGPT and Wanda do). So the pipeline never runs the
 whole model per block: it catches what block 0 is called with (positional and keyword
 arguments, whatever the architecture passes: attention masks, rotary embeddings...),
 then runs the blocks one by one, each on the previous block's pruned outputs. Memory
@@ -27,7 +27,7 @@ from qsurgeon.server.models.calibration import CalibrationData
 class LayerStats:
     """Statistics of one linear's inputs over the real calibration tokens."""
 
-    gram: torch.Tensor  # (in, in) float64: Σ a aᵀ over tokens (H of METHOD.md §5)
+    gram: torch.Tensor  # (in, in) float64: Σ a aᵀ over tokens (H of docs/icbs.md §5)
     tokens: int = 0
 
     def input_norms(self) -> torch.Tensor:
@@ -190,7 +190,7 @@ def iterate_blocks(adapter: ModelAdapter, data: CalibrationData, batch_size: int
 def relative_error(weight0: torch.Tensor, pruned: torch.Tensor, gram: torch.Tensor) -> tuple[float, float]:
     """Layer-wise reconstruction error ||(W0 − Ŵ) A||² and the reference ||W0 A||².
 
-    With Ŵ = W0 ∘ (1 − x) the error is Σ_rows (w0∘x)ᵀ H (w0∘x) (METHOD.md §5); the ratio of
+    With Ŵ = W0 ∘ (1 − x) the error is Σ_rows (w0∘x)ᵀ H (w0∘x) (docs/icbs.md §5); the ratio of
     the two numbers is the relative error.
     """
     w0 = weight0.to(torch.float64)

@@ -1,6 +1,6 @@
 """Initial (one-shot) pruning masks: score every weight, prune the lowest scores.
 
-METHOD.md §2. A mask is a bool tensor shaped like the weight, ``True`` = pruned. The
+docs/icbs.md §2. A mask is a bool tensor shaped like the weight, ``True`` = pruned. The
 pruned count is exact within every constraint group of the :class:`Sparsity`
 (the whole tensor, each row, each column, or each N:M group of a row), because iCBS
 only ever swaps inside a group afterwards and so keeps whatever count it starts from.

@@ -1,6 +1,6 @@
 """QUBO builders: turn (weights, statistics, current mask, a block of weights) into BlockProblems.
 
-Two objectives (METHOD.md §4, §5), both quadratic in the block's mask bits ``x_S``
+Two objectives (docs/icbs.md §4, §5), both quadratic in the block's mask bits ``x_S``
 (1 = pruned), so every block is a cardinality-constrained QUBO. Each builder puts the
 block's *current* assignment in ``x0`` and derives the constraint from it (the number
 pruned in the block, or in each N:M group of it, stays what it is now), so a block
@@ -252,7 +252,7 @@ def layerwise_blocks(
     ids: Sequence[str] | None = None,
     gram_is_symmetric: bool = False,
 ) -> list[BlockProblem]:
-    """Layer-wise QUBOs (METHOD.md §5) for many blocks at once.
+    """Layer-wise QUBOs (docs/icbs.md §5) for many blocks at once.
 
     ``cols`` (n, B) are the input indices of each block's weights; ``rows`` is (n,) when
     each block lies in one row (the usual case) or (n, B) for blocks spread over several
@@ -285,7 +285,7 @@ def fisher_block(
     groups: Tensor | None = None,
     id: str = "",
 ) -> BlockProblem:
-    """Fisher QUBO (METHOD.md §4) in factored form Q = FᵀF + diag(c); never forms B×B.
+    """Fisher QUBO (docs/icbs.md §4) in factored form Q = FᵀF + diag(c); never forms B×B.
 
     ``w0`` (B,) original weights, ``d`` (B,) current minus original weights, ``G`` (N, B)
     per-sample gradients restricted to the block (H ≈ GᵀG/N), ``g`` (B,) the gradient at

@@ -1,4 +1,4 @@
-"""Least-squares refit of the kept weights of a pruned linear layer (METHOD.md §5).
+"""Least-squares refit of the kept weights of a pruned linear layer (docs/icbs.md §5).
 
 Pruning a row changes its output by ``(w0 ∘ x)ᵀ a``; with the calibration Gram
 ``H = A Aᵀ`` the layer-wise error of row weights ``w`` is ``(w − w0)ᵀ H (w − w0)``.
@@ -10,7 +10,7 @@ which is the OBS / SparseGPT weight update. Rows have different kept sets, so ev
 row is its own linear system. Two solvers:
 
 - ``"exact"``: a dense solve per row (batched in chunks). Simple and exact, but it
-  costs O(rows · d³) and MEASURED.md found ~20 s per wide layer.
+  costs O(rows · d³) and docs/quality.md records ~20 s per wide layer.
 - ``"cg"``: preconditioned conjugate gradients on all rows at once. Each iteration is two
   ``(rows × d) @ (d × d)`` products with the kept entries masked, so the whole layer
   advances together. The preconditioner is ``H⁻¹`` restricted to the kept set (one

@@ -154,7 +154,7 @@ def sparsegpt_initial_masks(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``--init sparsegpt`` for iCBS: SparseGPT's masks, Wanda's scores.
 
-    iCBS's layer-wise QUBO is built on the ORIGINAL weights (METHOD.md §5), so only
+    iCBS's layer-wise QUBO is built on the ORIGINAL weights (docs/icbs.md §5), so only
     SparseGPT's *mask* is kept and its updated weights are dropped: the sequence is
     mask from SparseGPT -> iCBS improves the mask -> ``--refit`` recomputes the kept
     weights for the final mask (without ``--refit`` the kept weights stay original, which

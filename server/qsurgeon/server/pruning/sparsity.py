@@ -1,7 +1,7 @@
 """What "prune to density ρ" means for one weight tensor.
 
 A mask is a bool tensor shaped like the weight with ``True`` meaning *pruned*
-(METHOD.md §1: x_i = 1 is pruned). The density constraint has a granularity:
+(docs/icbs.md §1: x_i = 1 is pruned). The density constraint has a granularity:
 
 - ``tensor``: keep round(ρ·n) of the n weights of the tensor,
 - ``row``: keep round(ρ·in) of every output row (Wanda's choice),

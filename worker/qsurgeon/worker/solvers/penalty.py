@@ -11,7 +11,7 @@ the same group, ``−2λ·count_g`` more on the diagonal, ``λ·Σ_g count_g²``
 wrong, repaired by greedy single flips that each cost the least energy, so every answer
 is feasible whatever the penalty was.
 
-Penalty strength, λ = α·λ₀ (MEASURED.md: a *soft* penalty plus repair wins):
+Penalty strength, λ = α·λ₀ (docs/solvers.md: a *soft* penalty plus repair wins):
 
 - ``λ₀`` is the largest single-flip saving at the greedy feasible solution (the repair of
   the all-zeros assignment): the most a sampler can gain by leaving the feasible set in

@@ -3,7 +3,7 @@
 The block becomes a ``QuadraticProgram`` (objective xᵀQx/scale, one linear equality
 constraint per group), qiskit-optimization's ``QuadraticProgramToQubo`` folds the
 constraints in with *our* penalty (penalty.py; its automatic penalty was 3–12× worse,
-MEASURED.md), and QAOA (``qiskit_optimization.minimum_eigensolvers``) optimises the
+docs/solvers.md), and QAOA (``qiskit_optimization.minimum_eigensolvers``) optimises the
 circuit angles with a classical optimizer on a sampler. Every bitstring in the final
 distribution, plus the best one seen during the optimisation, is repaired to exact
 counts and scored in float64; the best is returned. The energy reported is the block's

@@ -1,4 +1,4 @@
-"""``sa``: cardinality-preserving simulated annealing with swap moves (METHOD.md §7).
+"""``sa``: cardinality-preserving simulated annealing with swap moves (docs/icbs.md §7).
 
 Each chain starts feasible (the problem's x0, or a random assignment with the right count
 in every group) and only ever proposes swapping one pruned and one kept variable of the

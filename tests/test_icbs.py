@@ -311,10 +311,10 @@ class _InspectingQueue(InProcessQueue):
         self.in_place: list[bool] = []
 
     def run_round(self, request: RoundRequest) -> RoundResult:
-        from qsurgeon.worker.solvers import sa_cpu
+        from qsurgeon.worker.block.stack import flat_matrices
 
         first = request.problems[0].Q
-        self.in_place.append(np.shares_memory(sa_cpu._flat_matrices(list(request.problems)), first))
+        self.in_place.append(np.shares_memory(flat_matrices(list(request.problems)), first))
         return super().run_round(request)
 
 

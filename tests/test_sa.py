@@ -259,16 +259,35 @@ def test_cuda_answers_are_feasible_correct_and_reproducible():
 
 
 def test_stacked_views_are_annealed_in_place_with_the_same_answers():
-    from qsurgeon.worker.solvers import sa_cpu
+    from qsurgeon.worker.block.stack import MatrixStack, flat_matrices
 
     blocks = [pruning_block(24, seed, k=9, with_x0=True) for seed in range(6)]
-    stacked = np.stack([np.asarray(block.Q, np.float32) for block in blocks])
+    stack = MatrixStack(len(blocks) * 24 * 24)
+    stacked = stack.take(len(blocks), 24)
+    stacked[...] = np.stack([np.asarray(block.Q, np.float32) for block in blocks])
+    assert stack.used == stack.capacity
     views = [BlockProblem.dense(stacked[i], k=9, x0=block.x0, offset=block.offset) for i, block in enumerate(blocks)]
-    flat = sa_cpu._flat_matrices(views)
+    flat = flat_matrices(views)
     assert np.shares_memory(flat, stacked) and np.array_equal(flat, stacked.reshape(-1))
-    shuffled = views[::-1]  # views of one array, but not back to back: copied
-    assert not np.shares_memory(sa_cpu._flat_matrices(shuffled), stacked)
-    assert np.array_equal(sa_cpu._flat_matrices(shuffled), stacked[::-1].reshape(-1))
+    assert not flat.flags.writeable  # the solver cannot write into the caller's blocks
+    shuffled = views[::-1]  # views of one buffer, but not back to back: copied
+    assert not np.shares_memory(flat_matrices(shuffled), stacked)
+    assert np.array_equal(flat_matrices(shuffled), stacked[::-1].reshape(-1))
+    assert not np.shares_memory(flat_matrices(blocks), stacked)  # separate arrays: copied
     params = dict(sweeps=40, restarts=2, seed=5)
     for in_place, copied in zip(solve_batch(views, "sa", **params), solve_batch(blocks, "sa", **params)):
         assert np.array_equal(in_place.x, copied.x) and in_place.energy == copied.energy
+
+
+def test_a_matrix_stack_hands_out_consecutive_views_and_refuses_to_overflow():
+    from qsurgeon.worker.block.stack import MatrixStack, flat_matrices
+
+    stack = MatrixStack(2 * 4 * 4 + 3 * 2 * 2)
+    first, second = stack.take(2, 4), stack.take(3, 2)
+    assert first.shape == (2, 4, 4) and second.shape == (3, 2, 2) and stack.used == stack.capacity
+    assert second.__array_interface__["data"][0] == first.__array_interface__["data"][0] + first.nbytes
+    with pytest.raises(ValueError, match="cannot hold 1 more 2×2 blocks"):
+        stack.take(1, 2)
+    first[...] = np.arange(first.size, dtype=np.float32).reshape(first.shape)
+    mixed = [BlockProblem.dense(first[i], k=2, validate=False) for i in range(2)]
+    assert np.shares_memory(flat_matrices(mixed), first)

@@ -39,6 +39,7 @@ from qsurgeon.server.pruning.qubo import (
 )
 from qsurgeon.server.pruning.sparsity import Sparsity
 from qsurgeon.worker.block.problem import BlockProblem
+from qsurgeon.worker.block.stack import MatrixStack
 from qsurgeon.worker.queue.base import Queue, RoundRequest
 
 OBJECTIVES: tuple[str, ...] = ("layerwise", "fisher", "layerwise+fisher")
@@ -497,28 +498,8 @@ class _Pending:
     groups: np.ndarray | None = None  # (B,) N:M group labels of every block, if any
 
 
-class _RoundBuffer:
-    """One float32 buffer for the Q matrices of every tensor of a round, handed out in order.
-
-    The blocks of a round then lie back to back in one array, which the ``sa`` kernel
-    reads in place (``sa_cpu._flat_matrices``) instead of copying a few hundred MB per
-    round into fresh, page-faulting memory. Sized for the most a round can ask for: one
-    block of at most the tensor's B × B per line.
-    """
-
-    def __init__(self, capacity: int):
-        self._flat = np.empty(capacity, np.float32)
-        self._used = 0
-
-    def take(self, blocks: int, size: int) -> np.ndarray:
-        count = blocks * size * size
-        view = self._flat[self._used:self._used + count].reshape(blocks, size, size)
-        self._used += count
-        return view
-
-
 def _build_tensor_blocks(context: _Context, state: ICBSState, lines: Tensor, config: ICBSConfig,
-                         round_index: int, buffer: _RoundBuffer | None = None) -> _Pending | None:
+                         round_index: int, buffer: MatrixStack | None = None) -> _Pending | None:
     task = context.task
     name = task.name
     mask = state.masks[name]
@@ -657,8 +638,8 @@ def _run_round(contexts: list[_Context], state: ICBSState, steps: list[tuple[int
         by_tensor.setdefault(t, []).append(line)
     pending: list[_Pending] = []
     buffer = None
-    if config.objective == "layerwise":  # blocks never exceed B × B, one per line
-        buffer = _RoundBuffer(sum(len(lines) * contexts[t].block ** 2 for t, lines in by_tensor.items()))
+    if config.objective == "layerwise":  # blocks never exceed B × B, one per line; sa reads them in place
+        buffer = MatrixStack(sum(len(lines) * contexts[t].block ** 2 for t, lines in by_tensor.items()))
     for t, lines in by_tensor.items():
         built = _build_tensor_blocks(contexts[t], state, torch.tensor(lines, dtype=torch.int64), config, round_index,
                                      buffer)

@@ -26,6 +26,7 @@ import numpy as np
 from numba import njit, prange
 
 from qsurgeon.worker.block.problem import BlockProblem
+from qsurgeon.worker.block.stack import flat_matrices
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -392,31 +393,6 @@ def next_chunk(sweeps_left: int, sweeps_done: int, seconds_so_far: float, deadli
     return max(1, min(sweeps_left, int(target / seconds_per_sweep)))
 
 
-def _flat_matrices(problems: list[BlockProblem]) -> np.ndarray:
-    """Every problem's Q back to back (float32, flat), without a copy when they already are.
-
-    iCBS builds a round's blocks as one stacked (n, B, B) array and each problem's Q is a
-    view of it; copying a round's matrices (a few hundred MB) cost more than annealing
-    them. The views are used in place only when they are C-contiguous float32 slices of
-    one array that follow each other exactly; anything else is concatenated.
-    """
-    first = problems[0].Q
-    base = first.base
-    expected = first.__array_interface__["data"][0]
-    stacked = base is not None
-    for problem in problems:
-        Q = problem.Q
-        if not (stacked and Q.base is base and Q.dtype == np.float32 and Q.flags.c_contiguous
-                and Q.__array_interface__["data"][0] == expected):
-            stacked = False
-            break
-        expected += Q.nbytes
-    if stacked:
-        total = sum(problem.Q.size for problem in problems)
-        return np.lib.stride_tricks.as_strided(first, shape=(total,), strides=(4,), writeable=False)
-    return np.concatenate([np.asarray(p.Q, np.float32).reshape(-1) for p in problems])
-
-
 def _run_part(problems: list[BlockProblem], keys: np.ndarray, use_x0: np.ndarray, beta_rows: np.ndarray,
               betas: np.ndarray, deadline: float | None) -> list[ChainResults]:
     """Run every chain of a part of the batch whose problems are all dense or all factored."""
@@ -466,7 +442,7 @@ def _run_part(problems: list[BlockProblem], keys: np.ndarray, use_x0: np.ndarray
     else:
         q_off = np.zeros(num_problems, np.int64)
         q_off[1:] = np.cumsum(L["nvar"] * L["nvar"])[:-1]
-        Q = _flat_matrices(problems)
+        Q = flat_matrices(problems)  # in place for a MatrixStack's views (block/stack.py)
         diag = np.concatenate([np.diagonal(p.Q).astype(np.float64) for p in problems])
         fields = np.zeros(total_vars, np.float64)
         init_dense(Q, diag, q_off, L["nvar"], L["var_off"], L["var_group"], L["x0"], L["grp_off"], L["ngrp"],

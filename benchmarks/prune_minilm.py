@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from qsurgeon.server.models.adapters import load_adapter  # noqa: E402
+from qsurgeon.server.models.loading import load_adapter  # noqa: E402
 from qsurgeon.server.models.calibration import builtin_texts, tokenize_texts  # noqa: E402
 from qsurgeon.server.models.capture import collect_stats, iterate_blocks, weight_error  # noqa: E402
 from qsurgeon.server.evaluate.embeddings import agreement, sentence_embeddings  # noqa: E402

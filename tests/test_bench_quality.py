@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from qsurgeon.client.cli import main
-from qsurgeon.server.evaluate.quality import BENCH_METHODS, QUICK_CURVE_EPOCHS, QUICK_DENSITIES
+from qsurgeon.server.bench.quality import BENCH_METHODS, QUICK_CURVE_EPOCHS, QUICK_DENSITIES
 from test_evaluate import make_tiny_causal_lm
 
 
@@ -63,7 +63,7 @@ def test_bad_bench_options_exit_2(tmp_path, capsys):
 def test_presets_are_defaults_that_explicit_options_override():
     from qsurgeon.client.errors import UsageError
     from qsurgeon.server.engine.run import PruneOptions
-    from qsurgeon.server.evaluate.quality import PRESETS, apply_preset
+    from qsurgeon.server.engine.presets import PRESETS, apply_preset
 
     assert apply_preset("quality", {}) == PRESETS["quality"]
     merged = apply_preset("quality", {"epochs": 4, "density": 0.3})
@@ -79,7 +79,8 @@ def test_presets_are_defaults_that_explicit_options_override():
 
 def test_the_quality_preset_changes_what_it_measured_per_model_kind():
     from qsurgeon.server.engine.run import PruneOptions
-    from qsurgeon.server.evaluate.quality import PRESETS, PRESETS_BY_KIND, apply_preset, bench_overrides
+    from qsurgeon.server.bench.quality import bench_overrides
+    from qsurgeon.server.engine.presets import PRESETS, PRESETS_BY_KIND, apply_preset
 
     for kind in ("encoder", "image-classifier", None):
         assert apply_preset("quality", {}, kind) == PRESETS["quality"]

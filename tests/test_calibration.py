@@ -8,7 +8,7 @@ import torch
 from safetensors.numpy import save_file
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.server.models.adapters import builtin_model_folder
+from qsurgeon.server.models.folders import builtin_model_folder
 from qsurgeon.server.models.calibration import (
     CalibrationData,
     builtin_texts,

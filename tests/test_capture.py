@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qsurgeon.server.models.adapters import load_adapter
+from qsurgeon.server.models.loading import load_adapter
 from qsurgeon.server.models.calibration import builtin_texts, tokenize_texts
 from qsurgeon.server.models.capture import (
     _real_rows,

@@ -57,7 +57,7 @@ def make_tiny_encoder(folder: Path, seed: int = 0) -> Path:
 
 def prune_copy(dense: Path, out: Path, keep_fraction: float) -> Path:
     """Zero the smallest weights of every prunable linear (per row): a stand-in pruned model."""
-    from qsurgeon.server.models.adapters import load_adapter
+    from qsurgeon.server.models.loading import load_adapter
 
     adapter = load_adapter(str(dense))
     for target in adapter.all_targets():
@@ -166,7 +166,7 @@ def test_prune_then_evaluate_a_causal_lm_end_to_end(tmp_path, capsys, family, ar
         expected = {name: 0.5 for name in result["densities"]}
     else:
         target = float(argv[argv.index("--density") + 1])
-        from qsurgeon.server.models.adapters import load_adapter
+        from qsurgeon.server.models.loading import load_adapter
 
         expected = {t.parameter_name: round(target * t.shape[1]) / t.shape[1] for t in load_adapter(str(out)).all_targets()}
     assert result["densities"].keys() == expected.keys() and len(expected) == 2 * (4 if family == "gpt2" else 7)

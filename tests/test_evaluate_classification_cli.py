@@ -14,7 +14,7 @@ from test_vision import _labelled_folder, _save_classifier
 
 @pytest.mark.parametrize("task_args", [["--task", "classification"], []])  # explicit, or chosen from the model
 def test_evaluate_cli_reports_classification_and_densities(tmp_path, capsys, task_args):
-    from qsurgeon.server.models.adapters import load_adapter
+    from qsurgeon.server.models.loading import load_adapter
 
     dense = _save_classifier(tmp_path / "dense", "ViTForImageClassification", seed=3)
     adapter = load_adapter(str(dense))

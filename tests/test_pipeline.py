@@ -232,7 +232,7 @@ def test_include_prunes_only_matching_blocks_and_resumes(models, tmp_path):
 
 def test_plain_module_with_user_loss(tmp_path):
     """A plain nn.Module from Python: layer-wise iCBS, then fisher with the user's loss and gradient init."""
-    from qsurgeon.server.models.adapters import TorchModuleAdapter
+    from qsurgeon.server.models.text import TorchModuleAdapter
     from qsurgeon.server.models.calibration import CalibrationData
     from test_adapters import _Stack
 

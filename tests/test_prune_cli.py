@@ -169,7 +169,7 @@ def _parsed_options(tmp_path, *extra):
 
 def test_presets_set_defaults_that_explicit_options_override(tmp_path):
     from qsurgeon.server.engine.run import PruneOptions
-    from qsurgeon.server.evaluate.quality import PRESETS
+    from qsurgeon.server.engine.presets import PRESETS
 
     plain = _parsed_options(tmp_path)
     assert plain.to_dict() == PruneOptions(model="m", out=str(tmp_path / "o")).to_dict()
@@ -186,7 +186,7 @@ def test_the_quality_preset_follows_the_model_kind(tmp_path):
 
     from qsurgeon.client.cli import build_parser
     from qsurgeon.server.cli.prune import options_from_args
-    from qsurgeon.server.evaluate.quality import PRESETS, PRESETS_BY_KIND
+    from qsurgeon.server.engine.presets import PRESETS, PRESETS_BY_KIND
 
     folder = save_tiny_model("llama", tmp_path / "llama")
 

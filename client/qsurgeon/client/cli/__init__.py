@@ -19,8 +19,9 @@ from qsurgeon.client.errors import QsurgeonError
 
 #: command modules, with the commands they add and the extra that installs their needs
 COMMAND_MODULES: list[tuple[str, tuple[str, ...], str]] = [
-    ("qsurgeon.server.cli.prune", ("prune", "demo"), "server"),
-    ("qsurgeon.server.cli.evaluate", ("evaluate", "bench"), "server"),
+    ("qsurgeon.server.cli.prune", ("prune", "demo"), "engine"),
+    ("qsurgeon.server.cli.evaluate", ("evaluate",), "engine"),
+    ("qsurgeon.server.cli.bench", ("bench",), "engine"),
     ("qsurgeon.worker.cli.solve", ("solve", "solvers"), "worker"),
     ("qsurgeon.worker.cli.worker", ("worker",), "worker"),
     ("qsurgeon.server.cli.serve", ("serve",), "server"),

@@ -1,17 +1,14 @@
-"""``qsurgeon evaluate`` and ``qsurgeon bench quality``.
+"""``qsurgeon evaluate``: compare a pruned model folder with its dense original.
 
-``evaluate DENSE PRUNED`` compares a pruned model folder with its dense original (cosine
-and retrieval@1 of sentence embeddings for encoders, perplexity for causal LMs) and
-reports the achieved density of every prunable tensor. ``bench quality`` runs every
-pruning method on MiniLM and a small causal LM at several densities and writes a
-markdown table, JSON and plots.
+Cosine and retrieval@1 of sentence embeddings for encoders, perplexity for causal LMs,
+top-1/top-5 for image classifiers, and the achieved density of every prunable tensor.
+(``qsurgeon bench`` lives in :mod:`.bench`.)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 from qsurgeon.client.errors import UsageError
@@ -38,29 +35,6 @@ def register(subparsers: Any) -> None:
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
     evaluate.set_defaults(func=run_evaluate)
 
-    bench = subparsers.add_parser("bench", help="reproducible benchmarks", description="Reproducible benchmarks.")
-    bench_commands = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK")
-    bench_commands.required = True
-    quality = bench_commands.add_parser(
-        "quality",
-        help="every pruning method on MiniLM and a small causal LM",
-        description="Run magnitude, Wanda, SparseGPT, iCBS and the iCBS quality preset on all-MiniLM-L6-v2 "
-        "and a small causal LM at densities 0.5, 0.4, 0.3 and 2:4; write results.md, results.json and plots.",
-    )
-    quality.add_argument("--out", required=True, help="folder for results.md, results.json and the plots")
-    quality.add_argument("--quick", action="store_true", help="a tiny version that finishes in a few minutes")
-    quality.add_argument("--lm", default=None, metavar="DIR",
-                         help="causal LM folder (default: train/reuse benchmarks/cache/tiny-gpt2)")
-    quality.add_argument("--methods", default=None,
-                         help="comma-separated subset of methods to run (default: all)")
-    quality.add_argument("--models", default=None, help="comma-separated subset of: minilm, lm")
-    quality.add_argument("--densities", default=None,
-                         help="comma-separated densities and N:M patterns (default: 0.5,0.4,0.3,2:4)")
-    quality.add_argument("--curve-epochs", default=None,
-                         help="iCBS epochs sampled for the quality-vs-time curve (default: 0,1,2,4,8)")
-    quality.add_argument("--json", action="store_true", help="print the results as JSON")
-    quality.set_defaults(func=run_bench_quality)
-
 
 def _fmt(value: float) -> str:
     return f"{value:.4f}" if value < 100 else f"{value:.1f}"
@@ -74,8 +48,8 @@ def _quiet_transformers() -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from qsurgeon.server.models.adapters import load_adapter
-    from qsurgeon.server.evaluate.quality import evaluate_pair
+    from qsurgeon.server.evaluate.compare import evaluate_pair
+    from qsurgeon.server.models.loading import load_adapter
 
     _quiet_transformers()
 
@@ -103,13 +77,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def _evaluate_classification(args: argparse.Namespace, pruned: Any) -> int:
     """Top-1/top-5 of both image classifiers on labelled images, and the pruned densities."""
-    from qsurgeon.server.models.adapters import resolve_model
     from qsurgeon.server.evaluate.classification import evaluate_classification, format_classification
-    from qsurgeon.server.evaluate.quality import overall_density, tensor_densities
+    from qsurgeon.server.evaluate.compare import overall_density, tensor_densities
+    from qsurgeon.server.models.folders import model_folder
 
     if pruned.kind != "image-classifier":
         raise UsageError(f"{args.pruned} is not an image classifier; --task classification needs one")
-    result = evaluate_classification(resolve_model(args.dense), resolve_model(args.pruned), args.data)
+    result = evaluate_classification(model_folder(args.dense), model_folder(args.pruned), args.data)
     result.update(task="classification", density=overall_density(pruned), densities=tensor_densities(pruned))
     if args.json:
         print(json.dumps(result, indent=2))
@@ -120,15 +94,3 @@ def _evaluate_classification(args: argparse.Namespace, pruned: Any) -> int:
         print(f"  {density:.4f}  {name}")
     return 0
 
-
-def run_bench_quality(args: argparse.Namespace) -> int:
-    from qsurgeon.server.evaluate.quality import BenchOptions, run_quality_bench
-
-    _quiet_transformers()
-    options = BenchOptions.from_cli(args)
-    results = run_quality_bench(options, log=lambda line: print(line, file=sys.stderr, flush=True))
-    if args.json:
-        print(json.dumps(results, indent=2, default=str))
-    else:
-        print(f"wrote {options.out}/results.md, results.json and plots")
-    return 0

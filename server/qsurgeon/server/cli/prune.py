@@ -112,8 +112,8 @@ PRUNE_OPTION_NAMES = (
 def options_from_args(args: argparse.Namespace) -> "Any":
     """PruneOptions: the preset's values (if any), then every option the user gave, then the defaults."""
     from qsurgeon.server.engine.run import PruneOptions
-    from qsurgeon.server.models.adapters import model_kind
-    from qsurgeon.server.evaluate.quality import apply_preset
+    from qsurgeon.server.engine.presets import apply_preset
+    from qsurgeon.server.models.loading import model_kind
 
     explicit = {name: getattr(args, name) for name in PRUNE_OPTION_NAMES if getattr(args, name) not in (None, [])}
     preset = getattr(args, "preset", None)
@@ -145,7 +145,8 @@ def run_prune_command(args: argparse.Namespace) -> int:
 def run_demo(out: str | None = None, progress: Any = None) -> dict[str, Any]:
     """Prune MiniLM with iCBS and compare with Wanda and the dense model on held-out text."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from qsurgeon.server.models.adapters import HFTextAdapter, load_adapter
+    from qsurgeon.server.models.loading import load_adapter
+    from qsurgeon.server.models.text import HFTextAdapter
     from qsurgeon.server.models.calibration import builtin_texts, load_calibration
     from qsurgeon.server.evaluate.embeddings import embedding_agreement
     from qsurgeon.server.engine.run import PruneOptions, run_prune

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 import torch
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.server.models.adapters import DEFAULT_EXCLUDE, ModelAdapter, TargetLayer, load_adapter
+from qsurgeon.server.models.base import DEFAULT_EXCLUDE, ModelAdapter, TargetLayer
+from qsurgeon.server.models.loading import load_adapter
 from qsurgeon.server.models.calibration import CalibrationData, load_calibration
 from qsurgeon.server.models.capture import LayerStats, capture_first_block_inputs, collect_stats, run_block
 from qsurgeon.server.pruning.masks import SCORE_METHODS, check_mask, initial_mask, score_weights
@@ -489,7 +490,7 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
     iCBS rounds (the time limit too): a stopped run still finishes with valid masks
     (the best found so far) and reports ``completed: false``. ``adapter`` and
     ``calibration`` let Python callers bring their own model (e.g. a plain
-    :class:`~qsurgeon.server.models.adapters.TorchModuleAdapter`) and data.
+    :class:`~qsurgeon.server.models.text.TorchModuleAdapter`) and data.
     """
     options.validate()
     sparsity = options.sparsity()

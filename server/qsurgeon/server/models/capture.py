@@ -19,7 +19,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from qsurgeon.server.models.adapters import ModelAdapter, StopForward, TargetLayer
+from qsurgeon.server.models.base import ModelAdapter, StopForward, TargetLayer
 from qsurgeon.server.models.calibration import CalibrationData
 
 
@@ -165,12 +165,6 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
                 result.args.append(())
                 result.kwargs.append({**kwargs, "hidden_states": hidden})
     return result
-
-
-def block_outputs(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
-    """The block's hidden-state outputs per batch (for output-distance checks)."""
-    with torch.no_grad():
-        return [_call_block(block, args, kwargs) for args, kwargs in zip(inputs.args, inputs.kwargs)]
 
 
 def iterate_blocks(adapter: ModelAdapter, data: CalibrationData, batch_size: int = 16) -> Iterable[tuple[int, BlockInputs]]:

@@ -2,7 +2,7 @@
 
 Vision transformers (ViT, DeiT with its distillation token, and any Hugging Face
 ``*ForImageClassification`` whose encoder is a stack of identical transformer layers)
-prune exactly like text encoders: the generic :class:`~qsurgeon.server.models.adapters.ModelAdapter`
+prune exactly like text encoders: the generic :class:`~qsurgeon.server.models.base.ModelAdapter`
 finds the block stack (``vit.encoder.layer``, ``deit.encoder.layer``...) and its linears,
 capture catches block 0's inputs from a forward pass on ``pixel_values``, and every
 encoder linear is a target. The classifier head(s) sit outside the block stack, so they
@@ -27,7 +27,6 @@ Models load from safetensors only and never with ``trust_remote_code``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -37,24 +36,16 @@ import torch
 from torch import nn
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.server.models.adapters import DEFAULT_EXCLUDE, ModelAdapter, check_model_folder
+from qsurgeon.server.models.base import DEFAULT_EXCLUDE, ModelAdapter
+from qsurgeon.server.models.folders import check_model_folder, read_config
 
 #: architecture-name endings of the image classifiers this adapter loads
 CLASSIFIER_SUFFIXES: tuple[str, ...] = ("ForImageClassification", "ForImageClassificationWithTeacher")
 #: file endings tried as images in ``images:DIR`` (anything else is ignored)
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
-#: calibration prefixes this module understands
-IMAGE_CALIBRATION_PREFIXES: tuple[str, ...] = ("images:", "npz:")
 
 
 # ---------------------------------------------------------------------------- detection
-def read_config(folder: str | Path) -> dict[str, Any]:
-    try:
-        return json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def is_image_classifier_config(config: Mapping[str, Any] | Any) -> bool:
     """True for a config whose architecture is an image classifier (dict or PretrainedConfig)."""
     architectures = (config.get("architectures") if isinstance(config, Mapping) else getattr(config, "architectures", None)) or []
@@ -411,9 +402,3 @@ def load_image_calibration(spec: str, adapter: HFImageAdapter, samples: int | No
         raise UsageError(f"an image model needs --calibration images:DIR, npz:FILE or builtin, got {spec!r}")
     return data.head(samples)
 
-
-def reject_image_calibration_for_text(spec: str) -> None:
-    """A text model given ``images:``/``npz:`` calibration: say so in one line."""
-    if spec.startswith(IMAGE_CALIBRATION_PREFIXES):
-        kind = spec.split(":", 1)[0]
-        raise UsageError(f"--calibration {kind}:... is image data, but the model is not an image classifier")

@@ -1,23 +1,15 @@
-"""Measuring a pruned model against its dense original.
+"""``qsurgeon bench quality``: every pruning method on MiniLM and a small causal LM, one run.
 
-Two tasks, picked from the model kind unless asked for:
+Every method at several densities, scored with the evaluation of ``qsurgeon evaluate``
+(:func:`~qsurgeon.server.evaluate.compare.evaluate_pair`), written as a markdown table,
+JSON and plots. It is nothing but repeated ``run_prune`` + ``evaluate_pair`` calls; the
+causal LM is any folder given with ``--lm``, else the benchmark LM of :mod:`.lm`, reused
+from the cache folder or trained in-process (no script of the source tree is needed, so
+the benchmark runs from an installed wheel).
 
-- ``embeddings`` (encoders): mean cosine of the pruned model's sentence embeddings to the
-  dense model's, and retrieval accuracy@1, on held-out sentences (:mod:`.embeddings`);
-- ``perplexity`` (causal LMs): perplexity of both models on held-out text
-  (:mod:`.perplexity`).
-
-Both also report the achieved density of every prunable tensor of the pruned model, so
-a result can never claim a quality it bought with extra weights.
-
-Evaluation text is ``builtin`` (the held-out split of the built-in corpus, disjoint from
-the calibration split) or a UTF-8 file: one sentence per line for embeddings, free text
-(paragraphs separated by blank lines) for perplexity.
-
-The second half is ``qsurgeon bench quality``: every method of the pipeline on MiniLM and
-a small causal LM at several densities, scored with the same evaluation, written as a
-markdown table, JSON and plots. It lives here because it is nothing but repeated
-``run_prune`` + :func:`evaluate_pair` calls.
+``--quick`` checks the harness, not quality: it prunes MiniLM's first attention query
+only (one tensor of 36), with few samples, and a seconds-trained LM unless the full one
+is cached. Its report and log say so, so a near-1 cosine is never read as MiniLM's.
 """
 
 from __future__ import annotations
@@ -25,179 +17,24 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.server.models.adapters import ModelAdapter
-from qsurgeon.server.models.calibration import builtin_texts, read_text_file
-from qsurgeon.server.evaluate.embeddings import agreement, sentence_embeddings
-from qsurgeon.server.evaluate.perplexity import perplexity, token_windows
-
-Task = Literal["embeddings", "perplexity"]
-TASKS: tuple[str, ...] = ("embeddings", "perplexity")
-
-
-def tensor_densities(adapter: ModelAdapter) -> dict[str, float]:
-    """Fraction of non-zero weights of every prunable tensor, keyed by parameter name."""
-    return {
-        target.parameter_name: float(torch.count_nonzero(target.weight())) / target.weight().numel()
-        for target in adapter.all_targets()
-    }
-
-
-def overall_density(adapter: ModelAdapter) -> float:
-    kept = total = 0
-    for target in adapter.all_targets():
-        kept += int(torch.count_nonzero(target.weight()))
-        total += target.weight().numel()
-    return kept / max(total, 1)
-
-
-def default_task(adapter: Any) -> Task:
-    return "perplexity" if getattr(adapter, "kind", "") == "causal-lm" else "embeddings"
-
-
-def _paragraphs_of_file(path: Path) -> list[str]:
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UsageError(f"evaluation file {str(path)!r} is not UTF-8 text") from None
-    paragraphs = [block.strip() for block in raw.split("\n\n") if block.strip()]
-    if not paragraphs:
-        raise UsageError(f"evaluation file {str(path)!r} is empty")
-    return paragraphs
-
-
-def evaluation_texts(data: str, task: Task, samples: int) -> list[str]:
-    """Held-out texts: ``samples`` sentences (embeddings) or enough paragraphs (perplexity)."""
-    if samples < 1:
-        raise UsageError(f"samples must be at least 1, got {samples}")
-    if data == "builtin":
-        # perplexity windows span several paragraphs: ask for plenty, the windows cap use
-        count = samples if task == "embeddings" else samples * 8
-        try:
-            return builtin_texts(count, "heldout")
-        except UsageError:
-            return builtin_texts(samples, "heldout")
-    path = Path(data).expanduser()
-    if not path.is_file():
-        raise UsageError(f"evaluation data {data!r} is not a file (or use 'builtin')")
-    return read_text_file(path, samples) if task == "embeddings" else _paragraphs_of_file(path)
-
-
-def check_same_architecture(dense: ModelAdapter, pruned: ModelAdapter) -> None:
-    """Refuse to compare models whose prunable tensors differ in name or shape."""
-    if getattr(dense, "kind", None) != getattr(pruned, "kind", None):
-        raise UsageError(
-            f"the models differ in kind: dense is {getattr(dense, 'kind', '?')}, pruned is {getattr(pruned, 'kind', '?')}"
-        )
-    dense_shapes = {t.parameter_name: t.shape for t in dense.all_targets()}
-    pruned_shapes = {t.parameter_name: t.shape for t in pruned.all_targets()}
-    if dense_shapes != pruned_shapes:
-        differing = sorted(set(dense_shapes.items()) ^ set(pruned_shapes.items()))
-        raise UsageError(f"the two models have different prunable tensors (first difference: {differing[0][0]})")
-
-
-def evaluate_pair(
-    dense: Any,
-    pruned: Any,
-    task: Task | None = None,
-    data: str = "builtin",
-    samples: int | None = None,
-    seq_len: int = 128,
-    dense_cache: dict[Any, Any] | None = None,
-) -> dict[str, Any]:
-    """Compare a pruned model (an adapter) with its dense original on one task.
-
-    ``samples``: sentences for embeddings (default 256), windows of ``seq_len`` tokens
-    for perplexity (default 64). ``dense_cache`` (any dict, reused across calls with the
-    same dense model) keeps the dense model's embeddings/perplexity and the evaluation
-    inputs, so a benchmark scoring many pruned models runs the dense model once.
-    """
-    cache = dense_cache if dense_cache is not None else {}
-    check_same_architecture(dense, pruned)
-    task = task or default_task(dense)
-    if task not in TASKS:
-        raise UsageError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
-    if task == "perplexity" and dense.kind != "causal-lm":
-        raise UsageError(f"perplexity needs a causal language model; this is a {dense.kind} (use --task embeddings)")
-    if task == "embeddings" and dense.kind == "causal-lm":
-        raise UsageError("embedding agreement is for encoders; use --task perplexity for a causal LM")
-    if seq_len < 2:
-        raise UsageError(f"seq-len must be at least 2, got {seq_len}")
-    tokenizer = dense.tokenizer
-    if tokenizer is None:
-        raise UsageError("the dense model folder has no tokenizer; evaluation needs one")
-    result: dict[str, Any] = {"task": task, "data": data}
-    key = (task, data, samples, seq_len)
-    if task == "embeddings":
-        if key not in cache:
-            texts = evaluation_texts(data, task, samples or 256)
-            cache[key] = (texts, sentence_embeddings(dense.model, tokenizer, texts, seq_len=seq_len))
-        texts, dense_embeddings = cache[key]
-        pruned_embeddings = sentence_embeddings(pruned.model, tokenizer, texts, seq_len=seq_len)
-        result.update(agreement(dense_embeddings, pruned_embeddings))
-        result["samples"] = len(texts)
-    else:
-        if key not in cache:
-            windows = token_windows(tokenizer, evaluation_texts(data, task, samples or 64), seq_len,
-                                    max_windows=samples or 64)
-            cache[key] = (windows, perplexity(dense.model, windows))
-        windows, dense_result = cache[key]
-        pruned_result = perplexity(pruned.model, windows)
-        result.update(
-            dense_perplexity=dense_result.perplexity,
-            perplexity=pruned_result.perplexity,
-            windows=pruned_result.windows,
-            tokens=pruned_result.tokens,
-        )
-    result["seq_len"] = seq_len
-    result["density"] = overall_density(pruned)
-    result["densities"] = tensor_densities(pruned)
-    return result
-
-
-# ====================================================================== the quality benchmark
-# ``qsurgeon bench quality``: every method on MiniLM and a small causal LM, one run.
+from qsurgeon.server.bench.lm import FULL, LM_FOLDER, QUICK, QUICK_LM_FOLDER, default_cache_dir, ensure_trained, is_trained
+from qsurgeon.server.engine.presets import PRESETS, QUALITY_SAMPLES, apply_preset
+from qsurgeon.server.evaluate.compare import default_task, evaluate_pair
 
 #: the benchmark's densities; a string is an N:M pattern
 DENSITIES: tuple[float | str, ...] = (0.5, 0.4, 0.3, "2:4")
 QUICK_DENSITIES: tuple[float | str, ...] = (0.5, "2:4")
 
-#: the iCBS settings of the benchmark's iCBS rows (and of the quality preset)
+#: epochs of the benchmark's icbs and icbs+refit rows
 ICBS_EPOCHS = 2
-#: calibration samples of the quality preset (and of the benchmark's MiniLM runs): the
-#: largest lever measured — 128 → 256 samples added 0.014 of cosine at density 0.5
-QUALITY_SAMPLES = 256
-#: ``--preset NAME``: defaults for PruneOptions that explicit options override. Chosen
-#: from this benchmark's measurements (docs/results.md): ``quality`` is the best iCBS
-#: combination measured — one epoch from SparseGPT's mask, then refit, at coverage 1/6
-#: (1/3 scored the same — 0.9497 vs 0.9496 at density 0.5, 0.909 / 0.841 / 0.903 vs
-#: 0.909 / 0.843 / 0.903 at 0.4 / 0.3 / 2:4 — with 20 % more blocks: only the 1536-wide
-#: rows get fewer; a second epoch, damping 0.001 and blocks of 64 were all within
-#: ±0.0015, the run-to-run spread);
-#: ``fast`` is Wanda plus one epoch of iCBS, no refit.
-PRESETS: dict[str, dict[str, Any]] = {
-    "fast": {"method": "icbs", "init": "wanda", "epochs": 1, "refit": False},
-    "quality": {"method": "icbs", "init": "sparsegpt", "epochs": 1, "refit": True, "samples": QUALITY_SAMPLES,
-                "coverage": 1 / 6},
-}
-#: What a preset changes for one model kind (see :func:`adapters.model_kind`). Causal LMs:
-#: on the benchmark LM, calibrated on text unlike its own, blocks of 128 move far from
-#: the start and fit the calibration text (perplexity worse than Wanda + refit at every
-#: density); blocks of 8 from Wanda's mask, refit damping 0.001, beat SparseGPT and Wanda
-#: + refit at every density on 3 seeds (docs/results.md). On MiniLM those settings give
-#: 0.9425 at density 0.5 instead of 0.950, hence per kind.
-PRESETS_BY_KIND: dict[str, dict[str, dict[str, Any]]] = {
-    "quality": {"causal-lm": {"init": "wanda", "block_size": 8, "damp": 0.001, "coverage": 1 / 3}},
-}
 #: method label -> PruneOptions overrides; "icbs-quality" is exactly ``--preset quality`` (with its
 #: per-kind changes, :func:`bench_overrides`)
 BENCH_METHODS: dict[str, dict[str, Any]] = {
@@ -211,20 +48,6 @@ BENCH_METHODS: dict[str, dict[str, Any]] = {
 }
 
 
-def apply_preset(preset: str | None, explicit: dict[str, Any], kind: str | None = None) -> dict[str, Any]:
-    """PruneOptions values: the preset's, its changes for the model ``kind``, then every
-    explicitly given option on top.
-
-    ``explicit`` must hold only the options the user actually set (not argparse defaults),
-    so ``--preset quality --epochs 4`` runs the quality preset with four epochs.
-    """
-    if preset is None:
-        return dict(explicit)
-    if preset not in PRESETS:
-        raise UsageError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    return {**PRESETS[preset], **PRESETS_BY_KIND.get(preset, {}).get(kind or "", {}), **explicit}
-
-
 def bench_overrides(method: str, kind: str) -> dict[str, Any]:
     """A benchmark method's PruneOptions overrides for a model of ``kind``."""
     if method == "icbs-quality":  # exactly what ``--preset quality`` runs on this model
@@ -235,9 +58,8 @@ def bench_overrides(method: str, kind: str) -> dict[str, Any]:
 #: epochs at which the quality-vs-time curve is sampled (0 = the Wanda start)
 CURVE_EPOCHS: tuple[int, ...] = (0, 1, 2, 4, 8)
 QUICK_CURVE_EPOCHS: tuple[int, ...] = (0, 1)
-
-REPO_ROOT = Path(__file__).resolve().parents[4]
-DEFAULT_LM = REPO_ROOT / "benchmarks" / "cache" / "tiny-gpt2"
+#: what ``--quick`` prunes of MiniLM: one tensor, so the harness runs in seconds
+QUICK_MINILM_INCLUDE: tuple[str, ...] = ("encoder.layer.0.attention.self.query",)
 
 
 @dataclass
@@ -264,6 +86,7 @@ class BenchOptions:
     densities: list[float | str] | None = None  # default: DENSITIES (QUICK_DENSITIES with quick)
     curve_epochs: list[int] | None = None  # default: CURVE_EPOCHS (QUICK_CURVE_EPOCHS with quick)
     seed: int = 0
+    cache: Path = field(default_factory=default_cache_dir)  # trained benchmark LMs
 
     @classmethod
     def from_cli(cls, args: Any) -> "BenchOptions":
@@ -285,8 +108,11 @@ class BenchOptions:
                 raise UsageError(f"--curve-epochs must be comma-separated integers, got {args.curve_epochs!r}") from None
             if any(epochs < 0 for epochs in curve_epochs):
                 raise UsageError("--curve-epochs must be non-negative")
+        cache = Path(args.cache).expanduser() if getattr(args, "cache", None) else default_cache_dir()
+        if cache.exists() and not cache.is_dir():
+            raise UsageError(f"--cache {str(cache)!r} exists and is not a folder")
         return cls(out=out, quick=bool(args.quick), lm=args.lm, methods=methods, models=models,
-                   densities=densities, curve_epochs=curve_epochs)
+                   densities=densities, curve_epochs=curve_epochs, cache=cache)
 
 
 def _parse_density(text: str) -> float | str:
@@ -347,9 +173,9 @@ def _model_specs(options: BenchOptions, log: Callable[[str], None]) -> list[Mode
     specs = []
     if "minilm" in options.models:
         if options.quick:
-            # first transformer layer only, few short samples: structure, not quality
+            # one tensor, few short samples: the harness, not quality (the report says so)
             specs.append(ModelSpec("minilm", "builtin:minilm", "builtin", samples=8, seq_len=32, eval_samples=16,
-                                   eval_seq_len=32, include=["encoder.layer.0.attention.self.query"]))
+                                   eval_seq_len=32, include=list(QUICK_MINILM_INCLUDE)))
         else:
             # 256 calibration samples, as ``--preset quality`` uses: 64 → 128 → 256 took the
             # quality preset from 0.927 to 0.936 to 0.950 cosine at density 0.5 (docs/results.md)
@@ -368,20 +194,45 @@ def _model_specs(options: BenchOptions, log: Callable[[str], None]) -> list[Mode
     return specs
 
 
-def _lm_folder(options: BenchOptions, log: Callable[[str], None]) -> Path | None:
-    """``--lm``, else the cached benchmark LM, else train it (full runs only)."""
+def _lm_folder(options: BenchOptions, log: Callable[[str], None]) -> Path:
+    """``--lm``; else the benchmark LM from the cache; else train it in-process into the cache.
+
+    A quick run reuses the full LM when it is cached, else trains (or reuses) the quick
+    recipe's, which takes seconds; a full run trains the full recipe (about 5 minutes).
+    """
     if options.lm is not None:
         return Path(options.lm).expanduser()
-    if (DEFAULT_LM / "model.safetensors").is_file():
-        return DEFAULT_LM
-    script = REPO_ROOT / "benchmarks" / "train_lm.py"
-    if options.quick or not script.is_file():
-        log("bench quality: no --lm and no cached benchmark LM; skipping the causal LM "
-            "(run benchmarks/train_lm.py or pass --lm DIR)")
-        return None
-    log(f"bench quality: training the benchmark LM once ({script.name}, about 5 minutes)")
-    subprocess.run([sys.executable, str(script), "--out", str(DEFAULT_LM)], check=True)
-    return DEFAULT_LM
+    full = options.cache / LM_FOLDER
+    if is_trained(full):
+        log(f"bench quality: reusing the benchmark LM in {full}")
+        return full
+    folder, recipe = (options.cache / QUICK_LM_FOLDER, QUICK) if options.quick else (full, FULL)
+    if is_trained(folder):
+        log(f"bench quality: reusing the quick benchmark LM in {folder}")
+        return folder
+    took = "a few seconds" if recipe is QUICK else "about 5 minutes on 2 cores"
+    log(f"bench quality: training the {recipe.name} benchmark LM into {folder} ({took}; cached for later runs)")
+    return ensure_trained(folder, recipe, options.seed, log=lambda line: log(f"bench quality: {line}"))
+
+
+def _pruned_scope(dense: Any) -> dict[str, Any]:
+    """Which tensors the runs prune, out of all the model's prunable ones (default exclude)."""
+    from qsurgeon.server.models.base import prunable_modules, select_targets
+
+    every = [layer.parameter_name
+             for index, block in enumerate(dense.blocks())
+             for layer in select_targets(list(prunable_modules(block, prefix=f"{dense.blocks_prefix}.{index}")))]
+    pruned = [target.parameter_name for target in dense.all_targets()]
+    return {"pruned_tensors": pruned, "prunable_tensors": len(every)}
+
+
+def scope_line(key: str, entry: dict[str, Any]) -> str:
+    """One plain sentence: what was pruned, so a quick run's numbers are not read as the model's quality."""
+    pruned, total = entry["pruned_tensors"], entry["prunable_tensors"]
+    spec = entry["spec"]
+    what = f"all {total} prunable tensors" if len(pruned) == total else \
+        f"{len(pruned)} of {total} prunable tensors ({', '.join(pruned[:3])}{', ...' if len(pruned) > 3 else ''})"
+    return f"{key}: pruned {what}, calibrated on {spec['samples']} samples of {spec['seq_len']} tokens"
 
 
 def _prune_and_score(spec: ModelSpec, dense: Any, calibration: Any, overrides: dict[str, Any],
@@ -428,7 +279,7 @@ def _metric_key(spec: ModelSpec, dense: Any) -> str:
 
 def run_quality_bench(options: BenchOptions, log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
     """Run the benchmark; write ``results.json``, ``results.md`` and PNG plots into ``options.out``."""
-    from qsurgeon.server.models.adapters import load_adapter
+    from qsurgeon.server.models.loading import load_adapter
     from qsurgeon.server.models.calibration import load_calibration
 
     options.out.mkdir(parents=True, exist_ok=True)
@@ -454,9 +305,11 @@ def run_quality_bench(options: BenchOptions, log: Callable[[str], None] = lambda
         calibration = load_calibration("builtin", dense.tokenizer, spec.samples, spec.seq_len)
         dense_cache: dict[Any, Any] = {}
         metric = _metric_key(spec, dense)
-        entry: dict[str, Any] = {"reference": spec.reference, "metric": metric, "spec": asdict(spec), "rows": [],
-                                 "curve": []}
+        entry: dict[str, Any] = {"reference": spec.reference, "metric": metric, "spec": asdict(spec),
+                                 **_pruned_scope(dense), "rows": [], "curve": []}
         results["models"][spec.key] = entry
+        log(f"bench quality: {scope_line(spec.key, entry)}"
+            + (" (--quick: this checks the harness, not the model's quality)" if options.quick else ""))
         for density in densities:
             for method in options.methods:
                 log(f"bench quality: {spec.key} {density} {method}")
@@ -499,6 +352,10 @@ def _cell(row: dict[str, Any], metric: str) -> str:
     return text if row.get("density_ok", True) else f"{text} (density off!)"
 
 
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def results_markdown(results: dict[str, Any], plots: list[str]) -> str:
     lines = [f"# Quality benchmark{' (quick)' if results['quick'] else ''}", "",
              f"Command: `{results['command']} --out DIR`  ", f"Total time: {results['seconds']:.0f} s", ""]
@@ -508,7 +365,9 @@ def results_markdown(results: dict[str, Any], plots: list[str]) -> str:
         dense_ppl = next((row["dense_perplexity"] for row in entry["rows"] if "dense_perplexity" in row), float("nan"))
         what = "mean cosine to the dense model's sentence embeddings (higher is better)" if metric == "cosine" \
             else f"held-out perplexity (lower is better; dense {dense_ppl:.1f})"
-        lines += [f"## {key}: {entry['reference']}", "", f"Metric: {what}.", "",
+        scope = scope_line(key, entry) + (". A quick run checks the harness; these numbers are not the model's "
+                                          "quality." if results["quick"] else ".")
+        lines += [f"## {key}: {entry['reference']}", "", f"Metric: {what}.", "", _sentence(scope[len(key) + 2:]), "",
                   "| method | " + " | ".join(densities) + " | prune seconds |",
                   "|---|" + "---|" * (len(densities) + 1)]
         by_method: dict[str, dict[str, dict[str, Any]]] = {}

@@ -7,7 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from qsurgeon.client.errors import InfeasibleSolutionError, InvalidProblemError
+from qsurgeon.client.errors import InfeasibleSolutionError, InvalidProblemError, UsageError
+from qsurgeon.worker.block import codec
 from qsurgeon.worker.block.problem import BlockProblem, BlockSolution
 from qsurgeon.worker.solve import solve
 
@@ -140,10 +141,94 @@ def test_solution_round_trips(tmp_path):
 
 def test_corrupt_payload_is_refused():
     payload = _examples()[0].to_bytes()
-    with pytest.raises(InvalidProblemError):
+    with pytest.raises(InvalidProblemError, match="truncated"):
         BlockProblem.from_bytes(payload[:-3])
-    with pytest.raises(InvalidProblemError):
+    with pytest.raises(InvalidProblemError, match="not a qsurgeon block problem"):
         BlockProblem.from_bytes(b"XXXX" + payload[4:])
+    with pytest.raises(InvalidProblemError, match="trailing bytes"):
+        BlockProblem.from_bytes(payload + b"x")
+
+
+# ---------------------------------------------------------------------- the codec
+def _codec_examples() -> list[BlockProblem]:
+    """Every shape of problem the codec carries: dense/factored, k/groups, with and without x0."""
+    rng = np.random.default_rng(12)
+    Q = _symmetric(rng, 8)
+    groups = np.arange(8) // 4
+    return [
+        *_examples(),
+        BlockProblem.dense(Q, k=0),
+        BlockProblem.factored(rng.standard_normal((2, 8)), rng.standard_normal(8), groups=groups, counts=[1, 3],
+                              x0=[1, 0, 0, 0, 1, 1, 1, 0], offset=1e-300, id="fg", meta={"a": [1, 2]}),
+    ]
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_codec_round_trip_is_bit_exact(index):
+    problem = _codec_examples()[index]
+    payload = codec.encode_problem(problem)
+    assert payload[:4] == codec.PROBLEM_MAGIC and payload[4] == codec.FORMAT_VERSION
+    back = codec.decode_problem(payload)
+    _assert_same_problem(problem, back)
+    assert codec.encode_problem(back) == payload  # a second trip gives the same bytes
+    assert problem.to_bytes() == payload  # the byte form of the class is the codec's
+
+
+def test_codec_shared_arrays_travel_as_references():
+    problem = _examples()[0]
+    inline = codec.encode_problem(problem)
+    referenced = codec.encode_problem(problem, {id(problem.Q): "h1"})
+    assert len(referenced) == len(inline) - problem.Q.nbytes + len(',"ref":"h1"')
+    stored = {"h1": problem.Q.tobytes()}
+    _assert_same_problem(problem, codec.decode_problem(referenced, stored.get))
+    with pytest.raises(InvalidProblemError, match="refers to stored array h1, which is gone"):
+        codec.decode_problem(referenced, {}.get)
+    with pytest.raises(InvalidProblemError, match="which is gone"):
+        codec.decode_problem(referenced)
+
+
+def test_codec_refuses_another_version_and_truncation_with_a_clear_message():
+    payload = codec.encode_problem(_examples()[2])
+    older = payload[:4] + bytes([1]) + payload[5:]
+    with pytest.raises(UsageError, match=r"format version 1; this qsurgeon reads only version 2"):
+        codec.decode_problem(older)
+    for cut in (0, 3, 8, 20, len(payload) - 1):
+        with pytest.raises(UsageError, match="truncated"):
+            codec.decode_problem(payload[:cut])
+    solution = codec.encode_solution(BlockSolution(x=np.array([1, 0], np.uint8), energy=0.5, solver="sa"))
+    with pytest.raises(UsageError, match="not a qsurgeon block problem"):
+        codec.decode_problem(solution)
+    with pytest.raises(UsageError, match="block solution payload is format version 9"):
+        codec.decode_solution(solution[:4] + bytes([9]) + solution[5:])
+    with pytest.raises(UsageError, match="truncated"):
+        codec.decode_solution(solution[:-1])
+
+
+def test_codec_validates_what_it_decodes():
+    problem = _examples()[0]
+    asymmetric = np.array(problem.Q, copy=True)
+    asymmetric[0, 1] += 1.0
+    forged = BlockProblem(group_of=problem.group_of, counts=problem.counts, Q=asymmetric, x0=problem.x0)
+    with pytest.raises(InvalidProblemError, match="symmetric"):
+        codec.decode_problem(codec.encode_problem(forged))
+    infeasible = BlockProblem(group_of=problem.group_of, counts=problem.counts, Q=problem.Q,
+                              x0=np.ones(8, np.uint8))
+    with pytest.raises(InvalidProblemError, match="x0 does not satisfy"):
+        codec.decode_problem(codec.encode_problem(infeasible))
+
+
+def test_codec_solution_and_result_round_trips_are_bit_exact():
+    solution = BlockSolution(x=np.array([1, 0, 1, 1, 0], np.uint8), energy=-1.2345678901234567e-5, solver="tabu",
+                             seconds=0.125, sweeps=7, restarts=3, problem_id="p9", metadata={"seed": 1, "t": [0.5]})
+    for back in (codec.decode_solution(codec.encode_solution(solution)),
+                 codec.decode_result(codec.encode_result(solution))[0]):
+        assert np.array_equal(back.x, solution.x) and back.x.dtype == np.uint8 and back.x.flags.writeable
+        assert (back.energy, back.solver, back.seconds, back.sweeps, back.restarts, back.problem_id) == (
+            solution.energy, "tabu", 0.125, 7, 3, "p9")
+        assert dict(back.metadata) == dict(solution.metadata)
+    assert codec.decode_result(codec.encode_result(None, "too large")) == (None, "too large")
+    with pytest.raises(UsageError, match="neither a solution nor a failure"):
+        codec.decode_result(b"??")
 
 
 # ---------------------------------------------------------------------- evaluation

@@ -14,15 +14,13 @@ Q is given densely (B×B, float32, symmetric) or factored as ``Q = FᵀF + diag(
 (F r×B): Fisher blocks have r ≪ B and must never be expanded to B×B by the annealer.
 Energies are always evaluated in float64 because block energies are tiny (1e-4…1e-2).
 
-Both classes serialise to a compact binary form (a short JSON header followed by the
-raw arrays) that round-trips bit-exactly; the user-facing file form is ``.npz``.
+Both classes serialise to a compact, versioned binary form (:mod:`qsurgeon.worker.block.codec`)
+that round-trips bit-exactly and is what the queue carries; the user-facing file form is ``.npz``.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -36,9 +34,6 @@ MAX_VARIABLES = 1 << 16
 #: Largest rank of a factored problem.
 MAX_RANK = 1 << 16
 
-_PROBLEM_MAGIC = b"QSBP"
-_SOLUTION_MAGIC = b"QSBS"
-_FORMAT_VERSION = 1
 
 
 def _as_float32(name: str, value: Any, ndim: int) -> np.ndarray:
@@ -290,40 +285,18 @@ class BlockProblem:
         )
 
     # ------------------------------------------------------------------ serialisation
-    def _arrays(self) -> dict[str, np.ndarray]:
-        arrays = {"group_of": self.group_of, "counts": self.counts}
-        for name in ("Q", "F", "c", "x0"):
-            value = getattr(self, name)
-            if value is not None:
-                arrays[name] = value
-        return arrays
-
     def to_bytes(self) -> bytes:
-        return _pack(_PROBLEM_MAGIC, {"offset": self.offset, "id": self.id, "meta": dict(self.meta)}, self._arrays())
+        """The binary form of :mod:`qsurgeon.worker.block.codec` (the same bytes the queue carries)."""
+        from qsurgeon.worker.block.codec import encode_problem
+
+        return encode_problem(self)
 
     @classmethod
     def from_bytes(cls, payload: bytes) -> "BlockProblem":
-        header, arrays = _unpack(_PROBLEM_MAGIC, payload)
-        group_of = arrays["group_of"]
-        counts = arrays["counts"]
-        num_variables = group_of.shape[0]
-        if num_variables > MAX_VARIABLES:
-            raise InvalidProblemError(f"problem has {num_variables} variables, more than the limit {MAX_VARIABLES}")
-        _check_counts(group_of, counts)
-        common = dict(offset=header["offset"], x0=arrays.get("x0"), id=header.get("id", ""), meta=header.get("meta"))
-        if "Q" in arrays:
-            Q = arrays["Q"]
-            if Q.shape != (num_variables, num_variables) or not np.isfinite(Q).all() or not np.array_equal(Q, Q.T):
-                raise InvalidProblemError("payload Q is not a finite symmetric matrix of the problem's size")
-            return cls._checked(group_of, counts, Q=Q, **common)
-        if "F" not in arrays or "c" not in arrays:
-            raise InvalidProblemError("payload holds neither Q nor F and c")
-        F, c = arrays["F"], arrays["c"]
-        if F.ndim != 2 or F.shape[1] != num_variables or c.shape != (num_variables,):
-            raise InvalidProblemError("payload F or c does not match the problem's size")
-        if not (np.isfinite(F).all() and np.isfinite(c).all()):
-            raise InvalidProblemError("payload F or c contains NaN or infinite values")
-        return cls._checked(group_of, counts, F=F, c=c, **common)
+        """Rebuild a problem from :meth:`to_bytes`, with every check a new problem gets."""
+        from qsurgeon.worker.block.codec import decode_problem
+
+        return decode_problem(payload)
 
     def save_npz(self, path: str | Path) -> None:
         """Write the user file form: Q (or F, c), k (or groups, counts), x0, offset."""
@@ -458,17 +431,16 @@ class BlockSolution:
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
-        header = {
-            "energy": self.energy, "solver": self.solver, "seconds": self.seconds,
-            "sweeps": self.sweeps, "restarts": self.restarts, "problem_id": self.problem_id,
-            "metadata": dict(self.metadata),
-        }
-        return _pack(_SOLUTION_MAGIC, header, {"x": np.ascontiguousarray(self.x, dtype=np.uint8)})
+        """The binary form of :mod:`qsurgeon.worker.block.codec`."""
+        from qsurgeon.worker.block.codec import encode_solution
+
+        return encode_solution(self)
 
     @classmethod
     def from_bytes(cls, payload: bytes) -> "BlockSolution":
-        header, arrays = _unpack(_SOLUTION_MAGIC, payload)
-        return cls(x=arrays["x"], **header)
+        from qsurgeon.worker.block.codec import decode_solution
+
+        return decode_solution(payload)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly view (x as a list of 0/1) for the CLI and the REST API."""
@@ -485,66 +457,3 @@ class BlockSolution:
                 seconds=np.float64(self.seconds), sweeps=np.int64(self.sweeps), restarts=np.int64(self.restarts),
                 metadata=np.array(json.dumps(dict(self.metadata))),
             )
-
-
-# ---------------------------------------------------------------------- binary container
-_DTYPES = {"float32": np.float32, "float64": np.float64, "int32": np.int32, "uint8": np.uint8, "int64": np.int64}
-
-
-def _pack(magic: bytes, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
-    """magic, version, header length, JSON header (with array specs), then raw arrays."""
-    specs = []
-    blobs = []
-    for name, array in arrays.items():
-        array = np.ascontiguousarray(array)
-        if array.dtype.name not in _DTYPES:
-            raise InvalidProblemError(f"cannot serialise {name} of dtype {array.dtype}")
-        specs.append({"name": name, "dtype": array.dtype.name, "shape": list(array.shape)})
-        blobs.append(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
-    header = dict(header, arrays=specs)
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    buffer = io.BytesIO()
-    buffer.write(magic)
-    buffer.write(struct.pack("<BI", _FORMAT_VERSION, len(encoded)))
-    buffer.write(encoded)
-    for blob in blobs:
-        buffer.write(blob)
-    return buffer.getvalue()
-
-
-def _unpack(magic: bytes, payload: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    view = memoryview(payload)
-    if bytes(view[:4]) != magic:
-        raise InvalidProblemError("payload is not a qsurgeon block message (bad magic)")
-    try:
-        version, header_length = struct.unpack_from("<BI", view, 4)
-    except struct.error:
-        raise InvalidProblemError("payload is truncated") from None
-    if version != _FORMAT_VERSION:
-        raise InvalidProblemError(f"payload format version {version} is not supported")
-    start = 9
-    try:
-        header = json.loads(bytes(view[start : start + header_length]))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InvalidProblemError("payload header is not valid JSON") from None
-    position = start + header_length
-    arrays = {}
-    for spec in header.pop("arrays", []):
-        dtype = np.dtype(_DTYPES.get(spec["dtype"], None) or _bad_dtype(spec["dtype"])).newbyteorder("<")
-        shape = tuple(int(n) for n in spec["shape"])
-        if any(n < 0 for n in shape):
-            raise InvalidProblemError("payload array has a negative dimension")
-        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if position + size > len(payload):
-            raise InvalidProblemError("payload is truncated")
-        arrays[spec["name"]] = np.frombuffer(view[position : position + size], dtype=dtype).reshape(shape).astype(
-            dtype.newbyteorder("="), copy=True
-        )
-        position += size
-    if position != len(payload):
-        raise InvalidProblemError("payload has trailing bytes")
-    return header, arrays
-
-
-def _bad_dtype(name: str):
-    raise InvalidProblemError(f"payload array dtype {name!r} is not allowed")

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from qsurgeon.server.engine.icbs import ICBSConfig, TensorTask, relative_layer_error, run_icbs  # noqa: E402
 from qsurgeon.server.pruning.masks import initial_mask, score_weights  # noqa: E402
 from qsurgeon.server.pruning.sparsity import Sparsity  # noqa: E402
-from qsurgeon.worker.queue.base import InProcessQueue  # noqa: E402
+from qsurgeon.worker.queue.inprocess import InProcessQueue  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 LAYERS = ("encoder.layer.0.attention.self.query", "encoder.layer.2.intermediate.dense",

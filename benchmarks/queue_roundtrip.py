@@ -38,8 +38,11 @@ os.environ["NUMBA_NUM_THREADS"] = "1"
 import numpy as np  # noqa: E402
 
 from qsurgeon.worker.block.problem import BlockProblem  # noqa: E402
-from qsurgeon.worker.queue.base import InProcessQueue, RoundRequest  # noqa: E402
-from qsurgeon.worker.queue.redis import QueueSettings, RedisQueue, connect  # noqa: E402
+from qsurgeon.worker.queue.base import RoundRequest  # noqa: E402
+from qsurgeon.worker.queue.control import QueueControl  # noqa: E402
+from qsurgeon.worker.queue.inprocess import InProcessQueue  # noqa: E402
+from qsurgeon.worker.queue.producer import RedisQueue  # noqa: E402
+from qsurgeon.worker.queue.settings import QueueSettings, connect  # noqa: E402
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 OUT = Path(__file__).resolve().parent / "out"
@@ -63,9 +66,9 @@ def start_workers(count: int, prefix: str, backends: str, batch_size: int) -> li
                                    "--prefix", prefix, "--backends", backends, "--batch-size", str(batch_size),
                                    "--name", f"bench{i}"], env=env, stderr=subprocess.DEVNULL)
                  for i in range(count)]
-    queue = RedisQueue(REDIS_URL, settings=QueueSettings(prefix=prefix))
+    control = QueueControl(connect(REDIS_URL), QueueSettings(prefix=prefix))
     deadline = time.monotonic() + 120
-    while len(queue.live_workers()) < count:
+    while len(control.live_workers()) < count:
         if time.monotonic() > deadline:
             raise RuntimeError("workers did not start")
         time.sleep(0.1)

@@ -14,7 +14,7 @@ from typing import Iterator
 import pytest
 import redis
 
-from qsurgeon.worker.queue.redis import connect
+from qsurgeon.worker.queue.settings import connect
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 

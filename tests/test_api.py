@@ -29,7 +29,7 @@ from qsurgeon.server.api.store import JobStore  # noqa: E402
 from qsurgeon.server.api.submit import create_job  # noqa: E402
 from qsurgeon.worker.queue.consumer import Worker  # noqa: E402
 from qsurgeon.worker.block.problem import BlockProblem  # noqa: E402
-from qsurgeon.worker.queue.redis import QueueSettings, connect  # noqa: E402
+from qsurgeon.worker.queue.settings import QueueSettings, connect  # noqa: E402
 
 KEY = "test-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -12,7 +12,8 @@ from qsurgeon.client.cli import main
 from qsurgeon.client.errors import UsageError
 from qsurgeon.worker import BlockProblem, solve
 from qsurgeon.worker.queue.export import MANIFEST_NAME, ExportingQueue, read_manifest
-from qsurgeon.worker.queue.base import InProcessQueue, RoundRequest
+from qsurgeon.worker.queue.base import RoundRequest
+from qsurgeon.worker.queue.inprocess import InProcessQueue
 
 
 def round_problems(seed: int) -> list[BlockProblem]:

@@ -21,7 +21,8 @@ from qsurgeon.server.engine.icbs import (
 from qsurgeon.server.pruning.masks import check_mask, initial_mask, score_weights
 from qsurgeon.server.pruning.sparsity import Sparsity
 from qsurgeon.worker.block.problem import BlockProblem, BlockSolution
-from qsurgeon.worker.queue.base import InProcessQueue, RoundRequest, RoundResult
+from qsurgeon.worker.queue.base import RoundRequest, RoundResult
+from qsurgeon.worker.queue.inprocess import InProcessQueue
 from qsurgeon.worker.solvers.base import Capabilities, Solver
 from qsurgeon.worker.solvers.registry import register, unregister
 

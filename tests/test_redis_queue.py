@@ -20,10 +20,12 @@ redis = pytest.importorskip("redis")
 from qsurgeon.client.errors import InvalidProblemError, UsageError  # noqa: E402
 from qsurgeon.worker.queue.consumer import Worker, current_lease  # noqa: E402
 from qsurgeon.worker.block.problem import BlockProblem, BlockSolution  # noqa: E402
-from qsurgeon.worker.queue.base import InProcessQueue, RoundRequest  # noqa: E402
-from qsurgeon.worker.queue.redis import (  # noqa: E402
-    QueueSettings, RedisQueue, RoundAborted, connect, decode_problem, encode_problem, encode_result,
-)
+from qsurgeon.worker.block.codec import decode_problem, encode_problem, encode_result  # noqa: E402
+from qsurgeon.worker.queue.base import RoundRequest  # noqa: E402
+from qsurgeon.worker.queue.control import QueueControl  # noqa: E402
+from qsurgeon.worker.queue.inprocess import InProcessQueue  # noqa: E402
+from qsurgeon.worker.queue.producer import RedisQueue, RoundAborted  # noqa: E402
+from qsurgeon.worker.queue.settings import QueueSettings, connect  # noqa: E402
 from qsurgeon.worker.solve import solve  # noqa: E402
 from qsurgeon.worker.solvers.base import Capabilities, Solver  # noqa: E402
 from qsurgeon.worker.solvers.registry import register, unregister  # noqa: E402
@@ -93,7 +95,7 @@ def test_round_trip_matches_in_process_and_brute_force(client, prefix):
     assert max(worker.stats.batches) > 1  # it really took several messages at once
     # the round's keys are gone once collected; nothing is left pending
     assert not list(client.scan_iter(match=f"{prefix}:res:*"))
-    assert RedisQueue(REDIS_URL, settings=settings).pending_count("exhaustive") == 0
+    assert QueueControl(client, settings).pending_count("exhaustive") == 0
 
 
 def test_envelope_round_trips_and_refuses_garbage():
@@ -162,7 +164,7 @@ def test_crashed_workers_messages_are_reclaimed(client, prefix):
     ghost = Worker(connect(REDIS_URL), settings=settings, backends=["exhaustive"])
     taken = ghost._read("ghost")  # takes every message, counts the delivery, then "dies"
     ghost.count_attempts(taken)
-    assert len(taken) == 4 and queue.pending_count("exhaustive") == 4
+    assert len(taken) == 4 and QueueControl(client, settings).pending_count("exhaustive") == 4
     time.sleep(0.4)
     with running(Worker(connect(REDIS_URL), settings=settings, backends=["exhaustive"])) as rescuer:
         result = queue.run_round(request)
@@ -189,9 +191,10 @@ def test_dead_letter_after_max_attempts(client, prefix):
         result = queue.run_round(request)
     assert result.solutions[0] is None and "gave up after 2 attempts" in result.failures["poison"]
     assert result.solutions[1] is not None
-    dead = queue.dead_letters()
+    control = QueueControl(client, settings)
+    dead = control.dead_letters()
     assert [(d["job"], d["block"]) for d in dead] == [("j5", "poison")]
-    assert queue.stats()["blocks_dead"] == 1
+    assert control.stats()["blocks_dead"] == 1
 
 
 class SlowRemoteSolver(Solver):
@@ -247,12 +250,14 @@ def test_cancelled_jobs_blocks_are_dropped(client, prefix):
     settings = QueueSettings(prefix=prefix, round_timeout=1.0)
     queue = RedisQueue(REDIS_URL, settings=settings)
     request = RoundRequest(job_id="j7", round_id="r0", problems=problems, solver="exhaustive")
-    queue.cancel("j7")
+    control = QueueControl(client, settings)
+    control.cancel("j7")
+    assert control.is_cancelled("j7") and not control.is_cancelled("j8")
     with running(Worker(connect(REDIS_URL), settings=settings, backends=["exhaustive"])) as worker:
         result = queue.run_round(request)
     assert worker.stats.dropped == 3 and worker.stats.solved == 0
     assert result.solutions == [None, None, None]
-    assert queue.pending_count("exhaustive") == 0
+    assert control.pending_count("exhaustive") == 0
 
 
 def test_should_stop_aborts_the_round_and_resume_does_not_requeue(client, prefix):
@@ -307,17 +312,18 @@ def test_worker_cli_heartbeats_and_exits_cleanly_on_sigterm(client, prefix):
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:
         queue = RedisQueue(REDIS_URL, settings=QueueSettings(prefix=prefix))
+        control = QueueControl(client, QueueSettings(prefix=prefix))
         deadline = time.monotonic() + 60
-        while not queue.live_workers() and time.monotonic() < deadline:
+        while not control.live_workers() and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert len(queue.live_workers()) == 1
+        assert len(control.live_workers()) == 1
         rng = np.random.default_rng(11)
         problem = random_problem(rng, 8, 3, "cli")
         result = queue.run_round(RoundRequest(job_id="j11", round_id="r0", problems=[problem], solver="exhaustive"))
         assert result.solutions[0].energy == pytest.approx(brute_force(problem), rel=1e-9, abs=1e-12)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0
-        assert queue.live_workers() == []
+        assert control.live_workers() == []
     finally:
         if process.poll() is None:
             process.kill()

@@ -25,7 +25,7 @@ from qsurgeon.client.sdk import (  # noqa: E402
 )
 from qsurgeon.server.api import ServiceConfig, create_app  # noqa: E402
 from qsurgeon.worker.queue.consumer import Worker  # noqa: E402
-from qsurgeon.worker.queue.redis import QueueSettings, connect  # noqa: E402
+from qsurgeon.worker.queue.settings import QueueSettings, connect  # noqa: E402
 
 KEY = "sdk-test-key-0123456789"
 pytestmark = pytest.mark.redis

@@ -22,7 +22,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("uvicorn")
 
 from qsurgeon.client.sdk import BadRequestError, Client, NotFoundError, AuthenticationError  # noqa: E402
-from qsurgeon.worker.queue.redis import GROUP, connect  # noqa: E402
+from qsurgeon.worker.queue.keys import GROUP  # noqa: E402
+from qsurgeon.worker.queue.settings import connect  # noqa: E402
 
 KEY = "integration-key-0123456789"
 #: small but real: two attention projections of MiniLM, 2 epochs, several queue rounds

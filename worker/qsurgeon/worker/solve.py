@@ -7,12 +7,15 @@ The solver's own figure is kept in the metadata when it disagrees.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import logging
+from typing import Any, Mapping, Sequence
 
-from qsurgeon.client.errors import ProblemTooLargeError
+from qsurgeon.client.errors import ProblemTooLargeError, QsurgeonError
 from qsurgeon.worker.block.problem import BlockProblem, BlockSolution
 from qsurgeon.worker.solvers.base import Solver
 from qsurgeon.worker.solvers.registry import get_solver
+
+log = logging.getLogger(__name__)
 
 
 def _resolve(solver: str | Solver) -> Solver:
@@ -64,3 +67,32 @@ def solve_batch(problems: Sequence[BlockProblem], solver: str | Solver = "sa", *
     if len(solutions) != len(problems):
         raise RuntimeError(f"solver {backend.name!r} returned {len(solutions)} answers for {len(problems)} problems")
     return [checked(problem, solution) for problem, solution in zip(problems, solutions)]
+
+
+def solve_each_on_failure(problems: Sequence[BlockProblem], solver: str | Solver,
+                          params: Mapping[str, Any]) -> tuple[list[BlockSolution | None], list[str]]:
+    """Solve a round's problems as one batch; if the batch fails, solve them one by one.
+
+    One bad block (too large, an infeasible answer) must not fail the blocks that share
+    its batch, so a QsurgeonError from the batch is retried per problem and only the
+    problems that fail alone come back as ``None``, with the reason at the same index
+    (``""`` for the solved ones). Errors that are not QsurgeonError propagate: they are
+    bugs or crashes, which the caller handles as it sees fit.
+    """
+    problems = list(problems)
+    try:
+        solutions: list[BlockSolution | None] = list(solve_batch(problems, solver, **params))
+        return solutions, [""] * len(solutions)
+    except QsurgeonError as error:
+        if len(problems) == 1:
+            return [None], [str(error)]
+        log.warning("batch of %d blocks failed (%s); solving them one by one", len(problems), error)
+    solutions, reasons = [], []
+    for problem in problems:
+        try:
+            solutions.append(solve(problem, solver, **params))
+            reasons.append("")
+        except QsurgeonError as error:
+            solutions.append(None)
+            reasons.append(str(error))
+    return solutions, reasons

@@ -20,7 +20,8 @@ from qsurgeon.server.api.manager import JobManager
 from qsurgeon.server.api.routes import router
 from qsurgeon.server.api.store import JobStore
 from qsurgeon.server.api.submit import MalformedRequest, validation_message
-from qsurgeon.worker.queue.redis import RedisQueue, connect
+from qsurgeon.worker.queue.control import QueueControl
+from qsurgeon.worker.queue.settings import connect
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def create_app(config: ServiceConfig, *, resume: bool = True) -> FastAPI:
     def readyz() -> JSONResponse:
         try:
             client.ping()
-            workers = len(RedisQueue(settings=config.queue, client=client).live_workers())
+            workers = len(QueueControl(client, config.queue).live_workers())
             ready = Readiness(ready=workers > 0, redis=True, workers=workers,
                               detail="" if workers else "no worker heartbeat in the last 30 s")
         except Exception as error:  # any Redis failure means not ready

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.worker.queue.redis import DEFAULT_REDIS_URL, QueueSettings
+from qsurgeon.worker.queue.settings import DEFAULT_REDIS_URL, QueueSettings
 
 
 def load_api_keys(keys_file: str | Path | None = None, env: str | None = None) -> frozenset[str]:

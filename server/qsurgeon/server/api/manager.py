@@ -26,7 +26,8 @@ from qsurgeon.client.schemas import Job, JobKind, JobState
 from qsurgeon.server.api import engine
 from qsurgeon.server.api.config import ServiceConfig
 from qsurgeon.server.api.store import JobStore
-from qsurgeon.worker.queue.redis import RedisQueue, RoundAborted
+from qsurgeon.worker.queue.control import QueueControl
+from qsurgeon.worker.queue.producer import RedisQueue, RoundAborted
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class JobManager:
         self._slots = threading.Semaphore(config.max_running_jobs)
         self._threads: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
-        self.control = RedisQueue(settings=config.queue, client=client)
+        self.control = QueueControl(client, config.queue)
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> list[str]:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from qsurgeon.worker.queue.redis import RedisQueue
+from qsurgeon.worker.queue.control import QueueControl
 
 
 def render_metrics(app: Any) -> str:
     store = app.state.store
-    queue = RedisQueue(settings=app.state.config.queue, client=app.state.redis)
+    queue = QueueControl(app.state.redis, app.state.config.queue)
     stats = queue.stats()
     lines = [
         "# HELP qsurgeon_jobs Jobs by state.",

@@ -24,7 +24,9 @@ from qsurgeon.server.api.security import require_api_key
 from qsurgeon.server.api.submit import create_job, parse_spec, validation_message
 from qsurgeon.worker.block.problem import BlockProblem
 from qsurgeon.worker.queue.base import RoundRequest
-from qsurgeon.worker.queue.redis import QueueSettings, RedisQueue
+from qsurgeon.worker.queue.control import QueueControl
+from qsurgeon.worker.queue.producer import RedisQueue
+from qsurgeon.worker.queue.settings import QueueSettings
 from qsurgeon.worker.solvers.registry import all_capabilities, solver_names
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
@@ -212,7 +214,7 @@ def solve_block(request: Request, body: SolveRequest):
         problem = build_problem(body)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    queue = RedisQueue(settings=config.queue, client=request.app.state.redis)
+    queue = QueueControl(request.app.state.redis, config.queue)
     if problem.num_variables > config.sync_solve_max_variables:
         job_id = uuid.uuid4().hex
         job_dir = config.jobs_dir / job_id

@@ -14,7 +14,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from qsurgeon.server.api import ServiceConfig, create_app, load_api_keys
-    from qsurgeon.worker.queue.redis import QueueSettings, connect
+    from qsurgeon.worker.queue.settings import QueueSettings, connect
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")

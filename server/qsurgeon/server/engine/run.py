@@ -36,7 +36,8 @@ from qsurgeon.server.models.calibration import CalibrationData, load_calibration
 from qsurgeon.server.models.capture import LayerStats, capture_first_block_inputs, collect_stats, run_block
 from qsurgeon.server.pruning.masks import SCORE_METHODS, check_mask, initial_mask, score_weights
 from qsurgeon.server.pruning.sparsity import GRANULARITIES, Sparsity
-from qsurgeon.worker.queue.base import InProcessQueue, Queue
+from qsurgeon.worker.queue.base import Queue
+from qsurgeon.worker.queue.inprocess import InProcessQueue
 
 if TYPE_CHECKING:
     from qsurgeon.server.engine.icbs import ICBSConfig

@@ -15,7 +15,7 @@ def run_worker(args: argparse.Namespace) -> int:
     import redis
 
     from qsurgeon.worker.queue.consumer import Worker
-    from qsurgeon.worker.queue.redis import QueueSettings, connect
+    from qsurgeon.worker.queue.settings import QueueSettings, connect
     from qsurgeon.worker.solvers.registry import solver_names
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

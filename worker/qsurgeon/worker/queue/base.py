@@ -1,8 +1,9 @@
 """The Queue: how the engine hands a round of block problems to solvers.
 
 The iCBS engine never calls a solver directly; it submits each round of independent
-blocks to a Queue and merges what comes back. Embedded runs use :class:`InProcessQueue`
-(solve in this process, one vectorised batch); the service uses a Redis Streams queue
+blocks to a Queue and merges what comes back. Embedded runs use
+:class:`~qsurgeon.worker.queue.inprocess.InProcessQueue` (solve in this process, one
+vectorised batch); the service uses :class:`~qsurgeon.worker.queue.producer.RedisQueue`
 with the same interface, so the engine is the same code on both paths.
 
 A block that cannot be solved comes back as ``None``: the engine then keeps that block's
@@ -11,15 +12,10 @@ current assignment, which is always feasible, and records the failure.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol, Sequence
 
-from qsurgeon.client.errors import QsurgeonError
 from qsurgeon.worker.block.problem import BlockProblem, BlockSolution
-from qsurgeon.worker.solve import solve, solve_batch
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,25 +41,3 @@ class Queue(Protocol):
     def run_round(self, request: RoundRequest) -> RoundResult:
         """Solve every problem of the round; failed blocks come back as ``None``."""
         ...
-
-
-class InProcessQueue:
-    """The embedded default: solve the round here, as one batch."""
-
-    def run_round(self, request: RoundRequest) -> RoundResult:
-        problems = list(request.problems)
-        params = dict(request.params)
-        try:
-            return RoundResult(solutions=list(solve_batch(problems, request.solver, **params)))
-        except QsurgeonError as error:
-            if len(problems) == 1:
-                return RoundResult([None], {problems[0].id: str(error)})
-            log.warning("batch of %d blocks failed (%s); solving them one by one", len(problems), error)
-        result = RoundResult(solutions=[])
-        for problem in problems:
-            try:
-                result.solutions.append(solve(problem, request.solver, **params))
-            except QsurgeonError as error:
-                result.solutions.append(None)
-                result.failures[problem.id] = str(error)
-        return result

@@ -16,6 +16,7 @@ instead of submitting it again.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -29,16 +30,33 @@ from typing import Any, Iterator
 import redis
 
 from qsurgeon.client.errors import QsurgeonError
+from qsurgeon.worker.block.codec import decode_problem, encode_result
 from qsurgeon.worker.block.problem import BlockProblem
-from qsurgeon.worker.queue.redis import (
-    GROUP, PUBLISH_SCRIPT, Keys, QueueSettings, decode_problem, encode_result, ensure_group,
-)
-from qsurgeon.worker.solve import solve, solve_batch
+from qsurgeon.worker.queue.keys import GROUP, ROUND_TTL_SECONDS, Keys, ensure_group
+from qsurgeon.worker.queue.settings import QueueSettings
+from qsurgeon.worker.solve import solve_each_on_failure
 from qsurgeon.worker.solvers.registry import solver_names
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 5.0
+
+# Publish one result and acknowledge its message atomically. HSETNX makes duplicates no-ops;
+# the wake-up is pushed only for the first answer; XDEL keeps the stream from growing.
+PUBLISH_SCRIPT = """
+local fresh = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+if fresh == 1 then
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  redis.call('EXPIRE', KEYS[2], ARGV[5])
+end
+if ARGV[3] ~= '' then
+  redis.call('XACK', KEYS[3], ARGV[4], ARGV[3])
+  redis.call('XDEL', KEYS[3], ARGV[3])
+  redis.call('HDEL', KEYS[4], ARGV[3])
+end
+return fresh
+"""
 
 
 class Lease:
@@ -71,7 +89,7 @@ class Lease:
         pipe = self._client.pipeline(transaction=False)
         for message_id in self.message_ids:
             pipe.hset(self._keys.remote(message_id), key, value)
-            pipe.expire(self._keys.remote(message_id), 24 * 3600)
+            pipe.expire(self._keys.remote(message_id), ROUND_TTL_SECONDS)
         pipe.execute()
 
     @property
@@ -256,7 +274,7 @@ class Worker:
         self._publish(
             keys=[keys.results(message.job, message.round_id), keys.note(message.job, message.round_id),
                   message.stream, keys.attempts],
-            args=[message.block, result, message.message_id, GROUP, 24 * 3600],
+            args=[message.block, result, message.message_id, GROUP, ROUND_TTL_SECONDS],
             client=pipe,
         )
 
@@ -319,21 +337,7 @@ class Worker:
         problems = [problem for _, problem in items]
         started = time.perf_counter()
         try:
-            try:
-                solutions: list = solve_batch(problems, solver, **params)
-                reasons = [""] * len(solutions)
-            except QsurgeonError as error:
-                if len(problems) == 1:
-                    solutions, reasons = [None], [str(error)]
-                else:
-                    solutions, reasons = [], []
-                    for problem in problems:
-                        try:
-                            solutions.append(solve(problem, solver, **params))
-                            reasons.append("")
-                        except QsurgeonError as single_error:
-                            solutions.append(None)
-                            reasons.append(str(single_error))
+            solutions, reasons = solve_each_on_failure(problems, solver, params)
         except Exception as error:  # a crashing backend fails its blocks, never the worker
             log.exception("solver %s crashed on a batch of %d", solver, len(problems))
             solutions, reasons = [None] * len(problems), [f"solver crashed: {type(error).__name__}: {error}"] * len(problems)
@@ -349,7 +353,7 @@ class Worker:
                 self._fail(message, reason)
             else:
                 meta = dict(solution.metadata, worker=self.name)
-                solution = type(solution)(**{**solution.__dict__, "metadata": meta})
+                solution = dataclasses.replace(solution, metadata=meta)
                 self._finish(message, encode_result(solution), pipe)
                 self.stats.solved += 1
         pipe.hincrby(self.keys.stats, "blocks_solved", sum(s is not None for s in solutions))

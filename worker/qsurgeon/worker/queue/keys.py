@@ -1,0 +1,99 @@
+"""Every Redis key the queue uses, declared once, so the orchestrator and the workers agree.
+
+Every key starts with the settings' prefix, so tests and tenants never collide:
+
+``{p}:blocks:{solver}``        one stream per solver, consumer group :data:`GROUP`; a
+                               message names its job, round and block and holds the
+                               problem (:func:`qsurgeon.worker.block.codec.encode_problem`)
+``{p}:round:{job}:{round}``    hash of what the round's problems share: the solver
+                               name and its parameters, stored once per round
+``{p}:blob:{job}:{round}:{h}`` an array (≥ ``share_threshold`` bytes) that several
+                               problems of the round hold byte-for-byte, stored once
+                               and referenced by its digest from each message
+                               (``{p}:blobs:{job}:{round}`` lists them for clean-up)
+``{p}:res:{job}:{round}``      hash block id -> result (:func:`~qsurgeon.worker.block.codec.encode_result`);
+                               written with HSETNX, so a second answer to the same
+                               block (a reclaimed message solved twice) is ignored
+``{p}:note:{job}:{round}``     list the orchestrator blocks on (a wake-up only)
+``{p}:sent:{job}:{round}``     set of block ids already enqueued, so a resumed round
+                               never enqueues a block twice
+``{p}:attempts``               hash message id -> deliveries; past ``max_attempts``
+                               a message goes to ``{p}:dead`` and its block fails
+``{p}:cancelled``              set of cancelled job ids; workers drop their blocks
+``{p}:workers``                sorted set worker name -> last heartbeat (unix s);
+                               ``{p}:worker:{name}`` holds the worker's own description
+``{p}:remote:{message}``       what a backend recorded about a remote task of a message
+``{p}:stats``                  hash of counters for ``/metrics``
+"""
+
+from __future__ import annotations
+
+import redis
+
+#: The consumer group every worker reads the block streams through.
+GROUP = "workers"
+#: Round keys (and a backend's remote records) expire after this long even if their orchestrator vanished.
+ROUND_TTL_SECONDS = 24 * 3600
+
+
+class Keys:
+    """Names of every key of one prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def stream(self, solver: str) -> str:
+        return f"{self.prefix}:blocks:{solver}"
+
+    def round(self, job: str, round_id: str) -> str:
+        return f"{self.prefix}:round:{job}:{round_id}"
+
+    def blob(self, job: str, round_id: str, digest: str) -> str:
+        return f"{self.prefix}:blob:{job}:{round_id}:{digest}"
+
+    def blobs(self, job: str, round_id: str) -> str:
+        return f"{self.prefix}:blobs:{job}:{round_id}"
+
+    def results(self, job: str, round_id: str) -> str:
+        return f"{self.prefix}:res:{job}:{round_id}"
+
+    def note(self, job: str, round_id: str) -> str:
+        return f"{self.prefix}:note:{job}:{round_id}"
+
+    def sent(self, job: str, round_id: str) -> str:
+        return f"{self.prefix}:sent:{job}:{round_id}"
+
+    @property
+    def attempts(self) -> str:
+        return f"{self.prefix}:attempts"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}:dead"
+
+    @property
+    def cancelled(self) -> str:
+        return f"{self.prefix}:cancelled"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
+
+    def worker(self, name: str) -> str:
+        return f"{self.prefix}:worker:{name}"
+
+    def remote(self, message_id: str) -> str:
+        return f"{self.prefix}:remote:{message_id}"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.prefix}:stats"
+
+
+def ensure_group(client: redis.Redis, stream: str) -> None:
+    """Create the stream and its consumer group unless they exist (both ends may come first)."""
+    try:
+        client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    except redis.ResponseError as error:
+        if "BUSYGROUP" not in str(error):
+            raise

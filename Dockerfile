@@ -1,6 +1,7 @@
 # qsurgeon service image: one image, two roles (server, worker), chosen by the command.
 #   docker build -t qsurgeon .                            (server role: [server] extra)
 #   docker build -t qsurgeon-worker --build-arg EXTRAS=worker .
+#   docker build -t qsurgeon-engine --build-arg EXTRAS=engine .  (embedded qsurgeon prune, no service)
 # CPU-only torch comes from the PyTorch CPU index so the image does not pull CUDA.
 FROM python:3.11-slim AS base
 

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from qsurgeon.client.cli import main
-from qsurgeon.server.bench.quality import BENCH_METHODS, QUICK_CURVE_EPOCHS, QUICK_DENSITIES
+from qsurgeon.server.bench.quality import BENCH_METHODS, QUICK_CURVE_EPOCHS, QUICK_DENSITIES, QUICK_MINILM_INCLUDE
 from test_evaluate import make_tiny_causal_lm
 
 
@@ -17,6 +17,14 @@ def test_quick_bench_writes_a_complete_report(tmp_path, capsys):
     assert main(["bench", "quality", "--quick", "--out", str(out), "--lm", str(lm)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["models"]) == {"minilm", "lm"}
+    # --quick says plainly what it pruned: MiniLM's cosine near 1 is one tensor's, not the model's
+    minilm, lm_entry = results["models"]["minilm"], results["models"]["lm"]
+    assert minilm["pruned_tensors"] == [f"{name}.weight" for name in QUICK_MINILM_INCLUDE]
+    assert minilm["prunable_tensors"] == 36
+    assert len(lm_entry["pruned_tensors"]) == lm_entry["prunable_tensors"] == 14  # 2 llama layers × 7 linears
+    printed = capsys.readouterr().out
+    assert "minilm: pruned 1 of 36 prunable tensors (encoder.layer.0.attention.self.query.weight)" in printed
+    assert "lm: pruned all 14 prunable tensors" in printed and "not quality" in printed
     expected_rows = {(method, str(density)) for method in BENCH_METHODS for density in QUICK_DENSITIES}
     for key, entry in results["models"].items():
         metric = entry["metric"]
@@ -36,6 +44,7 @@ def test_quick_bench_writes_a_complete_report(tmp_path, capsys):
     markdown = (out / "results.md").read_text()
     assert "| method | 0.5 | 2:4 | prune seconds |" in markdown
     assert "Every method achieved its density exactly: yes." in markdown
+    assert "Pruned 1 of 36 prunable tensors" in markdown and "these numbers are not the model's quality" in markdown
     for method in BENCH_METHODS:
         assert f"| {method} |" in markdown
     for name in ("minilm_quality_vs_density.png", "minilm_icbs_vs_seconds.png", "lm_quality_vs_density.png",
@@ -43,6 +52,26 @@ def test_quick_bench_writes_a_complete_report(tmp_path, capsys):
         assert f"]({name})" in markdown
         with Image.open(out / name) as image:
             assert image.format == "PNG" and image.size[0] > 100
+
+
+@pytest.mark.slow
+def test_quick_bench_trains_the_lm_in_process_once_then_reuses_it(tmp_path, capsys):
+    """Without --lm, --quick trains a small LM into --cache (seconds), and the next run reuses it."""
+    cache = tmp_path / "cache"
+    arguments = ["bench", "quality", "--quick", "--models", "lm", "--methods", "magnitude", "--densities", "0.5",
+                 "--curve-epochs", "0", "--cache", str(cache)]
+    assert main([*arguments, "--out", str(tmp_path / "first")]) == 0
+    folder = cache / "tiny-gpt2-quick"
+    report = json.loads((folder / "train_report.json").read_text())
+    assert report["recipe"]["name"] == "quick" and report["steps"] == report["recipe"]["steps"]
+    assert report["heldout_perplexity"] < 0.6 * report["recipe"]["vocab_size"]  # it learned something
+    results = json.loads((tmp_path / "first" / "results.json").read_text())
+    assert results["models"]["lm"]["reference"] == str(folder)
+    assert "training the quick benchmark LM" in capsys.readouterr().err
+    trained_at = (folder / "model.safetensors").stat().st_mtime_ns
+    assert main([*arguments, "--out", str(tmp_path / "second")]) == 0
+    assert "reusing the quick benchmark LM" in capsys.readouterr().err
+    assert (folder / "model.safetensors").stat().st_mtime_ns == trained_at
 
 
 def test_bad_bench_options_exit_2(tmp_path, capsys):
@@ -53,7 +82,9 @@ def test_bad_bench_options_exit_2(tmp_path, capsys):
         (["--densities", "2:x"], "N:M"),
         (["--curve-epochs", "a"], "--curve-epochs"),
         (["--lm", str(tmp_path / "missing")], "--lm"),
+        (["--cache", str(tmp_path / "a-file")], "--cache"),
     ]
+    (tmp_path / "a-file").write_text("not a folder")
     for extra, fragment in cases:
         assert main(["bench", "quality", "--quick", "--out", str(tmp_path / "o"), *extra]) == 2
         err = capsys.readouterr().err.strip()

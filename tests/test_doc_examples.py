@@ -11,6 +11,8 @@ Conventions (stated here and followed by the docs):
   block must still compile, and every ``qsurgeon`` module it imports must exist.
 - Shell commands in code blocks (lines starting with ``qsurgeon``) may only name options
   the command's parser knows.
+- Every dotted ``qsurgeon.client|worker|server...`` path named anywhere in the pages is an
+  importable module or an attribute of one (so module moves cannot leave the docs stale).
 """
 
 from __future__ import annotations
@@ -86,6 +88,13 @@ def indented_blocks(page: Path) -> list[str]:
     return [line for line in out if line]
 
 
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, AttributeError, ValueError):  # a parent that is a module, not a package
+        return False
+
+
 ALL_BLOCKS = [block for page in PAGES for block in code_blocks(page)]
 PYTHON = [block for block in ALL_BLOCKS if block.info in ("python", "py", "python3")]
 PAGES_TO_RUN = [page for page in PAGES if any(b.page == page and b.not_run is None for b in PYTHON)]
@@ -121,12 +130,12 @@ def test_skipped_examples_compile_and_import_real_modules(block):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("qsurgeon"):
             module = importlib.import_module(node.module)
             for alias in node.names:
-                assert hasattr(module, alias.name) or importlib.util.find_spec(f"{node.module}.{alias.name}"), \
+                assert hasattr(module, alias.name) or _is_module(f"{node.module}.{alias.name}"), \
                     f"{block.where}: {node.module} has no {alias.name}"
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.startswith("qsurgeon"):
-                    assert importlib.util.find_spec(alias.name), f"{block.where}: no module {alias.name}"
+                    assert _is_module(alias.name), f"{block.where}: no module {alias.name}"
 
 
 @pytest.mark.slow
@@ -195,3 +204,32 @@ def test_shell_commands_name_real_options(where, command):
         option = re.sub(r"[\[\]]", "", word).split("=", 1)[0]
         if option.startswith("--"):
             assert option in known, f"{where}: `qsurgeon {' '.join(path)}` has no option {option}"
+
+
+# ---------------------------------------------------------------------- module paths in prose
+DOTTED = re.compile(r"\bqsurgeon\.(?:client|worker|server)(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def _dotted_paths() -> list[tuple[str, str]]:
+    found = {}
+    for page in PAGES:
+        for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+            for match in DOTTED.finditer(line):
+                found.setdefault(match.group(0), f"{page.relative_to(ROOT)}:{number}")
+    return sorted((where, path) for path, where in found.items())
+
+
+@pytest.mark.parametrize("where,path", [pytest.param(w, p, id=p) for w, p in _dotted_paths()])
+def test_module_paths_named_in_docs_exist(where, path):
+    """`qsurgeon.x.y.name` in the docs is an importable module, or an attribute of one."""
+    parts = path.split(".")
+    for cut in range(len(parts), 1, -1):
+        name = ".".join(parts[:cut])
+        if _is_module(name):
+            target = importlib.import_module(name)
+            break
+    else:
+        pytest.fail(f"{where}: no module in {path}")
+    for attribute in parts[cut:]:
+        assert hasattr(target, attribute), f"{where}: {'.'.join(parts[:cut])} has no {'.'.join(parts[cut:])}"
+        target = getattr(target, attribute)

@@ -12,7 +12,7 @@ import pytest
 
 from blocks_for_backends import layerwise_like
 from qsurgeon.client.cli import main
-from qsurgeon.client.errors import SolverUnavailableError
+from qsurgeon.client.errors import SolverUnavailableError, UsageError
 from qsurgeon.worker import solve
 from qsurgeon.worker.solvers import registry
 from qsurgeon.worker.solvers.dimod_backends import NealSolver
@@ -142,3 +142,75 @@ def test_solvers_json_shows_capabilities(capsys):
     assert listed["neal"]["max_variables"] == 2048 and listed["neal"]["extra"] == "worker"
     assert listed["tabu"]["deterministic"] is False and listed["neal"]["deterministic"] is True
     assert np.all([entry["max_variables"] > 0 for entry in listed.values() if entry["installed"]])
+
+
+# ---------------------------------------------------------------------- parameter declarations
+def test_solvers_json_lists_each_declared_parameter(capsys):
+    assert main(["solvers", "--json"]) == 0
+    listed = {entry["name"]: {p["name"]: p for p in entry["parameters"]} for entry in json.loads(capsys.readouterr().out)}
+    assert listed["sa"]["sweeps"] == {"name": "sweeps", "type": "int", "default": 1000, "minimum": 0, "maximum": None,
+                                      "above": None, "choices": [], "help": listed["sa"]["sweeps"]["help"]}
+    assert listed["sa"]["start"]["choices"] == ["auto", "x0", "random"] and listed["sa"]["start"]["default"] == "auto"
+    assert listed["swap-tabu"]["restarts"]["maximum"] == 4096 and listed["swap-tabu"]["tenure"]["default"] == 2
+    assert listed["neal"]["restarts"]["default"] == 16 and listed["neal"]["alpha"]["default"] == 0.5
+    assert listed["tabu"]["time_limit"]["above"] == 0.0 and listed["exact-dimod"]["alpha"]["default"] == "hard"
+    assert listed["qaoa"]["optimizer"]["choices"] == ["cobyla", "nelder-mead", "spsa"]
+    assert set(listed["exhaustive"]) == {"seed"}
+    assert all(param["help"] for params in listed.values() for param in params.values())
+
+
+@pytest.mark.parametrize("solver, params, message", [
+    ("sa", {"sweeps": -1}, r"sa: sweeps must be an integer ≥ 0, got -1"),
+    ("sa", {"restarts": 2.5}, r"sa: restarts must be an integer ≥ 1"),
+    ("sa", {"start": "middle"}, r"sa: start must be one of auto, x0, random, got 'middle'"),
+    ("sa", {"time_limit": 0}, r"sa: time_limit must be a finite number > 0"),
+    ("sa", {"iterations": 5}, r"sa: unknown parameter\(s\) iterations; it takes: beta_range, device, restarts, "
+                              r"seed, start, sweeps, time_limit"),
+    ("swap-tabu", {"restarts": 5000}, r"restarts must be an integer ≥ 1 and ≤ 4096"),
+    ("neal", {"alpha": "soft"}, "alpha"),
+    ("qaoa", {"optimizer": "adam"}, "optimizer must be one of cobyla, nelder-mead, spsa"),
+    ("exhaustive", {"restarts": 2}, r"exhaustive: unknown parameter\(s\) restarts; it takes: seed"),
+])
+def test_check_solver_params_refuses_with_the_accepted_ones(solver, params, message):
+    with pytest.raises(UsageError, match=message):
+        registry.check_solver_params(solver, params)
+
+
+def test_check_solver_params_types_values_and_knows_the_solvers():
+    assert registry.check_solver_params("sa", {"sweeps": np.int64(7), "beta_range": [1, 2], "seed": None}) == {
+        "sweeps": 7, "beta_range": (1.0, 2.0), "seed": None}
+    assert registry.check_solver_params("neal", {"alpha": "hard", "restarts": 3}) == {"alpha": "hard", "restarts": 3}
+    with pytest.raises(UsageError, match=r"unknown solver 'nope'; installed solvers: .*exhaustive.*sa"):
+        registry.check_solver_params("nope", {})
+
+
+def test_a_plugin_without_a_declaration_accepts_only_the_seed(plugin_site):
+    assert registry.check_solver_params("first-ones", {"seed": 3}) == {"seed": 3}
+    with pytest.raises(UsageError, match=r"first-ones: unknown parameter\(s\) sweeps; it takes: seed"):
+        registry.check_solver_params("first-ones", {"sweeps": 10})
+
+
+def test_cli_param_is_parsed_by_the_declaration(tmp_path, capsys):
+    block = tmp_path / "block.npz"
+    layerwise_like(8, 0).save_npz(block)
+    assert main(["solve", str(block), "--solver", "sa", "--param", "sweeps=12", "--param", "beta_range=2,50",
+                 "--param", "start=random", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["sweeps"] == 12 and record["metadata"]["start"] == "random"
+    assert main(["solve", str(block), "--solver", "sa", "--param", "sweeps=many"]) == 2
+    assert "sa: sweeps must be an integer ≥ 0, got 'many'" in capsys.readouterr().err
+    assert main(["solve", str(block), "--solver", "sa", "--param", "tenure=2"]) == 2
+    assert "NAME one of beta_range, device, restarts, seed, start, sweeps, time_limit" in capsys.readouterr().err
+
+
+def test_a_solve_uses_the_declared_defaults():
+    problem = layerwise_like(8, 0)
+    declared = {name: {p.name: p.default for p in registry.solver_parameters(name)} for name in ("sa", "swap-tabu")}
+    sa = solve(problem, "sa", seed=1)
+    assert (sa.restarts, sa.sweeps) == (declared["sa"]["restarts"], declared["sa"]["sweeps"])
+    tabu = solve(problem, "swap-tabu", seed=1)
+    assert (tabu.restarts, tabu.sweeps) == (declared["swap-tabu"]["restarts"], declared["swap-tabu"]["iterations"])
+    neal = solve(problem, "neal", seed=1)
+    neal_declared = {p.name: p.default for p in registry.solver_parameters("neal")}
+    assert neal.metadata["sampler_params"]["num_reads"] == neal_declared["restarts"]
+    assert neal.metadata["sampler_params"]["num_sweeps"] == neal_declared["sweeps"] == neal.sweeps

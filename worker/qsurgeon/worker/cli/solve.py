@@ -11,7 +11,7 @@ from qsurgeon.client.errors import UsageError
 from qsurgeon.worker.queue.export import block_file, read_manifest
 from qsurgeon.worker.block.problem import BlockProblem
 from qsurgeon.worker.solve import solve_batch
-from qsurgeon.worker.solvers.registry import all_capabilities
+from qsurgeon.worker.solvers.registry import all_capabilities, solver_parameters
 
 
 def solution_path(problem_path: Path) -> Path:
@@ -20,6 +20,7 @@ def solution_path(problem_path: Path) -> Path:
 
 
 def _solver_params(args: argparse.Namespace) -> dict:
+    """The shortcut options plus every ``--param NAME=VALUE``, parsed by the solver's declaration."""
     params = {"seed": args.seed}
     if args.restarts is not None:
         params["restarts"] = args.restarts
@@ -27,6 +28,14 @@ def _solver_params(args: argparse.Namespace) -> dict:
         params["sweeps"] = args.sweeps
     if args.time_limit is not None:
         params["time_limit"] = args.time_limit
+    if args.param:
+        declared = {param.name: param for param in solver_parameters(args.solver)}
+        for item in args.param:
+            name, equals, text = item.partition("=")
+            if not equals or name not in declared:
+                raise UsageError(f"--param {item!r}: give NAME=VALUE with NAME one of "
+                                 f"{', '.join(sorted(declared))} (solver {args.solver!r})")
+            params[name] = declared[name].parse(text, args.solver)
     return params
 
 
@@ -87,7 +96,11 @@ def run_solve(args: argparse.Namespace) -> int:
 def run_solvers(args: argparse.Namespace) -> int:
     capabilities = all_capabilities()
     if args.json:
-        print(json.dumps([c.to_dict() for c in capabilities], indent=2))
+        records = []
+        for c in capabilities:
+            declared = solver_parameters(c.name) if c.installed else ()
+            records.append({**c.to_dict(), "parameters": [param.to_dict() for param in declared]})
+        print(json.dumps(records, indent=2))
         return 0
     header = f"{'name':<12} {'installed':<9} {'max vars':>8}  {'constraints':<11} {'device':<10} description"
     print(header)
@@ -107,6 +120,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     solve.add_argument("--sweeps", type=int, help="annealing sweeps per restart")
     solve.add_argument("--time-limit", type=float, help="seconds per batch, where the solver supports it")
     solve.add_argument("--seed", type=int, default=0)
+    solve.add_argument("--param", action="append", metavar="NAME=VALUE",
+                       help="any parameter the solver declares (see `qsurgeon solvers --json`); repeatable")
     solve.add_argument("--json", action="store_true", help="print one JSON object per problem")
     solve.set_defaults(func=run_solve)
 

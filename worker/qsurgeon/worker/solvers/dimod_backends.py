@@ -29,7 +29,7 @@ from dwave.samplers import SimulatedAnnealingSampler, SteepestDescentSolver as _
 
 from qsurgeon.client.errors import UsageError
 from qsurgeon.worker.block.problem import BlockProblem, BlockSolution
-from qsurgeon.worker.solvers.base import Capabilities, Solver
+from qsurgeon.worker.solvers.base import Capabilities, Param, Solver, check_params
 from qsurgeon.worker.solvers.penalty import MAX_DENSE_VARIABLES, PenaltyModel
 
 #: Caps on what one call may ask for: D-Wave's samplers allocate every read (and the SA
@@ -66,12 +66,6 @@ def samples_as_array(sampleset: dimod.SampleSet, num_variables: int) -> tuple[np
         samples = (samples + 1) // 2
     occurrences = np.asarray(sampleset.record.num_occurrences, dtype=np.float64)
     return samples.astype(np.uint8), occurrences
-
-
-def _checked_count(name: str, value: Any, limit: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= int(value) <= limit:
-        raise UsageError(f"{name} must be an integer in 1..{limit}, got {value!r}")
-    return int(value)
 
 
 class DimodSamplerSolver(Solver):
@@ -113,37 +107,48 @@ class DimodSamplerSolver(Solver):
             exact=exact,
             extra="worker",
         )
+        self.parameters = self._declare()
 
     # ------------------------------------------------------------------ parameters
-    def sampler_kwargs(self, problem: BlockProblem, params: dict[str, Any]) -> dict[str, Any]:
-        """Translate qsurgeon parameters into the sampler's keyword arguments (or refuse)."""
-        accepted = set(self.sampler.parameters)
-        kwargs = dict(self.defaults)
-        for key, value in params.items():
-            target = _GENERIC_NAMES.get(key, key)
-            if target == "seed" and "seed" not in accepted:
-                continue  # a sampler without a seed is simply not reproducible
-            if target not in accepted:
-                raise UsageError(
-                    f"solver {self.name!r} does not take parameter {key!r}; it takes: "
-                    f"{', '.join(sorted(self.accepted_parameters()))}"
-                )
-            kwargs[target] = value
-        kwargs = {key: value for key, value in kwargs.items() if key in accepted}
-        if "num_reads" in kwargs:
-            kwargs["num_reads"] = _checked_count("restarts (num_reads)", kwargs["num_reads"], MAX_READS)
-        if "num_sweeps" in kwargs:
-            kwargs["num_sweeps"] = _checked_count("sweeps (num_sweeps)", kwargs["num_sweeps"], MAX_SWEEPS)
-        if "seed" in kwargs and kwargs["seed"] is not None:
-            seed = kwargs["seed"]
-            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**31:
-                raise UsageError(f"seed must be an integer in 0..2^31−1, got {seed!r}")
-            kwargs["seed"] = int(seed)
-        return kwargs
-
-    def accepted_parameters(self) -> set[str]:
+    def _declare(self) -> tuple[Param, ...]:
+        """The declaration, derived from the wrapped sampler's own ``parameters``: its read
+        and sweep counts under qsurgeon's generic names (restarts, sweeps), bounded; any
+        other sampler argument under its own name, passed on unchecked (only the sampler
+        knows its types); plus the penalty factor and the seed, which every wrapper takes."""
         inverse = {target: generic for generic, target in _GENERIC_NAMES.items()}
-        return {"alpha", "seed"} | {inverse.get(name, name) for name in self.sampler.parameters}
+        sampler = type(self.sampler).__name__
+        declared = [
+            Param("alpha", "alpha", "penalty factor, relative to the block's scale, or 'hard'", self.alpha),
+            Param("seed", "int", "random seed of the sampler (ignored by samplers without one)",
+                  self.defaults.get("seed"), minimum=0, maximum=2**31 - 1),
+        ]
+        for name in sorted(self.sampler.parameters):
+            generic = inverse.get(name, name)
+            default = self.defaults.get(name)
+            if generic == "restarts":
+                declared.append(Param("restarts", "int", f"reads ({sampler} num_reads)", default,
+                                      minimum=1, maximum=MAX_READS))
+            elif generic == "sweeps":
+                declared.append(Param("sweeps", "int", f"sweeps per read ({sampler} num_sweeps)", default,
+                                      minimum=1, maximum=MAX_SWEEPS))
+            elif generic not in ("seed", "alpha"):
+                declared.append(Param(name, "any", f"passed to {sampler} as is", default))
+        return tuple(declared)
+
+    def sampler_kwargs(self, problem: BlockProblem, params: dict[str, Any]) -> dict[str, Any]:
+        """Translate qsurgeon parameters into the sampler's keyword arguments (or refuse).
+
+        The sampler's own names for the generic ones (num_reads, num_sweeps) are accepted
+        too. The constructor's ``defaults`` are checked like given values.
+        """
+        inverse = {target: generic for generic, target in _GENERIC_NAMES.items()}
+        given = {inverse.get(key, key): value for key, value in params.items()}
+        defaults = {inverse.get(key, key): value for key, value in self.defaults.items()}
+        checked = check_params(self.parameters, {**defaults, **{k: v for k, v in given.items() if v is not None}},
+                               self.name)
+        accepted = set(self.sampler.parameters)
+        kwargs = {_GENERIC_NAMES.get(key, key): value for key, value in checked.items() if key != "alpha"}
+        return {key: value for key, value in kwargs.items() if key in accepted}
 
     def prepare(self, bqm: dimod.BinaryQuadraticModel, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Hook for backend-specific arguments derived from the model (e.g. SA's β range)."""
@@ -242,18 +247,18 @@ class TabuSolver(DimodSamplerSolver):
 
     def sampler_kwargs(self, problem: BlockProblem, params: dict[str, Any]) -> dict[str, Any]:
         params = dict(params)
-        time_limit = params.pop("time_limit", None)
+        time_limit = check_params(self.parameters, {"time_limit": params.pop("time_limit", None)}, self.name)["time_limit"]
         kwargs = super().sampler_kwargs(problem, params)
         reads = int(kwargs.get("num_reads", 1))
         if time_limit is not None:
-            if isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)) or not time_limit > 0:
-                raise UsageError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
             kwargs["timeout"] = max(1, int(1000 * time_limit / reads))
         kwargs.setdefault("timeout", 20 + problem.num_variables // 8)
         return kwargs
 
-    def accepted_parameters(self) -> set[str]:
-        return super().accepted_parameters() | {"time_limit"}
+    def _declare(self) -> tuple[Param, ...]:
+        return super()._declare() + (
+            Param("time_limit", "float", "seconds for the whole call, split over the reads as timeout", above=0.0),
+        )
 
 
 class SteepestDescentSolver(DimodSamplerSolver):

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from qsurgeon.worker.block.problem import BlockProblem, BlockSolution
-from qsurgeon.worker.solvers.base import Capabilities, Solver
+from qsurgeon.worker.solvers.base import SEED, Capabilities, Solver
 
 MAX_EXHAUSTIVE_VARIABLES = 24
 _CHUNK_BITS = 18
@@ -28,6 +28,8 @@ class ExhaustiveSolver(Solver):
         device="cpu",
         exact=True,
     )
+    #: Enumeration needs no setting; the seed the engine hands every solver is accepted and unused.
+    parameters = (SEED,)
 
     def sample(self, problem: BlockProblem, **params: Any) -> BlockSolution:
         started = time.perf_counter()

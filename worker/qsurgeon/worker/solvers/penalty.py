@@ -37,6 +37,7 @@ import numpy as np
 
 from qsurgeon.client.errors import ProblemTooLargeError, UsageError
 from qsurgeon.worker.block.problem import BlockProblem
+from qsurgeon.worker.solvers.base import parse_alpha
 
 #: The largest block whose Q is formed densely (a factored FᵀF + diag(c) is expanded up
 #: to here: 2048² float64 = 32 MiB). Penalty samplers need every coupling explicitly.
@@ -110,20 +111,6 @@ def largest_flip_saving(problem: BlockProblem, Q: np.ndarray) -> float:
     x = greedy_feasible(problem, Q).astype(np.float64)
     saving = float(max(0.0, -flip_costs(Q, x).min(initial=0.0)))
     return max(saving, _LAMBDA0_FLOOR * hard_strength(Q))
-
-
-def parse_alpha(alpha: Any) -> float | str:
-    """Validate a user's α: a positive number or the word "hard"."""
-    if isinstance(alpha, str):
-        if alpha.strip().lower() == "hard":
-            return "hard"
-        try:
-            alpha = float(alpha)
-        except ValueError:
-            raise UsageError(f"penalty alpha must be a positive number or 'hard', got {alpha!r}") from None
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not np.isfinite(alpha) or alpha <= 0:
-        raise UsageError(f"penalty alpha must be a positive number or 'hard', got {alpha!r}")
-    return float(alpha)
 
 
 @dataclass(frozen=True)

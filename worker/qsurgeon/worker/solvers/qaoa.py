@@ -32,7 +32,7 @@ from qiskit_optimization.optimizers import COBYLA, NELDER_MEAD, SPSA, Optimizer
 
 from qsurgeon.client.errors import ProblemTooLargeError, UsageError
 from qsurgeon.worker.block.problem import BlockProblem, BlockSolution
-from qsurgeon.worker.solvers.base import Capabilities, Solver
+from qsurgeon.worker.solvers.base import Capabilities, Param, Solver, check_params
 from qsurgeon.worker.solvers.penalty import PenaltyModel
 
 #: One qubit per variable; statevector simulation beyond this takes minutes per block.
@@ -73,12 +73,6 @@ def bits_of(states: np.ndarray, num_variables: int) -> np.ndarray:
     return ((states[:, None] >> np.arange(num_variables, dtype=np.int64)) & 1).astype(np.uint8)
 
 
-def _positive_int(name: str, value: Any, limit: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= int(value) <= limit:
-        raise UsageError(f"{name} must be an integer in 1..{limit}, got {value!r}")
-    return int(value)
-
-
 class QAOASolver(Solver):
     """QAOA with a local Aer simulator by default, or any Qiskit V2 Sampler primitive.
 
@@ -101,7 +95,16 @@ class QAOASolver(Solver):
     ) -> None:
         self.user_sampler = sampler
         self.pass_manager = pass_manager
-        self.defaults = {"reps": reps, "optimizer": optimizer, "maxiter": maxiter, "shots": shots, "alpha": alpha}
+        self.parameters = (
+            Param("reps", "int", "QAOA layers (p)", reps, minimum=1, maximum=MAX_REPS),
+            Param("optimizer", "str", "classical optimiser of the angles (or, from Python, an Optimizer)",
+                  optimizer, choices=tuple(_OPTIMIZERS)),
+            Param("maxiter", "int", "optimiser iterations", maxiter, minimum=1, maximum=MAX_ITERATIONS),
+            Param("shots", "int", "shots per circuit (the default simulator only)", shots, minimum=1, maximum=MAX_SHOTS),
+            Param("alpha", "alpha", "penalty factor, relative to the block's scale, or 'hard'", alpha),
+            Param("seed", "int", "seed of the simulator and the initial angles", minimum=0),
+        )
+        self.defaults = {param.name: param.default for param in self.parameters if param.name != "seed"}
         self._aer_pass_manager = None
         self.capabilities = Capabilities(
             name=name,
@@ -129,23 +132,14 @@ class QAOASolver(Solver):
         return SamplerV2(default_shots=shots, seed=seed), self._aer_pass_manager
 
     def _settings(self, params: dict[str, Any]) -> dict[str, Any]:
-        unknown = set(params) - set(self.defaults) - {"seed"}
-        if unknown:
-            raise UsageError(
-                f"solver {self.name!r} does not take parameter(s) {', '.join(sorted(unknown))}; it takes: "
-                f"{', '.join(sorted(set(self.defaults) | {'seed'}))}"
-            )
         settings = {**self.defaults, **params}
-        settings["reps"] = _positive_int("reps", settings["reps"], MAX_REPS)
-        settings["maxiter"] = _positive_int("maxiter", settings["maxiter"], MAX_ITERATIONS)
-        settings["shots"] = _positive_int("shots", settings["shots"], MAX_SHOTS)
-        seed = settings.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
-            raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
+        optimizer = settings["optimizer"]
+        if isinstance(optimizer, str):  # names are case-blind; an Optimizer object is taken as it is
+            settings["optimizer"] = optimizer.lower()
+        checkable = {key: value for key, value in settings.items() if not isinstance(value, Optimizer)}
+        settings.update(check_params(self.parameters, checkable, self.name))
         optimizer = settings["optimizer"]
         if isinstance(optimizer, str):
-            if optimizer.lower() not in _OPTIMIZERS:
-                raise UsageError(f"optimizer must be one of {', '.join(_OPTIMIZERS)}, got {optimizer!r}")
             settings["optimizer_name"] = optimizer.lower()
             settings["optimizer"] = _OPTIMIZERS[optimizer.lower()](maxiter=settings["maxiter"])
         elif isinstance(optimizer, Optimizer):

@@ -4,6 +4,8 @@ Built-in backends are listed here by name and imported only when first used, so 
 missing optional dependency turns into "install qsurgeon[quantum]" instead of an
 ImportError at start-up. Third-party backends register through the entry-point group
 ``qsurgeon.backends`` (name -> a Solver subclass or a zero-argument factory).
+What each solver takes is its own declaration (:class:`~qsurgeon.worker.solvers.base.Param`);
+:func:`check_solver_params` checks a request against it.
 A backend is only ever chosen by its registered name: no module path from a request or
 a file is ever imported.
 """
@@ -14,10 +16,10 @@ import importlib
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import entry_points
-from typing import Callable
+from typing import Any, Callable, Mapping
 
-from qsurgeon.client.errors import SolverUnavailableError
-from qsurgeon.worker.solvers.base import Capabilities, Solver
+from qsurgeon.client.errors import SolverUnavailableError, UsageError
+from qsurgeon.worker.solvers.base import Capabilities, Param, Solver
 
 ENTRY_POINT_GROUP = "qsurgeon.backends"
 
@@ -124,11 +126,34 @@ def all_capabilities() -> list[Capabilities]:
     return [capabilities(name) for name in solver_names()]
 
 
+def _known_solver(name: str) -> Solver:
+    """The solver ``name``; an unknown name is a UsageError listing the installed solvers."""
+    if name not in solver_names():
+        installed = [c.name for c in all_capabilities() if c.installed]
+        raise UsageError(f"unknown solver {name!r}; installed solvers: {', '.join(installed)}")
+    return get_solver(name)
+
+
+def solver_parameters(name: str) -> tuple[Param, ...]:
+    """What solver ``name`` declares it takes (``seed`` alone for a solver without a declaration)."""
+    return _known_solver(name).declared_parameters()
+
+
+def check_solver_params(solver: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` for ``solver``, checked against its declaration and typed; defaults are not filled in.
+
+    For callers that must refuse a bad request before any work starts (the service checks
+    a job's parameters before accepting it). Raises UsageError naming the bad parameter and
+    listing the accepted ones, or, for an unknown solver, listing the installed solvers.
+    """
+    return _known_solver(solver).check_params(params)
+
+
 def unregister(name: str) -> None:
     _instances.pop(name, None)
 
 
 __all__ = [
     "BUILTIN_SOLVERS", "ENTRY_POINT_GROUP", "Capabilities", "all_capabilities", "capabilities",
-    "get_solver", "register", "solver_names", "unregister",
+    "check_solver_params", "get_solver", "register", "solver_names", "solver_parameters", "unregister",
 ]

@@ -16,7 +16,7 @@ state any chain of the problem visited, re-scored in float64.
 
 from __future__ import annotations
 
-import math
+import functools
 import secrets
 import statistics
 import time
@@ -27,7 +27,7 @@ import numpy as np
 
 from qsurgeon.client.errors import SolverUnavailableError, UsageError
 from qsurgeon.worker.block.problem import MAX_VARIABLES, BlockProblem, BlockSolution
-from qsurgeon.worker.solvers.base import Capabilities, Solver, starts_from_x0
+from qsurgeon.worker.solvers.base import Capabilities, Param, Solver, check_params, declared_value, starts_from_x0
 from qsurgeon.worker.solvers.sa_rng import chain_keys, problem_digest
 
 #: β_rel range from x0 and from a random start. Tuned on real MiniLM layer-wise blocks (B = 256,
@@ -43,7 +43,18 @@ DEFAULT_RESTARTS = 4
 DEFAULT_SWEEPS = 1000
 _STARTS = ("auto", "x0", "random")
 _DEVICES = ("auto", "cpu", "cuda")
-_KNOWN_PARAMS = {"restarts", "sweeps", "beta_range", "time_limit", "start", "seed", "device"}
+_SEED_BOUND = 2**127
+#: Every parameter ``sa`` takes: the one declaration that parsing, checks and listings use.
+PARAMETERS = (
+    Param("restarts", "int", "independent chains per problem", DEFAULT_RESTARTS, minimum=1),
+    Param("sweeps", "int", "sweeps per chain (a sweep = B swap proposals)", DEFAULT_SWEEPS, minimum=0),
+    Param("beta_range", "pair", "(β_rel start, end); none: (20, 300) from either start"),
+    Param("time_limit", "float", "seconds for the whole call, checked between chunks of sweeps", above=0.0),
+    Param("start", "str", "auto: x0 where the problem has one, else random", "auto", choices=_STARTS),
+    Param("seed", "int", "random seed (none: a fresh one, reported in the metadata)",
+          minimum=-_SEED_BOUND, maximum=_SEED_BOUND - 1),
+    Param("device", "str", "auto: cuda when available, else cpu", "auto", choices=_DEVICES),
+)
 
 
 @dataclass(frozen=True)
@@ -60,43 +71,12 @@ class AnnealParams:
 
     @classmethod
     def parse(cls, params: dict[str, Any]) -> "AnnealParams":
-        unknown = set(params) - _KNOWN_PARAMS
-        if unknown:
-            raise UsageError(f"sa: unknown parameter(s) {sorted(unknown)}; known: {sorted(_KNOWN_PARAMS)}")
-        restarts = _positive_int(params.get("restarts"), "restarts", DEFAULT_RESTARTS, minimum=1)
-        sweeps = _positive_int(params.get("sweeps"), "sweeps", DEFAULT_SWEEPS, minimum=0)
-        beta_range = params.get("beta_range")
-        if beta_range is not None:
-            try:
-                low, high = (float(value) for value in beta_range)
-            except (TypeError, ValueError):
-                raise UsageError(f"sa: beta_range must be two numbers (start, end), got {beta_range!r}") from None
-            if not (math.isfinite(low) and math.isfinite(high) and low > 0 and high > 0):
-                raise UsageError(f"sa: beta_range values must be positive and finite, got {beta_range!r}")
-            beta_range = (low, high)
-        time_limit = params.get("time_limit")
-        if time_limit is not None:
-            time_limit = float(time_limit)
-            if not (time_limit > 0 and math.isfinite(time_limit)):
-                raise UsageError(f"sa: time_limit must be a positive number of seconds, got {params['time_limit']!r}")
-        start = params.get("start") or "auto"
-        if start not in _STARTS:
-            raise UsageError(f"sa: start must be one of {', '.join(_STARTS)}, got {start!r}")
-        seed = params.get("seed")
-        if seed is None:
-            seed = secrets.randbits(63)
-        elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not -(2**127) <= int(seed) < 2**127:
-            raise UsageError(f"sa: seed must be an integer, got {seed!r}")
-        return cls(restarts=restarts, sweeps=sweeps, beta_range=beta_range, time_limit=time_limit,
-                   start=start, seed=int(seed), device=_resolve_device(params.get("device") or "auto"))
-
-
-def _positive_int(value: Any, name: str, default: int, minimum: int) -> int:
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < minimum:
-        raise UsageError(f"sa: {name} must be an integer ≥ {minimum}, got {value!r}")
-    return int(value)
+        checked = check_params(PARAMETERS, params, "sa")
+        value = functools.partial(declared_value, PARAMETERS, checked)
+        seed = value("seed")
+        return cls(restarts=value("restarts"), sweeps=value("sweeps"), beta_range=value("beta_range"),
+                   time_limit=value("time_limit"), start=value("start"),
+                   seed=secrets.randbits(63) if seed is None else seed, device=_resolve_device(value("device")))
 
 
 def _cuda_available() -> bool:
@@ -168,12 +148,13 @@ class SimulatedAnnealingSolver(Solver):
         device="cpu/cuda",
         deterministic=True,
     )
+    parameters = PARAMETERS
 
     def sample(self, problem: BlockProblem, **params: Any) -> BlockSolution:
         return self.sample_batch([problem], **params)[0]
 
     def sample_batch(self, problems: Sequence[BlockProblem], **params: Any) -> list[BlockSolution]:
-        """Anneal every problem; parameters (all optional):
+        """Anneal every problem; parameters (all optional, declared in PARAMETERS):
 
         restarts (4), sweeps (1000; a sweep = B proposals), beta_range ((β_rel start, end);
         default (20, 300) from either start), time_limit (seconds for

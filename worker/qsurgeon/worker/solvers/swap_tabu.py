@@ -21,7 +21,7 @@ variables are first annealed with ``sa`` (``anneal_sweeps``) and searched from i
 
 from __future__ import annotations
 
-import math
+import functools
 import secrets
 import time
 from dataclasses import dataclass
@@ -31,7 +31,7 @@ import numpy as np
 
 from qsurgeon.client.errors import UsageError
 from qsurgeon.worker.block.problem import BlockProblem, BlockSolution
-from qsurgeon.worker.solvers.base import Capabilities, Solver, starts_from_x0
+from qsurgeon.worker.solvers.base import Capabilities, Param, Solver, check_params, declared_value, starts_from_x0
 from qsurgeon.worker.solvers.sa_rng import chain_keys, problem_digest
 
 #: Largest block accepted: a dense float32 Q of 4096² is 64 MiB, and one iteration scans it.
@@ -49,9 +49,24 @@ DEFAULT_TENURE = 2
 AUTO_ANNEAL_ABOVE = 512
 DEFAULT_ANNEAL_SWEEPS = 1000
 _STARTS = ("auto", "x0", "random")
-#: "sweeps" is accepted as another name for "iterations", so ``qsurgeon solve --sweeps N`` works.
-_KNOWN_PARAMS = {"restarts", "iterations", "sweeps", "tenure", "anneal_sweeps", "time_limit", "start", "seed"}
 _MAX_ITERATIONS = 10**9
+_SEED_BOUND = 2**127
+#: Every parameter ``swap-tabu`` takes: the one declaration that parsing, checks and listings use.
+#: "sweeps" is another name for "iterations", so ``qsurgeon solve --sweeps N`` works.
+PARAMETERS = (
+    Param("restarts", "int", "independent searches per problem, run in parallel", DEFAULT_RESTARTS,
+          minimum=1, maximum=4096),
+    Param("iterations", "int", "best swaps per restart", DEFAULT_ITERATIONS, minimum=0, maximum=_MAX_ITERATIONS),
+    Param("sweeps", "int", "another name for iterations", minimum=0, maximum=_MAX_ITERATIONS),
+    Param("tenure", "int", "a moved variable is tabu for tenure + U[0, tenure] iterations", DEFAULT_TENURE,
+          minimum=0, maximum=1_000_000),
+    Param("anneal_sweeps", "int", f"sa sweeps first (none: {DEFAULT_ANNEAL_SWEEPS} when a group has more than "
+          f"{AUTO_ANNEAL_ABOVE} variables, else 0)", minimum=0, maximum=_MAX_ITERATIONS),
+    Param("time_limit", "float", "seconds for the whole call, checked between chunks of iterations", above=0.0),
+    Param("start", "str", "auto: x0 where the problem has one, else random", "auto", choices=_STARTS),
+    Param("seed", "int", "random seed (none: a fresh one, reported in the metadata)",
+          minimum=-_SEED_BOUND, maximum=_SEED_BOUND - 1),
+)
 
 
 @dataclass(frozen=True)
@@ -68,45 +83,16 @@ class TabuParams:
 
     @classmethod
     def parse(cls, params: dict[str, Any]) -> "TabuParams":
-        unknown = set(params) - _KNOWN_PARAMS
-        if unknown:
-            raise UsageError(f"swap-tabu: unknown parameter(s) {sorted(unknown)}; known: {sorted(_KNOWN_PARAMS)}")
-        restarts = _integer(params.get("restarts"), "restarts", DEFAULT_RESTARTS, 1, 4096)
-        if params.get("iterations") is not None and params.get("sweeps") is not None:
+        checked = check_params(PARAMETERS, params, "swap-tabu")
+        if checked.get("iterations") is not None and checked.get("sweeps") is not None:
             raise UsageError("swap-tabu: give iterations or sweeps (the same thing here), not both")
-        iterations = params.get("iterations", params.get("sweeps"))
-        iterations = _integer(iterations, "iterations", DEFAULT_ITERATIONS, 0, _MAX_ITERATIONS)
-        tenure = _integer(params.get("tenure"), "tenure", DEFAULT_TENURE, 0, 1_000_000)
-        anneal_sweeps = params.get("anneal_sweeps")
-        if anneal_sweeps is not None:
-            anneal_sweeps = _integer(anneal_sweeps, "anneal_sweeps", 0, 0, _MAX_ITERATIONS)
-        time_limit = params.get("time_limit")
-        if time_limit is not None:
-            try:
-                time_limit = float(time_limit)
-            except (TypeError, ValueError):
-                time_limit = math.nan
-            if not (time_limit > 0 and math.isfinite(time_limit)):
-                raise UsageError(f"swap-tabu: time_limit must be a positive number of seconds, "
-                                 f"got {params['time_limit']!r}")
-        start = params.get("start") or "auto"
-        if start not in _STARTS:
-            raise UsageError(f"swap-tabu: start must be one of {', '.join(_STARTS)}, got {start!r}")
-        seed = params.get("seed")
-        if seed is None:
-            seed = secrets.randbits(63)
-        elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not -(2**127) <= int(seed) < 2**127:
-            raise UsageError(f"swap-tabu: seed must be an integer, got {seed!r}")
-        return cls(restarts=restarts, iterations=iterations, tenure=tenure, anneal_sweeps=anneal_sweeps,
-                   time_limit=time_limit, start=start, seed=int(seed))
-
-
-def _integer(value: Any, name: str, default: int, minimum: int, maximum: int) -> int:
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not minimum <= int(value) <= maximum:
-        raise UsageError(f"swap-tabu: {name} must be an integer in {minimum}..{maximum}, got {value!r}")
-    return int(value)
+        if checked.get("iterations") is None and checked.get("sweeps") is not None:
+            checked["iterations"] = checked["sweeps"]
+        value = functools.partial(declared_value, PARAMETERS, checked)
+        seed = value("seed")
+        return cls(restarts=value("restarts"), iterations=value("iterations"), tenure=value("tenure"),
+                   anneal_sweeps=value("anneal_sweeps"), time_limit=value("time_limit"), start=value("start"),
+                   seed=secrets.randbits(63) if seed is None else seed)
 
 
 def sweeps_to_anneal(problem: BlockProblem, anneal_sweeps: int | None) -> int:
@@ -146,6 +132,7 @@ class SwapTabuSolver(Solver):
         device="cpu",
         deterministic=True,
     )
+    parameters = PARAMETERS
 
     def sample(self, problem: BlockProblem, **params: Any) -> BlockSolution:
         return self.sample_batch([problem], **params)[0]

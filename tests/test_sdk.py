@@ -19,6 +19,7 @@ redis = pytest.importorskip("redis")
 uvicorn = pytest.importorskip("uvicorn")
 
 from qsurgeon.client.cli import main as cli_main  # noqa: E402
+from qsurgeon.client.errors import UsageError  # noqa: E402
 from qsurgeon.client.schemas import Job, SolveResult  # noqa: E402
 from qsurgeon.client.sdk import (  # noqa: E402
     AsyncClient, AuthenticationError, BadRequestError, Client, NotFoundError, ServiceUnavailableError,
@@ -107,8 +108,10 @@ def test_client_typed_errors(service):
         with pytest.raises(NotFoundError) as missing:
             client.get("0" * 32)
         assert missing.value.status == 404
-        with pytest.raises(BadRequestError, match="density"):
-            client.submit_prune("builtin:minilm", density=1.5)
+        with pytest.raises(UsageError, match="density: Input should be less than 1"):
+            client.submit_prune("builtin:minilm", density=1.5)  # refused before anything is sent
+        with pytest.raises(BadRequestError, match="unknown solver 'nope'"):
+            client.submit_prune("builtin:minilm", solver="nope")  # only the server knows its solvers
         with pytest.raises(BadRequestError, match="unknown solver"):
             client.solve([[1.0, 0.0], [0.0, 1.0]], 1, solver="nope")
         with pytest.raises(BadRequestError, match="k must lie"):

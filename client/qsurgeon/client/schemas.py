@@ -13,6 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from qsurgeon.client.options import JobOptions
+
 API_PREFIX = "/v1"
 BUILTIN_MODELS = ("builtin:minilm",)
 #: a model name in the operator's models folder: one path component, no dots first
@@ -41,14 +43,14 @@ class _Strict(BaseModel):
 
 
 class JobCreate(_Strict):
-    """A prune job. ``options`` are the fields of ``qsurgeon prune`` (see ``GET /v1/options``);
+    """A prune job. ``options`` are the fields of ``qsurgeon prune`` (:class:`JobOptions`, with bounds);
     ``model`` is ``builtin:minilm``, a name in the server's models folder, or ``upload``
     (multipart: the archive travels in the ``model_archive`` part). ``calibration`` is
     ``builtin`` or ``upload`` (a UTF-8 text file in the ``calibration`` part)."""
 
     model: str = Field("builtin:minilm", examples=["builtin:minilm"])
     calibration: str = Field("builtin", examples=["builtin"])
-    options: dict[str, Any] = Field(default_factory=dict, examples=[{"density": 0.5, "seed": 0}])
+    options: JobOptions = Field(default_factory=JobOptions, examples=[{"density": 0.5, "seed": 0}])
 
     @field_validator("model")
     @classmethod
@@ -65,15 +67,6 @@ class JobCreate(_Strict):
     def _calibration(cls, value: str) -> str:
         if value not in ("builtin", "upload"):
             raise ValueError("calibration must be 'builtin' or 'upload'")
-        return value
-
-    @field_validator("options")
-    @classmethod
-    def _density(cls, value: dict[str, Any]) -> dict[str, Any]:
-        density = value.get("density")
-        if density is not None and (isinstance(density, bool) or not isinstance(density, (int, float))
-                                    or not 0.0 < float(density) <= 1.0):
-            raise ValueError(f"options.density must be a number in (0, 1], got {density!r}")
         return value
 
 

@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Mapping
 
 import httpx
+from pydantic import ValidationError
 
 from qsurgeon.client.errors import QsurgeonError, UsageError
+from qsurgeon.client.options import JobOptions, describe_error
 from qsurgeon.client.schemas import (
     API_PREFIX, Job, JobEvent, JobList, JobState, SolveAccepted, SolveResult, SolverInfo,
 )
@@ -140,7 +142,14 @@ def pack_model_folder(folder: str | Path) -> bytes:
 
 def _job_request(model: str | os.PathLike, calibration: str | os.PathLike, options: dict[str, Any]
                  ) -> tuple[dict[str, Any], dict[str, tuple[str, bytes, str]]]:
-    """JSON spec plus the multipart files: a local folder or archive is uploaded, a name is not."""
+    """JSON spec plus the multipart files: a local folder or archive is uploaded, a name is not.
+
+    The options are checked here with the server's own declaration, so a bad one fails
+    before anything is uploaded."""
+    try:
+        JobOptions.model_validate(options)
+    except ValidationError as error:
+        raise UsageError(describe_error(error)) from None
     files: dict[str, tuple[str, bytes, str]] = {}
     model_text = os.fspath(model)
     local = Path(model_text)

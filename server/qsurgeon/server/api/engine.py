@@ -7,45 +7,44 @@ are never taken from a request: the server fills them in from what it resolved i
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from pydantic import ValidationError
+
 from qsurgeon.client.errors import UsageError
+from qsurgeon.client.options import describe_error
 from qsurgeon.worker.block.problem import BlockProblem
 from qsurgeon.worker.queue.base import Queue, RoundRequest
 
-#: options a request may not set: they are server-side paths or server decisions
-SERVER_OWNED_OPTIONS = frozenset({"model", "out", "calibration", "export_blocks", "json"})
 OUTPUT_FOLDER = "output"
 CHECKPOINT_FOLDER = "checkpoint"
 
 
-def option_names() -> list[str]:
-    """Names a request's ``options`` may hold (every PruneOptions field the server does not own)."""
-    from qsurgeon.server.engine.run import PruneOptions
-
-    return sorted(f.name for f in dataclasses.fields(PruneOptions) if f.name not in SERVER_OWNED_OPTIONS)
-
-
 def build_options(options: dict[str, Any], *, model_path: str, calibration: str, out_dir: Path):
-    """A validated PruneOptions (UsageError says which option is wrong)."""
-    from qsurgeon.server.engine.run import PruneOptions
+    """A validated PruneOptions from a request's options (UsageError names the wrong option).
 
-    owned = sorted(set(options) & SERVER_OWNED_OPTIONS)
-    if owned:
-        raise UsageError(f"options {', '.join(owned)} are set by the server, not by a request")
-    allowed = set(option_names())
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise UsageError(f"unknown option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    The request's fields are JobOptions (every option but the server-owned paths); the
+    preset, if any, is applied for the model's kind; the server fills in the paths.
+    """
+    from qsurgeon.client.options import JobOptions, build_options as merge
+    from qsurgeon.server.engine.options import check_engine_options
+    from qsurgeon.server.models.loading import model_kind
+
     try:
-        return PruneOptions(**options, model=model_path, calibration=calibration, out=str(out_dir))
-    except TypeError as error:
-        raise UsageError(f"invalid options: {error}") from None
+        request = JobOptions.model_validate(options)
+    except ValidationError as error:
+        raise UsageError(describe_error(error)) from None
+    explicit = request.model_dump(exclude_unset=True)
+    preset = explicit.pop("preset", None)
+    kind = model_kind(model_path) if preset is not None else None
+    values = {**explicit, "model": model_path, "calibration": calibration, "out": str(out_dir)}
+    pruned = merge(values, preset, kind)
+    check_engine_options(pruned)
+    return pruned
 
 
 def _jsonable(value: Any) -> Any:

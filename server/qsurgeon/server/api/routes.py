@@ -170,21 +170,9 @@ def download_artifact(request: Request, job_id: str, name: str) -> FileResponse:
 
 @router.get("/options", summary="Prune options a job may set, with their defaults")
 def prune_options() -> dict[str, object]:
-    import dataclasses
+    from qsurgeon.client.options import JobOptions
 
-    from qsurgeon.server.engine.run import PruneOptions
-
-    defaults: dict[str, object] = {}
-    for item in dataclasses.fields(PruneOptions):
-        if item.name in engine.SERVER_OWNED_OPTIONS:
-            continue
-        if item.default is not dataclasses.MISSING:
-            defaults[item.name] = item.default
-        elif item.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            defaults[item.name] = item.default_factory()  # type: ignore[misc]
-        else:
-            defaults[item.name] = None
-    return json.loads(json.dumps(defaults, default=str))
+    return {name: info.get_default(call_default_factory=True) for name, info in JobOptions.model_fields.items()}
 
 
 # ---------------------------------------------------------------------- raw block problems

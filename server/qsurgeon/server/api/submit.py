@@ -67,10 +67,11 @@ def create_job(config: ServiceConfig, store: JobStore, spec: JobCreate, *, archi
         if calibration_text is not None:
             calibration = str(_save_calibration(job_dir, calibration_text))
         # validate every option now, so a bad request is a 4xx and never a failed job
-        engine.build_options(spec.options, model_path=model_path, calibration=calibration,
+        options = spec.options.model_dump(mode="json", exclude_unset=True)  # explicit ones: a preset fills the rest
+        engine.build_options(options, model_path=model_path, calibration=calibration,
                              out_dir=job_dir / engine.OUTPUT_FOLDER)
-        internal: dict[str, Any] = {"model_path": model_path, "calibration": calibration, "options": spec.options}
-        return store.create(JobKind.prune, internal, model=spec.model, options=spec.options, job_id=job_id)
+        internal: dict[str, Any] = {"model_path": model_path, "calibration": calibration, "options": options}
+        return store.create(JobKind.prune, internal, model=spec.model, options=options, job_id=job_id)
     except BaseException:
         shutil.rmtree(job_dir, ignore_errors=True)
         raise

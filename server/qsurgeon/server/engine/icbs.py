@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 import zlib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from qsurgeon.client.errors import UsageError
+from qsurgeon.server.engine.options import ICBSConfig
 from qsurgeon.server.pruning.masks import check_mask
 from qsurgeon.server.pruning.qubo import (
     block_energies, fisher_block, layerwise_arrays, layerwise_blocks, problems_from_arrays, row_errors,
@@ -42,71 +43,9 @@ from qsurgeon.worker.block.problem import BlockProblem
 from qsurgeon.worker.block.stack import MatrixStack
 from qsurgeon.worker.queue.base import Queue, RoundRequest
 
-OBJECTIVES: tuple[str, ...] = ("layerwise", "fisher", "layerwise+fisher")
-SELECTIONS: tuple[str, ...] = ("score", "random")
-#: Solver parameters used when ``ICBSConfig.solver_params`` leaves them out (see benchmarks/icbs_layer.py).
-DEFAULT_SOLVER_PARAMS: dict[str, dict[str, Any]] = {
-    "sa": {"sweeps": 32, "restarts": 2, "start": "x0"},
-    # 50 best-swap steps from the current mask: a lower layer error than sa 2 × 32 in about
-    # the same solve time on B = 128 blocks (docs/solvers.md); its own default (2 × 3000)
-    # is tuned for one large block, far too long for thousands of iCBS blocks
-    "swap-tabu": {"iterations": 50, "restarts": 1, "start": "x0"},
-}
 #: Bytes of float32 block matrices one round may hold; a sweep is cut into rounds below this.
 ROUND_BYTES = 256 << 20
 _NEVER = -(1 << 30)  # last_visit of a weight that was never in a block
-
-
-@dataclass
-class ICBSConfig:
-    """How the loop searches. Defaults are the best trade-off measured on MiniLM layers."""
-
-    block_size: int = 128  # B
-    k: int | None = None  # pruned weights per block (default B // 2, clipped to what exists)
-    epochs: int = 1
-    steps_per_epoch: int | None = None  # None: a full sweep = block(s) in every row (column) of every tensor
-    coverage: float = 1 / 3  # full sweep: blocks per line = max(1, round(coverage · line length / B))
-    selection: str = "score"  # "score" (§3.1) | "random"
-    tabu_size: int = 1  # blocks per row whose weights are skipped while others are left
-    fixed_pruned: float = 0.0  # fraction of each row's initial pruned set always pruned (lowest scores)
-    fixed_kept: float = 0.0  # fraction of each row's initial kept set always kept (highest scores)
-    objective: str = "layerwise"  # "layerwise" | "fisher" | "layerwise+fisher"
-    fisher_weight: float = 1.0
-    gamma: float = 0.75
-    ridge: float = 1e-3
-    solver: str = "sa"
-    solver_params: dict = field(default_factory=dict)
-    seed: int = 0
-    round_blocks: int | None = None  # most blocks in one round (None: bounded by ROUND_BYTES)
-
-    def validate(self) -> None:
-        if self.block_size < 2:
-            raise UsageError(f"block_size must be at least 2, got {self.block_size}")
-        if self.k is not None and not 0 < self.k < self.block_size:
-            raise UsageError(f"k must lie in 1..{self.block_size - 1}, got {self.k}")
-        if self.epochs < 0:
-            raise UsageError(f"epochs must be non-negative, got {self.epochs}")
-        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
-            raise UsageError(f"steps_per_epoch must be positive, got {self.steps_per_epoch}")
-        if self.selection not in SELECTIONS:
-            raise UsageError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
-        if self.objective not in OBJECTIVES:
-            raise UsageError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if self.tabu_size < 0:
-            raise UsageError(f"tabu_size must be non-negative, got {self.tabu_size}")
-        for name in ("fixed_pruned", "fixed_kept"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise UsageError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
-        if not 0.0 <= self.coverage <= 16.0:
-            raise UsageError(f"coverage must lie in [0, 16], got {self.coverage}")
-        if self.round_blocks is not None and self.round_blocks < 1:
-            raise UsageError(f"round_blocks must be positive, got {self.round_blocks}")
-
-    def block_k(self, block: int) -> int:
-        return max(1, min(block - 1, self.k if self.k is not None else block // 2))
-
-    def params(self) -> dict[str, Any]:
-        return {**DEFAULT_SOLVER_PARAMS.get(self.solver, {}), **self.solver_params}
 
 
 @dataclass
@@ -597,7 +536,6 @@ def run_icbs(
     The state passed in is updated in place and returned. ``should_stop`` is checked
     between rounds; a stopped run can be resumed with the returned state.
     """
-    config.validate()
     names = [task.name for task in tasks]
     if len(set(names)) != len(names):
         raise UsageError("tensor names must be unique")
@@ -767,6 +705,6 @@ def _record_visits(context: _Context, state: ICBSState, item: _Pending) -> None:
 
 
 __all__ = [
-    "DEFAULT_SOLVER_PARAMS", "FisherTerms", "ICBSConfig", "ICBSState", "OBJECTIVES", "RoundReport", "SELECTIONS",
+    "FisherTerms", "ICBSConfig", "ICBSState", "RoundReport",
     "TensorTask", "dense_error", "initial_state", "layer_error", "relative_layer_error", "run_icbs",
 ]

@@ -23,175 +23,30 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.server.models.base import DEFAULT_EXCLUDE, ModelAdapter, TargetLayer
+from qsurgeon.client.options import PruneOptions
+from qsurgeon.server.engine.options import check_engine_options, icbs_config, sparsity_of
+from qsurgeon.server.models.base import ModelAdapter, TargetLayer
 from qsurgeon.server.models.loading import load_adapter
 from qsurgeon.server.models.calibration import CalibrationData, load_calibration
 from qsurgeon.server.models.capture import LayerStats, capture_first_block_inputs, collect_stats, run_block
-from qsurgeon.server.pruning.masks import SCORE_METHODS, check_mask, initial_mask, score_weights
-from qsurgeon.server.pruning.sparsity import GRANULARITIES, Sparsity
+from qsurgeon.server.pruning.masks import check_mask, initial_mask, score_weights
+from qsurgeon.server.pruning.refit import refit_rows
+from qsurgeon.server.pruning.sparsity import Sparsity
 from qsurgeon.worker.queue.base import Queue
 from qsurgeon.worker.queue.inprocess import InProcessQueue
+from qsurgeon.worker.queue.export import ExportingQueue
 
-if TYPE_CHECKING:
-    from qsurgeon.server.engine.icbs import ICBSConfig
-
-OBJECTIVES: tuple[str, ...] = ("layerwise", "fisher", "layerwise+fisher")
 #: report phases, in order; each gets its seconds in ``report["seconds"]``
 PHASES: tuple[str, ...] = ("load", "calibrate", "init", "icbs", "refit", "save")
 
 Progress = Callable[[dict[str, Any]], None]
-
-
-# ====================================================================== options
-@dataclass
-class PruneOptions:
-    """Every option of ``qsurgeon prune``; JSON-able fields only, so a service job can carry it."""
-
-    model: str
-    method: str = "icbs"
-    density: float | None = None  # fraction of weights kept; None: 0.5, or what ``pattern`` implies
-    pattern: str | None = None  # "N:M" keeps N of every M
-    granularity: str = "row"
-    objective: str = "layerwise"
-    init: str = "wanda"
-    solver: str = "sa"
-    block_size: int = 128
-    epochs: int = 1
-    steps_per_epoch: int | None = None  # iCBS blocks per epoch; None: one per row of every tensor (layerwise)
-    calibration: str = "builtin"
-    samples: int = 128
-    seq_len: int = 128
-    seed: int = 0
-    out: str | None = None
-    time_limit: float | None = None
-    refit: bool = False
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
-    export_blocks: str | None = None
-    batch_size: int = 16
-    damp: float = 0.01  # refit damping, a fraction of mean(diag H)
-    solver_params: dict[str, Any] = field(default_factory=dict)
-    # how iCBS searches (docs/icbs.md §3, §6); see ICBSConfig for the meaning of each
-    k: int | None = None  # pruned weights per block (default block_size // 2)
-    selection: str = "score"
-    tabu_size: int = 1
-    fixed_pruned: float = 0.0
-    fixed_kept: float = 0.0
-    coverage: float = 1 / 3
-    gamma: float = 0.75
-    ridge: float = 1e-3
-    fisher_weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise UsageError on the first invalid option; runs before any work."""
-        if not isinstance(self.model, str) or not self.model:
-            raise UsageError("give a model: a folder or builtin:minilm")
-        if self.method not in METHODS:
-            raise UsageError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
-        self.sparsity()  # density, pattern and granularity
-        if self.objective not in OBJECTIVES:
-            raise UsageError(f"unknown objective {self.objective!r}; choose one of: {', '.join(OBJECTIVES)}")
-        if self.init not in (*SCORE_METHODS, "sparsegpt"):
-            raise UsageError(f"unknown init {self.init!r}; choose one of: {', '.join((*SCORE_METHODS, 'sparsegpt'))}")
-        if self.method == "icbs":
-            from qsurgeon.worker.solvers.registry import solver_names
-
-            if self.solver not in solver_names():
-                raise UsageError(f"unknown solver {self.solver!r}; choose one of: {', '.join(solver_names())}")
-        for name, low in (("block_size", 2), ("epochs", 0), ("samples", 1), ("seq_len", 2), ("batch_size", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise UsageError(f"{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
-        if self.time_limit is not None and not (isinstance(self.time_limit, (int, float)) and self.time_limit > 0):
-            raise UsageError(f"time-limit must be a positive number of seconds, got {self.time_limit!r}")
-        if not (isinstance(self.damp, (int, float)) and self.damp >= 0):
-            raise UsageError(f"damp must be non-negative, got {self.damp!r}")
-        if self.steps_per_epoch is not None and (not isinstance(self.steps_per_epoch, int) or self.steps_per_epoch < 1):
-            raise UsageError(f"steps-per-epoch must be a positive integer, got {self.steps_per_epoch!r}")
-        if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int)):
-            raise UsageError(f"k must be an integer, got {self.k!r}")
-        if isinstance(self.tabu_size, bool) or not isinstance(self.tabu_size, int):
-            raise UsageError(f"tabu-size must be an integer, got {self.tabu_size!r}")
-        for name in ("fixed_pruned", "fixed_kept", "coverage", "gamma", "ridge", "fisher_weight"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise UsageError(f"{name.replace('_', '-')} must be a finite number, got {value!r}")
-        if not isinstance(self.selection, str):
-            raise UsageError(f"selection must be a string, got {self.selection!r}")
-        self.icbs_config().validate()
-        if self.refit:
-            _refit_function()
-        if self.export_blocks is not None:
-            _exporting_queue_class()
-        for name in ("include", "exclude"):
-            patterns = getattr(self, name)
-            if not isinstance(patterns, list) or not all(isinstance(p, str) and p for p in patterns):
-                raise UsageError(f"{name} must be a list of non-empty glob patterns")
-
-    def sparsity(self) -> Sparsity:
-        if self.granularity not in GRANULARITIES:
-            raise UsageError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
-        if self.pattern:
-            return Sparsity.parse(self.density, self.pattern)  # a density given too must agree
-        return Sparsity.parse(0.5 if self.density is None else self.density, None, self.granularity)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "PruneOptions":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UsageError(f"unknown prune option(s): {', '.join(unknown)}")
-        if "model" not in values:
-            raise UsageError("prune options need a model")
-        return cls(**dict(values))
-
-    def icbs_config(self) -> "ICBSConfig":
-        """The iCBS loop's settings taken from these options."""
-        from qsurgeon.server.engine.icbs import ICBSConfig
-
-        return ICBSConfig(
-            block_size=self.block_size, k=self.k, epochs=self.epochs, steps_per_epoch=self.steps_per_epoch,
-            coverage=self.coverage, selection=self.selection, tabu_size=self.tabu_size,
-            fixed_pruned=self.fixed_pruned, fixed_kept=self.fixed_kept, objective=self.objective,
-            fisher_weight=self.fisher_weight, gamma=self.gamma, ridge=self.ridge, solver=self.solver,
-            solver_params=dict(self.solver_params), seed=self.seed,
-        )
-
-    def identity(self) -> dict[str, Any]:
-        """The options that decide the masks (a checkpoint must match these to be resumed)."""
-        values = self.to_dict()
-        for volatile in ("out", "time_limit", "export_blocks", "batch_size"):
-            values.pop(volatile)
-        return values
-
-
-def _refit_function() -> Callable[..., torch.Tensor]:
-    try:
-        from qsurgeon.server.pruning.refit import refit_rows
-    except ImportError:
-        raise UsageError("--refit is not available yet") from None
-    return refit_rows
-
-
-def _exporting_queue_class() -> type:
-    try:
-        from qsurgeon.worker.queue.export import ExportingQueue
-    except ImportError:
-        raise UsageError("--export-blocks is not available yet") from None
-    return ExportingQueue
 
 
 # ====================================================================== checkpoints
@@ -357,7 +212,7 @@ def _one_shot(score: str) -> PruneMethod:
 
 def icbs_method(context: BlockContext) -> BlockOutcome:
     """iCBS (docs/icbs.md §3–§6) on the block's tensors, starting from the ``--init`` mask."""
-    from qsurgeon.server.engine.icbs import ICBSConfig, ICBSState, TensorTask, run_icbs
+    from qsurgeon.server.engine.icbs import ICBSState, TensorTask, run_icbs
 
     options = context.options
     with _Timer(context.timings, "init"):
@@ -368,7 +223,7 @@ def icbs_method(context: BlockContext) -> BlockOutcome:
                    sparsity=context.sparsity, gram=context.stats[name].gram, fisher=fisher.get(name))
         for name in context.weights0
     ]
-    config = options.icbs_config()
+    config = icbs_config(options)
     state = None
     if context.resume is not None:
         state = ICBSState.from_dict(context.resume["tensors"], context.resume["meta"])
@@ -493,8 +348,8 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
     ``calibration`` let Python callers bring their own model (e.g. a plain
     :class:`~qsurgeon.server.models.text.TorchModuleAdapter`) and data.
     """
-    options.validate()
-    sparsity = options.sparsity()
+    check_engine_options(options)
+    sparsity = sparsity_of(options)
     if options.out is not None:
         from qsurgeon.server.engine.outputs import check_out_folder
 
@@ -506,7 +361,7 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
     timings = dict.fromkeys(PHASES, 0.0)
     queue = queue or InProcessQueue()
     if options.export_blocks is not None:
-        queue = _exporting_queue_class()(queue, options.export_blocks)
+        queue = ExportingQueue(queue, options.export_blocks)
 
     with _Timer(timings, "load"):
         if adapter is None:
@@ -535,7 +390,6 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
     tensor_reports: dict[str, dict[str, Any]] = {}
     block_reports: list[dict[str, Any]] = []
     completed = True
-    refit_rows = _refit_function() if options.refit else None
 
     def save_checkpoint(in_block: dict[str, Any] | None) -> None:
         if checkpoint is not None:
@@ -566,7 +420,7 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
             if context.info.get("icbs_completed") is False:
                 completed = False
             weights = dict(outcome.weights)
-            if refit_rows is not None:
+            if options.refit:
                 with _Timer(timings, "refit"):
                     for name, weight0 in context.weights0.items():
                         weights[name] = refit_rows(weight0, stats[name].gram, outcome.masks[name], options.damp)
@@ -676,7 +530,7 @@ def _report(options: PruneOptions, sparsity: Sparsity, calibration: CalibrationD
         )
     return {
         "qsurgeon_report": 1,
-        "options": {**options.to_dict(), "density": sparsity.density},  # the density actually applied
+        "options": {**options.to_dict(), "density": sparsity.density},  # every effective option; the density applied
         "calibration": {"source": calibration.source, "samples": calibration.num_samples,
                         "tokens": calibration.num_tokens},
         "summary": summary,

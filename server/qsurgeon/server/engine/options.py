@@ -13,10 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, ValidationError, create_model
+from pydantic import Field, create_model
 
-from qsurgeon.client.errors import UsageError
-from qsurgeon.client.options import OptionChecks, PruneOptions, describe_error
+from qsurgeon.client.options import PruneOptions, UsageChecked
 from qsurgeon.server.pruning.sparsity import Sparsity
 
 #: the PruneOptions fields the iCBS loop reads
@@ -35,14 +34,8 @@ ICBS_SOLVER_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-class _ICBSSettings(OptionChecks):
+class _ICBSSettings(UsageChecked):
     """Methods of :class:`ICBSConfig`; invalid values raise UsageError like every option."""
-
-    def __init__(self, **values: Any):
-        try:
-            super().__init__(**values)
-        except ValidationError as error:
-            raise UsageError(describe_error(error)) from None
 
     def block_k(self, block: int) -> int:
         """Pruned weights in a block of ``block`` weights: k, or half, clipped to what exists."""

@@ -284,20 +284,6 @@ class BlockProblem:
             offset=self.offset, x0=x0, id=self.id, meta=self.meta,
         )
 
-    # ------------------------------------------------------------------ serialisation
-    def to_bytes(self) -> bytes:
-        """The binary form of :mod:`qsurgeon.worker.block.codec` (the same bytes the queue carries)."""
-        from qsurgeon.worker.block.codec import encode_problem
-
-        return encode_problem(self)
-
-    @classmethod
-    def from_bytes(cls, payload: bytes) -> "BlockProblem":
-        """Rebuild a problem from :meth:`to_bytes`, with every check a new problem gets."""
-        from qsurgeon.worker.block.codec import decode_problem
-
-        return decode_problem(payload)
-
     def save_npz(self, path: str | Path) -> None:
         """Write the user file form: Q (or F, c), k (or groups, counts), x0, offset."""
         arrays: dict[str, np.ndarray] = {"offset": np.float64(self.offset)}
@@ -429,18 +415,6 @@ class BlockSolution:
     restarts: int = 0
     problem_id: str = ""
     metadata: Mapping[str, Any] = field(default_factory=dict)
-
-    def to_bytes(self) -> bytes:
-        """The binary form of :mod:`qsurgeon.worker.block.codec`."""
-        from qsurgeon.worker.block.codec import encode_solution
-
-        return encode_solution(self)
-
-    @classmethod
-    def from_bytes(cls, payload: bytes) -> "BlockSolution":
-        from qsurgeon.worker.block.codec import decode_solution
-
-        return decode_solution(payload)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly view (x as a list of 0/1) for the CLI and the REST API."""

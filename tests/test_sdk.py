@@ -160,7 +160,14 @@ def test_service_cli_commands(service, tmp_path, capsys):
     assert "404" in capsys.readouterr().err
     assert cli_main(["submit", "builtin:minilm", "--density", "1.5", *common]) == 2
     assert "density" in capsys.readouterr().err
-    assert cli_main(["submit", "builtin:minilm", "--option", "bad", *common]) == 2
+    assert cli_main(["submit", "builtin:minilm", "--seed", "abc", *common]) == 2
+    assert "--seed: Input should be a valid integer" in capsys.readouterr().err
+    # every prune option has a flag, and its value travels typed, as the server's schema wants it
+    assert cli_main(["submit", "builtin:minilm", "--epochs", "0", "--coverage", "0.25", "--no-refit",
+                     "--solver-param", "sweeps=8", "--json", *common]) == 0
+    submitted = json.loads(capsys.readouterr().out)
+    assert submitted["options"] == {"epochs": 0, "coverage": 0.25, "refit": False, "solver_params": {"sweeps": 8}}
+    assert cli_main(["cancel", submitted["id"], *common]) == 0
 
 
 def test_client_modules_import_without_numpy_or_torch():

@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import typing
-from typing import Any
+from typing import Any, Iterable
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.client.options import PruneOptions, field_extra
+from qsurgeon.client.options import REQUEST_FIELDS, PruneOptions, field_extra
 
 #: ``--help`` section titles of the option groups
 GROUP_TITLES: dict[str, str] = {"prune": "pruning", "search": "iCBS search (docs/icbs.md §3, §6)"}
@@ -71,12 +71,13 @@ def _help(name: str) -> str:
     return text.replace("%", "%%")
 
 
-def add_option_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per PruneOptions field that has one, in the field's group."""
+def add_option_arguments(parser: argparse.ArgumentParser, names: Iterable[str] | None = None) -> None:
+    """One flag per PruneOptions field that has one (or per field of ``names``), in the field's group."""
     groups: dict[str, Any] = {}
+    wanted = set(PruneOptions.model_fields if names is None else names)
     for name, info in PruneOptions.model_fields.items():
         extra = field_extra(name)
-        if extra.get("cli") is False:
+        if extra.get("cli") is False or name not in wanted:
             continue
         group_name = extra.get("group", "prune")
         if group_name not in groups:
@@ -101,7 +102,7 @@ def add_option_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def explicit_values(args: argparse.Namespace) -> dict[str, Any]:
-    """The options the user gave on the command line (flags left out are absent)."""
+    """The options the user gave on the command line (flags left out are absent), as given."""
     values: dict[str, Any] = {}
     for name, info in PruneOptions.model_fields.items():
         value = getattr(args, name, None)
@@ -118,4 +119,21 @@ def explicit_values(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-__all__ = ["add_option_arguments", "explicit_values", "flag", "parse_param"]
+
+
+def typed_request_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options a ``qsurgeon submit`` user gave, typed by the model (``"0.5"`` → 0.5) for a JSON request.
+
+    Checked with the same declaration as ``qsurgeon prune``; the server checks them again.
+    """
+    from qsurgeon.client.options import InvalidOptions
+
+    given = {name: value for name, value in explicit_values(args).items() if name in REQUEST_FIELDS}
+    try:
+        typed = PruneOptions(model="request", **given)
+    except InvalidOptions as error:
+        raise UsageError(error.flags()) from None
+    return typed.model_dump(mode="json", include=set(given))
+
+
+__all__ = ["add_option_arguments", "explicit_values", "flag", "parse_param", "typed_request_options"]

@@ -9,9 +9,9 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
 
-from qsurgeon.client.errors import UsageError
+from qsurgeon.client.cli.arguments import add_option_arguments, typed_request_options
+from qsurgeon.client.options import REQUEST_FIELDS
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -20,17 +20,6 @@ def _client(args: argparse.Namespace):
     from qsurgeon.client.sdk import Client
 
     return Client(args.url, api_key=args.api_key)
-
-
-def _parse_option(text: str) -> tuple[str, Any]:
-    key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise UsageError(f"--option needs KEY=VALUE, got {text!r}")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key.replace("-", "_"), value
 
 
 def _job_line(job) -> str:
@@ -46,14 +35,7 @@ def _job_line(job) -> str:
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    options: dict[str, Any] = {}
-    for name in ("method", "density", "pattern", "epochs", "solver", "seed", "block_size", "samples", "seq_len"):
-        value = getattr(args, name)
-        if value is not None:
-            options[name] = value
-    for text in args.option or []:
-        key, value = _parse_option(text)
-        options[key] = value
+    options = typed_request_options(args)
     with _client(args) as client:
         job = client.submit_prune(args.model, calibration=args.calibration, **options)
         if args.wait:
@@ -113,19 +95,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     submit = subparsers.add_parser("submit", help="submit a prune job to a qsurgeon server")
     submit.add_argument("model", help="builtin:minilm, a model name on the server, or a local folder/archive to upload")
     submit.add_argument("--calibration", default="builtin", help="builtin, or a local text file to upload")
-    submit.add_argument("--method")
-    submit.add_argument("--density", type=float)
-    submit.add_argument("--pattern")
-    submit.add_argument("--epochs", type=int)
-    submit.add_argument("--solver")
-    submit.add_argument("--seed", type=int)
-    submit.add_argument("--block-size", type=int)
-    submit.add_argument("--samples", type=int)
-    submit.add_argument("--seq-len", type=int)
-    submit.add_argument("--option", action="append", metavar="KEY=VALUE",
-                        help="any other prune option (value parsed as JSON when it can be)")
     submit.add_argument("--wait", action="store_true", help="wait for the job to finish")
     _common(submit)
+    add_option_arguments(submit, REQUEST_FIELDS)  # every option a request may set, as `qsurgeon prune` has it
     submit.set_defaults(func=run_submit)
 
     status = subparsers.add_parser("status", help="show a job (or list jobs) on a qsurgeon server")

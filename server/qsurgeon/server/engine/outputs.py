@@ -7,6 +7,9 @@ looks finished. ``--out`` must not exist yet, or be an empty folder.
 Layout of ``--out``::
 
     config.json, model.safetensors, tokenizer files   the pruned model (from_pretrained loads it)
+    every other non-weight file of the original        e.g. sentence-transformers' modules.json, pooling
+    README.md                                          model card: how it was pruned and what it measured,
+                                                       then the original's card
     masks.safetensors                                  bool masks keyed by parameter name, True = pruned
     report.json                                        options, per-tensor results, timings
 """
@@ -27,6 +30,7 @@ from qsurgeon.client.errors import UsageError
 
 MASKS_FILE = "masks.safetensors"
 REPORT_FILE = "report.json"
+CARD_FILE = "README.md"
 
 
 def check_out_folder(out: str | Path) -> Path:
@@ -91,6 +95,44 @@ def write_result(out: str | Path, save_model: Callable[[Path], None], masks: Map
     out = Path(out).expanduser()
     with staged_folder(out) as staging:
         save_model(staging)
+        write_model_card(staging / CARD_FILE, report)
         save_masks(masks, staging / MASKS_FILE)
         (staging / REPORT_FILE).write_text(report_json(report) + "\n")
     return out
+
+
+def _card_section(report: Mapping[str, Any]) -> str:
+    options, summary, calibration = report["options"], report["summary"], report["calibration"]
+    method = options["method"] + (f" (preset {options['preset']})" if options.get("preset") else "")
+    lines = [
+        "## Pruned with qsurgeon",
+        "",
+        f"- method: {method}" + (f", initial mask {options['init']}, {options['epochs']} epoch(s), "
+                                 f"solver {options['solver']}, blocks of {options['block_size']}"
+                                 if options["method"] == "icbs" else ""),
+        f"- sparsity: {summary['sparsity']}; {summary['tensors']} tensors, achieved density {summary['density']:.4f}",
+        f"- refit of the kept weights: {'yes' if options.get('refit') else 'no'}",
+        f"- calibration: {calibration['source']}, {calibration['samples']} samples, {calibration['tokens']} tokens",
+        f"- measured (relative layer-wise reconstruction error on the calibration data, 0 = dense): "
+        f"initial mask {summary['relative_error_initial']:.4f}, final mask {summary['relative_error_final']:.4f}"
+        + (f", after refit {summary['relative_error_refit']:.4f}" if "relative_error_refit" in summary else ""),
+        "- masks: `masks.safetensors` (True = pruned); every option and per-tensor result: `report.json`",
+        "- held-out quality against the dense model: `qsurgeon evaluate DENSE THIS_FOLDER`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model_card(path: Path, report: Mapping[str, Any]) -> None:
+    """README.md: what qsurgeon did to the model, then the original card (its YAML header stays first)."""
+    original = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+    header, body = "", original
+    if original.startswith("---\n"):
+        end = original.find("\n---", 4)
+        if end != -1:
+            cut = original.find("\n", end + 4)
+            header, body = original[: cut + 1 if cut != -1 else len(original)], original[cut + 1 if cut != -1 else len(original):]
+    parts = [header + ("\n" if header else ""), _card_section(report)]
+    if body.strip():
+        parts += ["\n## The original model card\n\n", body.lstrip("\n")]
+    path.write_text("".join(parts), encoding="utf-8")

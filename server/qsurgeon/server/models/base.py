@@ -12,8 +12,8 @@ none of them, so every adapter module can build on it without an import cycle.
 from __future__ import annotations
 
 import fnmatch
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
@@ -137,6 +137,8 @@ class ModelAdapter:
     model: nn.Module
     kind: str = "module"
     tokenizer: Any = None
+    #: the folder the model was loaded from, whose non-weight files a save carries over
+    source: Path | None = None
 
     def __init__(self, model: nn.Module, include: Sequence[str] = (), exclude: Sequence[str] = DEFAULT_EXCLUDE):
         self.model = model.eval()

@@ -9,6 +9,7 @@ imports torch or transformers: a config is read as JSON.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +73,44 @@ def read_config(folder: str | Path) -> dict[str, Any]:
         return json.loads((Path(folder) / "config.json").read_text())
     except (OSError, ValueError):
         return {}
+
+
+#: files that hold weights: the pruned model writes its own, the original's must not come along
+WEIGHT_SUFFIXES: tuple[str, ...] = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx",
+                                    ".gguf", ".pkl", ".pickle", ".npy", ".npz", ".joblib", ".ot")
+#: the most companion files copied from one model folder, and the largest one (bytes)
+MAX_COMPANION_FILES = 1000
+MAX_COMPANION_BYTES = 64 << 20
+
+
+def _is_weight_file(path: Path) -> bool:
+    name = path.name
+    return name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json") and "safetensors" in name or \
+        name.startswith("pytorch_model")
+
+
+def copy_companion_files(source: Path, dest: Path) -> list[str]:
+    """Copy every file of ``source`` that is not a weight and that ``dest`` lacks; return their names.
+
+    A sentence-transformers folder is more than its transformer: ``modules.json``, the
+    pooling and normalisation configs, ``config_sentence_transformers.json`` and the model
+    card decide what ``SentenceTransformer(folder)`` builds. Without them it silently builds
+    another model (mean pooling, no normalisation). Hidden files and links are skipped;
+    files written by the pruned model's own save win.
+    """
+    copied: list[str] = []
+    for path in sorted(source.rglob("*")):
+        relative = path.relative_to(source)
+        if any(part.startswith(".") for part in relative.parts) or path.is_symlink() or not path.is_file():
+            continue
+        if _is_weight_file(path) or path.stat().st_size > MAX_COMPANION_BYTES:
+            continue
+        target = dest / relative
+        if target.exists():
+            continue
+        if len(copied) >= MAX_COMPANION_FILES:
+            raise UsageError(f"model folder {source} holds more than {MAX_COMPANION_FILES} non-weight files")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+        copied.append(str(relative))
+    return copied

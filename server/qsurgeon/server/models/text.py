@@ -17,7 +17,7 @@ from torch import nn
 
 from qsurgeon.client.errors import UsageError
 from qsurgeon.server.models.base import DEFAULT_EXCLUDE, ModelAdapter
-from qsurgeon.server.models.folders import check_model_folder, is_causal_lm
+from qsurgeon.server.models.folders import check_model_folder, copy_companion_files, is_causal_lm
 
 class HFTextAdapter(ModelAdapter):
     """A Hugging Face text model from a local folder: encoder (``AutoModel``) or causal LM."""
@@ -58,7 +58,9 @@ class HFTextAdapter(ModelAdapter):
             # Decoders often ship no pad token; padding positions are masked out of every
             # statistic anyway, so any id will do and eos is the conventional one.
             tokenizer.pad_token = tokenizer.eos_token
-        return cls(model, tokenizer, kind, include, exclude)
+        adapter = cls(model, tokenizer, kind, include, exclude)
+        adapter.source = folder
+        return adapter
 
     def call_inputs(self, batch: Mapping[str, torch.Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         inputs: dict[str, Any] = {"input_ids": batch["input_ids"]}
@@ -80,6 +82,8 @@ class HFTextAdapter(ModelAdapter):
         self.model.save_pretrained(folder, safe_serialization=True)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(folder)
+        if self.source is not None:  # sentence-transformers modules, model card, ...
+            copy_companion_files(self.source, folder)
 
 
 class TorchModuleAdapter(ModelAdapter):

@@ -37,7 +37,7 @@ from torch import nn
 
 from qsurgeon.client.errors import UsageError
 from qsurgeon.server.models.base import DEFAULT_EXCLUDE, ModelAdapter
-from qsurgeon.server.models.folders import check_model_folder, read_config
+from qsurgeon.server.models.folders import check_model_folder, copy_companion_files, read_config
 
 #: architecture-name endings of the image classifiers this adapter loads
 CLASSIFIER_SUFFIXES: tuple[str, ...] = ("ForImageClassification", "ForImageClassificationWithTeacher")
@@ -96,7 +96,9 @@ class HFImageAdapter(ModelAdapter):
     def from_folder(cls, folder: str | Path, include: Sequence[str] = (), exclude: Sequence[str] = DEFAULT_EXCLUDE,
                     dtype: torch.dtype = torch.float32) -> "HFImageAdapter":
         folder = check_model_folder(folder)
-        return cls(load_image_classifier(folder, dtype=dtype), load_image_processor(folder), include, exclude)
+        adapter = cls(load_image_classifier(folder, dtype=dtype), load_image_processor(folder), include, exclude)
+        adapter.source = folder
+        return adapter
 
     @property
     def num_channels(self) -> int:
@@ -126,6 +128,8 @@ class HFImageAdapter(ModelAdapter):
         self.model.save_pretrained(folder, safe_serialization=True)
         if self.processor is not None:
             self.processor.save_pretrained(folder)
+        if self.source is not None:
+            copy_companion_files(self.source, folder)
 
 
 def load_image_classifier(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -13,8 +13,21 @@
   *semi-synthetic*: a weight's per-sample gradient is Σ_t δ_t a_t over the tokens of a
   sample, with the real activations a_t of that sample and a random output gradient δ_t
   (standard normal, no loss is back-propagated). Factored form F = G·diag(w0)/√(2N).
+- :func:`outlier_block`: a layer-wise block of B input channels of one MiniLM row whose
+  inputs were given a few *outlier channels* (2 % of them scaled by 5–15×, as LLM
+  activations have); the block is a random subset of the row's channels (outliers
+  included), k = B/2, x0 = Wanda inside the block, the rest of the row kept. Outlier
+  variables have Q entries 25–225× the others: they wreck statistics such as the median
+  |ΔE| at a random start.
+- :func:`causal_block`: the same kind of block from rows of a causal LM's MLP down
+  projection (Llama-style: RMSNorm, SwiGLU, random init from a fixed seed, random token ids;
+  nothing downloaded), whose inputs (SwiGLU outputs) are heavy-tailed.
+- :func:`nm_block`: a layer-wise block of B consecutive weights of MiniLM rows with 4:8
+  groups (every 8 consecutive weights hold exactly 4 pruned), x0 = Wanda per group.
 - :func:`pruning_like_dense`: the synthetic generator of tests/test_sa.py
   (diag(w) X Xᵀ diag(w), heavy-tailed w, correlated X), k = B/2, magnitude x0.
+
+:data:`FAMILIES` names every generator the solver benchmarks report on.
 
 All take (B, seed) and are deterministic. The real activations are computed once and
 cached in ``benchmarks/cache/`` (git-ignored); nothing is downloaded.
@@ -227,3 +240,158 @@ def pruning_like_dense(num_variables: int, seed: int) -> BlockProblem:
     x0 = np.zeros(num_variables, np.uint8)
     x0[np.argsort(np.abs(w))[:k]] = 1
     return BlockProblem.dense((Q + Q.T) / 2, k=k, x0=x0, id=f"synthetic-{num_variables}-{seed}")
+
+
+# ---------------------------------------------------------------------- rows with outliers, causal LM, N:M
+OUTLIER_SHARE = 0.02
+OUTLIER_FACTORS = (5.0, 15.0)
+
+
+def _channel_block(gram: np.ndarray, weight: np.ndarray, num_variables: int, rng: np.random.Generator,
+                   label: str, meta: dict) -> BlockProblem:
+    """A block of B channels of ``weight``'s rows (B/rows per row, random subsets), k = B/2.
+
+    x0 is Wanda inside each piece (the half with the lowest |w|·‖a‖ pruned); the rest of the
+    row stays kept, so the block has no fixed pruned part (offset 0).
+    """
+    inputs = gram.shape[0]
+    norms = np.sqrt(np.diag(gram))
+    pieces = [min(size, inputs) for size in _split_by(num_variables, inputs)]
+    rows = rng.choice(weight.shape[0], size=len(pieces), replace=len(pieces) > weight.shape[0])
+    Q = np.zeros((num_variables, num_variables))
+    x0 = np.zeros(num_variables, np.uint8)
+    start = 0
+    for row, size in zip(rows, pieces):
+        channels = np.sort(rng.choice(inputs, size=size, replace=False))
+        w = weight[row, channels]
+        end = start + size
+        Q[start:end, start:end] = w[:, None] * gram[np.ix_(channels, channels)] * w[None, :]
+        scores = np.abs(w) * norms[channels]
+        x0[start + np.argsort(scores, kind="stable")[: size // 2]] = 1
+        start = end
+    Q = ((Q + Q.T) / 2).astype(np.float32)
+    return BlockProblem.dense(Q, k=int(x0.sum()), x0=x0, id=f"{label}-{num_variables}-{meta.get('seed')}", meta=meta)
+
+
+def _split_by(size: int, width: int) -> list[int]:
+    rows = -(-size // width)
+    base = size // rows
+    return [base + (1 if index < size - base * rows else 0) for index in range(rows)]
+
+
+@functools.lru_cache(maxsize=NUM_LAYERS)
+def _outlier_gram(layer: int) -> np.ndarray:
+    """Gram of a MiniLM layer's FFN inputs with 2 % of the channels scaled by 5–15× (fixed per layer)."""
+    rng = np.random.default_rng(1000 + layer)
+    gram = _gram(layer)
+    channels = rng.choice(gram.shape[0], size=max(1, int(OUTLIER_SHARE * gram.shape[0])), replace=False)
+    scale = np.ones(gram.shape[0])
+    scale[channels] = rng.uniform(*OUTLIER_FACTORS, size=channels.size)
+    return scale[:, None] * gram * scale[None, :]
+
+
+def outlier_block(num_variables: int, seed: int) -> BlockProblem:
+    """A block of a MiniLM FFN row whose inputs have 2 % outlier channels (5–15×); k = B/2."""
+    rng = np.random.default_rng(seed)
+    layer = int(rng.integers(NUM_LAYERS))
+    weight = minilm_ffn_data()[f"weight{layer}"].astype(np.float64)
+    return _channel_block(_outlier_gram(layer), weight, num_variables, rng, "outlier", {"layer": layer, "seed": seed})
+
+
+CAUSAL_LAYERS = 2
+
+
+@functools.lru_cache(maxsize=1)
+def causal_lm_data() -> dict[str, np.ndarray]:
+    """Inputs and weights of the MLP down projections of a small random-init Llama-style LM.
+
+    hidden 256, intermediate 1024, 2 layers, 4 heads; weights from torch.manual_seed(0)
+    (transformers' own initialisation), 16 sequences × 64 random token ids. Built locally,
+    deterministic, cached in benchmarks/cache/.
+    """
+    path = CACHE / "causal_lm_down_proj.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=1024, num_hidden_layers=CAUSAL_LAYERS,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
+    model = LlamaForCausalLM(config).eval()
+    tokens = torch.randint(0, config.vocab_size, (16, 64), generator=torch.Generator().manual_seed(1))
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [layer.mlp.down_proj.register_forward_hook(
+        lambda module, args, output, index=index: captured.__setitem__(index, args[0].detach()))
+        for index, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        model(tokens)
+    for hook in hooks:
+        hook.remove()
+    arrays = {}
+    for index, layer in enumerate(model.model.layers):
+        arrays[f"inputs{index}"] = captured[index].reshape(-1, config.intermediate_size).numpy().astype(np.float32)
+        arrays[f"weight{index}"] = layer.mlp.down_proj.weight.detach().numpy().astype(np.float32)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+    return arrays
+
+
+@functools.lru_cache(maxsize=CAUSAL_LAYERS)
+def _causal_gram(layer: int) -> np.ndarray:
+    inputs = causal_lm_data()[f"inputs{layer}"].astype(np.float64)
+    return inputs.T @ inputs / inputs.shape[0]
+
+
+def causal_block(num_variables: int, seed: int) -> BlockProblem:
+    """A block of a causal LM's MLP down-projection row (random-init Llama-style); k = B/2."""
+    rng = np.random.default_rng(seed)
+    layer = int(rng.integers(CAUSAL_LAYERS))
+    weight = causal_lm_data()[f"weight{layer}"].astype(np.float64)
+    return _channel_block(_causal_gram(layer), weight, num_variables, rng, "causal", {"layer": layer, "seed": seed})
+
+
+NM = (4, 8)  # N pruned of every M consecutive weights
+
+
+def nm_block(num_variables: int, seed: int) -> BlockProblem:
+    """B consecutive weights of MiniLM FFN rows with 4:8 groups, x0 = Wanda per group."""
+    pruned, group = NM
+    if num_variables % group:
+        raise ValueError(f"nm_block needs B divisible by {group}")
+    rng = np.random.default_rng(seed)
+    layer = int(rng.integers(NUM_LAYERS))
+    gram = _gram(layer)
+    norms = np.sqrt(np.diag(gram))
+    weight = minilm_ffn_data()[f"weight{layer}"].astype(np.float64)
+    pieces = _split_by(num_variables, ROW_INPUTS)
+    pieces = [size - size % group for size in pieces]
+    pieces[0] += num_variables - sum(pieces)
+    rows = rng.choice(weight.shape[0], size=len(pieces), replace=False)
+    Q = np.zeros((num_variables, num_variables))
+    x0 = np.zeros(num_variables, np.uint8)
+    start = 0
+    for row, size in zip(rows, pieces):
+        first = int(rng.integers(0, ROW_INPUTS - size + 1)) // group * group
+        channels = np.arange(first, first + size)
+        w = weight[row, channels]
+        Q[start:start + size, start:start + size] = w[:, None] * gram[np.ix_(channels, channels)] * w[None, :]
+        scores = (np.abs(w) * norms[channels]).reshape(-1, group)
+        lowest = np.argsort(scores, axis=1, kind="stable")[:, :pruned]
+        x0[start + (np.arange(size // group)[:, None] * group + lowest).reshape(-1)] = 1
+        start += size
+    groups = np.arange(num_variables) // group
+    Q = ((Q + Q.T) / 2).astype(np.float32)
+    return BlockProblem.dense(Q, groups=groups, counts=np.full(num_variables // group, pruned), x0=x0,
+                              id=f"nm-{num_variables}-{seed}", meta={"layer": layer, "seed": seed})
+
+
+#: Every family the solver benchmarks report on: name -> (B, seed) -> BlockProblem.
+FAMILIES = {
+    "layerwise": layerwise_block,
+    "fisher": fisher_block,
+    "outlier": outlier_block,
+    "causal": causal_block,
+    "nm": nm_block,
+}

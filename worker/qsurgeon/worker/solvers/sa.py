@@ -1,8 +1,9 @@
 """``sa``: cardinality-preserving simulated annealing with swap moves (docs/icbs.md §7).
 
-Each chain starts feasible (the problem's x0, or a random assignment with the right count
-in every group) and only ever proposes swapping one pruned and one kept variable of the
-same group, so every state it visits is feasible. β follows a geometric schedule made
+Each chain starts feasible (the problem's x0; without one, the greedy construction +
+best-swap descent of :mod:`greedy`; or, when asked, a random assignment with the right
+count in every group) and only ever proposes swapping one pruned and one kept variable of
+the same group, so every state it visits is feasible. β follows a geometric schedule made
 dimensionless by the problem's own energy scale, β = β_rel / median|ΔE| of 256 random
 swaps at the start state, because block energies range over orders of magnitude
 (1e-4…1e-2) and one absolute schedule cannot fit them all. A sweep is B proposals.
@@ -28,6 +29,7 @@ import numpy as np
 from qsurgeon.client.errors import SolverUnavailableError, UsageError
 from qsurgeon.worker.block.problem import MAX_VARIABLES, BlockProblem, BlockSolution
 from qsurgeon.worker.solvers.base import Capabilities, Param, Solver, check_params, declared_value, starts_from_x0
+from qsurgeon.worker.solvers.greedy import greedy_start, swap_deltas
 from qsurgeon.worker.solvers.sa_rng import chain_keys, problem_digest
 
 #: β_rel range from x0 and from a random start. Tuned on real MiniLM layer-wise blocks (B = 256,
@@ -39,18 +41,30 @@ from qsurgeon.worker.solvers.sa_rng import chain_keys, problem_digest
 #: answer from x0 is never worse than x0.
 DEFAULT_BETA_RANGE_X0 = (20.0, 300.0)
 DEFAULT_BETA_RANGE_RANDOM = (20.0, 300.0)
+#: From the greedy start (a 1-swap local optimum: every ΔE there is ≥ 0) the scale is a low
+#: quantile of |ΔE| over random swaps *at that state*, not the median at a random state: rows
+#: with outlier input channels make a few swaps 10²× costlier than the rest, and at a random
+#: state those inflate every ΔE (through h = Qx), so the median there made the whole schedule
+#: hot. Values tuned on the benchmark families (docs/solvers.md, "Robust starts").
+DEFAULT_BETA_RANGE_GREEDY = (2.0, 100.0)
+GREEDY_SCALE_QUANTILE = 0.25
 DEFAULT_RESTARTS = 4
 DEFAULT_SWEEPS = 1000
-_STARTS = ("auto", "x0", "random")
+_STARTS = ("auto", "x0", "random", "greedy")
 _DEVICES = ("auto", "cpu", "cuda")
 _SEED_BOUND = 2**127
 #: Every parameter ``sa`` takes: the one declaration that parsing, checks and listings use.
 PARAMETERS = (
     Param("restarts", "int", "independent chains per problem", DEFAULT_RESTARTS, minimum=1),
     Param("sweeps", "int", "sweeps per chain (a sweep = B swap proposals)", DEFAULT_SWEEPS, minimum=0),
-    Param("beta_range", "pair", "(β_rel start, end); none: (20, 300) from either start"),
+    Param("beta_range", "pair", "(β_rel start, end); none: (20, 300) from x0 or random, "
+          f"{DEFAULT_BETA_RANGE_GREEDY} from the greedy start"),
+    Param("scale_quantile", "float", "quantile of |ΔE| over swaps at the start that makes β dimensionless "
+          f"(none: the median of 256 random swaps from x0 or random, {GREEDY_SCALE_QUANTILE} of 1024 from greedy)",
+          above=0.0, maximum=1.0),
     Param("time_limit", "float", "seconds for the whole call, checked between chunks of sweeps", above=0.0),
-    Param("start", "str", "auto: x0 where the problem has one, else random", "auto", choices=_STARTS),
+    Param("start", "str", "auto: x0 where the problem has one, else greedy (construction + swap descent)",
+          "auto", choices=_STARTS),
     Param("seed", "int", "random seed (none: a fresh one, reported in the metadata)",
           minimum=-_SEED_BOUND, maximum=_SEED_BOUND - 1),
     Param("device", "str", "auto: cuda when available, else cpu", "auto", choices=_DEVICES),
@@ -64,6 +78,7 @@ class AnnealParams:
     restarts: int
     sweeps: int
     beta_range: tuple[float, float] | None  # None: by start (DEFAULT_BETA_RANGE_*)
+    scale_quantile: float | None  # None: by start (median from x0/random, GREEDY_SCALE_QUANTILE from greedy)
     time_limit: float | None
     start: str
     seed: int
@@ -75,7 +90,7 @@ class AnnealParams:
         value = functools.partial(declared_value, PARAMETERS, checked)
         seed = value("seed")
         return cls(restarts=value("restarts"), sweeps=value("sweeps"), beta_range=value("beta_range"),
-                   time_limit=value("time_limit"), start=value("start"),
+                   scale_quantile=value("scale_quantile"), time_limit=value("time_limit"), start=value("start"),
                    seed=secrets.randbits(63) if seed is None else seed, device=_resolve_device(value("device")))
 
 
@@ -97,9 +112,14 @@ def _resolve_device(device: str) -> str:
     return device
 
 
+#: Row of the β table each kind of start follows.
+BETA_ROW = {"random": 0, "x0": 1, "greedy": 2}
+
+
 def _beta_table(params: AnnealParams) -> tuple[np.ndarray, list[tuple[float, float]]]:
-    """Rows of dimensionless β per sweep: row 0 for random starts, row 1 for x0 starts."""
-    ranges = [params.beta_range or DEFAULT_BETA_RANGE_RANDOM, params.beta_range or DEFAULT_BETA_RANGE_X0]
+    """Rows of dimensionless β per sweep: row 0 for random starts, 1 for x0 starts, 2 for greedy ones."""
+    ranges = [params.beta_range or DEFAULT_BETA_RANGE_RANDOM, params.beta_range or DEFAULT_BETA_RANGE_X0,
+              params.beta_range or DEFAULT_BETA_RANGE_GREEDY]
     sweeps = max(params.sweeps, 1)
     table = np.stack([np.geomspace(low, high, sweeps) for low, high in ranges]).astype(np.float64)
     return np.ascontiguousarray(table[:, : params.sweeps]), ranges
@@ -137,6 +157,38 @@ def _kernel_form(problem: BlockProblem) -> BlockProblem:
                         offset=problem.offset, x0=problem.x0, id=problem.id)
 
 
+def start_kind(problem: BlockProblem, start: str, solver: str) -> str:
+    """"x0", "random" or "greedy": where a problem's chains start under the ``start`` parameter.
+
+    "auto" is x0 when the problem has one, else the greedy construction (never a random
+    state: on blocks with outlier channels a random start costs 15–50 % of energy).
+    """
+    if start == "greedy":
+        return "greedy"
+    if start == "auto" and problem.x0 is None:
+        return "greedy"
+    return "x0" if starts_from_x0(problem, start, solver) else "random"
+
+
+def robust_scale(deltas: np.ndarray, quantile: float) -> float:
+    """The ``quantile`` of the non-zero |ΔE|; falls back to their mean, then 1, when none is positive."""
+    magnitudes = np.abs(np.asarray(deltas, np.float64))
+    magnitudes = magnitudes[magnitudes > 0]
+    if magnitudes.size == 0:
+        return 1.0
+    value = float(np.quantile(magnitudes, quantile))
+    return value if value > 0 else float(magnitudes.mean())
+
+
+def _random_state(problem: BlockProblem, key: np.uint64) -> np.ndarray:
+    """A random feasible state (for a scale_quantile asked for with random starts; not the chain's own)."""
+    rng = np.random.default_rng(int(key))
+    x = np.zeros(problem.num_variables, np.uint8)
+    for members, count in zip(problem.group_members(), problem.counts):
+        x[rng.choice(members, size=int(count), replace=False)] = 1
+    return x
+
+
 class SimulatedAnnealingSolver(Solver):
     """Swap-move annealing that never leaves the feasible set; vectorised over a batch."""
 
@@ -159,7 +211,9 @@ class SimulatedAnnealingSolver(Solver):
         restarts (4), sweeps (1000; a sweep = B proposals), beta_range ((β_rel start, end);
         default (20, 300) from either start), time_limit (seconds for
         the whole call, checked between chunks of sweeps; the best so far is returned),
-        start ("auto": x0 where the problem has one, else random; "x0"; "random"),
+        scale_quantile (the |ΔE| quantile behind β; default by start),
+        start ("auto": x0 where the problem has one, else "greedy"; "x0"; "random"; "greedy":
+        the construction + swap descent of :mod:`greedy`, from which the run can only improve),
         seed (None: a fresh random seed, reported in the metadata), device ("auto", "cpu",
         "cuda").
         """
@@ -168,22 +222,36 @@ class SimulatedAnnealingSolver(Solver):
         if not problems:
             return []
         started = time.perf_counter()
-        use_x0 = np.array([starts_from_x0(problem, options.start, self.name) for problem in problems], np.bool_)
+        starts = [start_kind(problem, options.start, self.name) for problem in problems]
         keys = np.stack([chain_keys(_digest(problem), options.seed, options.restarts) for problem in problems])
         betas, ranges = _beta_table(options)
-        beta_rows = use_x0.astype(np.int64)
-        kernel_problems = [_kernel_form(problem) for problem in problems]
+        beta_rows = np.array([BETA_ROW[kind] for kind in starts], np.int64)
+        kernel_problems, scales = [], np.full(len(problems), np.nan)
+        for index, (problem, kind) in enumerate(zip(problems, starts)):
+            if kind == "greedy":  # the kernel starts from the constructed state as from an x0
+                x = greedy_start(problem)
+                problem = problem.with_x0(x)
+                quantile = options.scale_quantile or GREEDY_SCALE_QUANTILE
+                scales[index] = robust_scale(swap_deltas(problem, x), quantile)
+            elif options.scale_quantile is not None:
+                scales[index] = robust_scale(swap_deltas(problem, problem.x0 if kind == "x0" else
+                                                         _random_state(problem, keys[index, 0, 0])),
+                                             options.scale_quantile)
+            kernel_problems.append(_kernel_form(problem))
+        use_x0 = np.array([kind != "random" for kind in starts], np.bool_)
         if options.device == "cuda":
             from qsurgeon.worker.solvers import sa_cuda
 
-            results = sa_cuda.run_batch(kernel_problems, keys, use_x0, beta_rows, betas, options.time_limit, device="cuda")
+            results = sa_cuda.run_batch(kernel_problems, keys, use_x0, beta_rows, betas, options.time_limit,
+                                        device="cuda", scales=scales)
         else:
             from qsurgeon.worker.solvers import sa_cpu
 
-            results = sa_cpu.run_batch(kernel_problems, keys, use_x0, beta_rows, betas, options.time_limit)
+            results = sa_cpu.run_batch(kernel_problems, keys, use_x0, beta_rows, betas, options.time_limit,
+                                       scales=scales)
         elapsed = time.perf_counter() - started
         solutions = []
-        for problem, kernel_problem, result, from_x0 in zip(problems, kernel_problems, results, use_x0):
+        for problem, kernel_problem, result, kind in zip(problems, kernel_problems, results, starts):
             energies = problem.energies(result.best_x)
             best = int(np.argmin(energies))
             proposals = result.sweeps_done * problem.num_variables * options.restarts
@@ -199,8 +267,8 @@ class SimulatedAnnealingSolver(Solver):
                     "device": options.device,
                     "kernel_form": "factored" if kernel_problem.is_factored else "dense",
                     "seed": options.seed,
-                    "start": "x0" if from_x0 else "random",
-                    "beta_range": list(ranges[int(from_x0)]),
+                    "start": kind,
+                    "beta_range": list(ranges[BETA_ROW[kind]]),
                     "energy_scale": statistics.median(result.scale.tolist()),
                     "acceptance_rate": float(result.accepted.sum() / proposals) if proposals else 0.0,
                     "best_restart": best,

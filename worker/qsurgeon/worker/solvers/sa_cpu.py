@@ -393,8 +393,17 @@ def next_chunk(sweeps_left: int, sweeps_done: int, seconds_so_far: float, deadli
     return max(1, min(sweeps_left, int(target / seconds_per_sweep)))
 
 
+def override_scales(scale: np.ndarray, scales: np.ndarray | None, restarts: int) -> None:
+    """Replace the kernel's median-|ΔE| scale of every chain whose problem comes with its own (finite) one."""
+    if scales is None:
+        return
+    per_chain = np.repeat(np.asarray(scales, np.float64), restarts)
+    given = np.isfinite(per_chain)
+    scale[given] = per_chain[given]
+
+
 def _run_part(problems: list[BlockProblem], keys: np.ndarray, use_x0: np.ndarray, beta_rows: np.ndarray,
-              betas: np.ndarray, deadline: float | None) -> list[ChainResults]:
+              betas: np.ndarray, deadline: float | None, scales: np.ndarray | None = None) -> list[ChainResults]:
     """Run every chain of a part of the batch whose problems are all dense or all factored."""
     restarts = keys.shape[1]
     layout = _constraint_layout(problems, use_x0)
@@ -455,6 +464,7 @@ def _run_part(problems: list[BlockProblem], keys: np.ndarray, use_x0: np.ndarray
                          L["nsw"], L["sw_groups"], chain_problem, chain_var_off, chain_beta_row, key_run, betas,
                          scale, begin, end, x, best_x, slot, fields, energy, best_energy, accepted)
 
+    override_scales(scale, scales, restarts)
     total_sweeps = betas.shape[1]
     done = 0
     started = time.perf_counter()
@@ -482,8 +492,10 @@ def _matrix_bytes(problem: BlockProblem) -> int:
 
 
 def run_batch(problems: list[BlockProblem], keys: np.ndarray, use_x0: np.ndarray, beta_rows: np.ndarray,
-              betas: np.ndarray, time_limit: float | None) -> list[ChainResults]:
+              betas: np.ndarray, time_limit: float | None, scales: np.ndarray | None = None) -> list[ChainResults]:
     """Anneal every problem of a batch on the CPU; returns one ChainResults per problem.
+
+    scales: (P,) energy scale per problem, NaN where the kernel's own median |ΔE| applies.
 
     keys: (P, restarts, 3) uint64; use_x0: (P,) bool; beta_rows: (P,) row of ``betas``
     (rows × sweeps, dimensionless β) each problem follows. Dense and factored problems run
@@ -514,7 +526,8 @@ def run_batch(problems: list[BlockProblem], keys: np.ndarray, use_x0: np.ndarray
         if time_limit is not None:
             remaining = time_limit - (time.perf_counter() - started)
             deadline = time.perf_counter() + max(remaining, 0.0) * work[position] / max(sum(work[position:]), 1)
-        answers = _run_part([problems[i] for i in part], keys[part], use_x0[part], beta_rows[part], betas, deadline)
+        answers = _run_part([problems[i] for i in part], keys[part], use_x0[part], beta_rows[part], betas, deadline,
+                            None if scales is None else np.asarray(scales)[part])
         for index, answer in zip(part, answers):
             results[index] = answer
     return results  # type: ignore[return-value]

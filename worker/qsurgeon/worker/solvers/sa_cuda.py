@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from qsurgeon.worker.block.problem import BlockProblem
-from qsurgeon.worker.solvers.sa_cpu import ChainResults, next_chunk
+from qsurgeon.worker.solvers.sa_cpu import ChainResults, next_chunk, override_scales
 from qsurgeon.worker.solvers.sa_rng import GAMMA, MAX_BETA_DELTA, MIX1, MIX2, SCALE_SAMPLES
 
 
@@ -279,9 +279,13 @@ class _Chains:
 
 def _run_bucket(bucket: _Bucket, keys: np.ndarray, use_x0: np.ndarray,
                 beta_rows: np.ndarray, betas: np.ndarray, deadline: float | None,
-                device: torch.device) -> list[ChainResults]:
+                device: torch.device, scales: np.ndarray | None = None) -> list[ChainResults]:
     chains = _Chains(bucket, keys, use_x0, beta_rows, betas, device)
     chains.start()
+    if scales is not None:
+        scale = chains.scale.cpu().numpy()
+        override_scales(scale, scales, chains.restarts)
+        chains.scale.copy_(torch.as_tensor(scale, device=device))
     total = betas.shape[1]
     done = 0
     started = time.perf_counter()
@@ -303,7 +307,8 @@ def _run_bucket(bucket: _Bucket, keys: np.ndarray, use_x0: np.ndarray,
 
 
 def run_batch(problems: list[BlockProblem], keys: np.ndarray, use_x0: np.ndarray, beta_rows: np.ndarray,
-              betas: np.ndarray, time_limit: float | None, device: str | torch.device = "cuda") -> list[ChainResults]:
+              betas: np.ndarray, time_limit: float | None, device: str | torch.device = "cuda",
+              scales: np.ndarray | None = None) -> list[ChainResults]:
     """Same contract as :func:`sa_cpu.run_batch`, on a torch device (CUDA; the CPU for tests)."""
     device = torch.device(device)
     buckets: dict[tuple, list[int]] = {}
@@ -320,7 +325,8 @@ def run_batch(problems: list[BlockProblem], keys: np.ndarray, use_x0: np.ndarray
             remaining = time_limit - (time.perf_counter() - started)
             deadline = time.perf_counter() + max(remaining, 0.0) * work[position] / max(sum(work[position:]), 1)
         bucket = _bucket(problems, part, device)
-        answers = _run_bucket(bucket, keys[part], use_x0[part], beta_rows[part], betas, deadline, device)
+        answers = _run_bucket(bucket, keys[part], use_x0[part], beta_rows[part], betas, deadline, device,
+                              None if scales is None else np.asarray(scales)[part])
         for index, answer in zip(part, answers):
             results[index] = answer
     return results  # type: ignore[return-value]

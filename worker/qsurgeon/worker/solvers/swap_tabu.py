@@ -8,8 +8,8 @@ takes the best one that is not tabu (or that beats the best state so far), and f
 the two variables to move back for a few iterations, so it walks through the low plateaus
 of such landscapes instead of sampling them.
 
-Every chain starts feasible (x0 or a random assignment with the right count in every
-group) and only swaps inside a group, so counts stay exact. Factored blocks are searched
+Every chain starts feasible (x0; without one, the greedy construction + best-swap descent
+of :mod:`greedy`; or a random assignment with the right count in every group, when asked) and only swaps inside a group, so counts stay exact. Factored blocks are searched
 in dense form (Q = FᵀF + diag(c) formed in float64, stored as float32 like a dense block),
 which is why the solver accepts at most :data:`MAX_VARIABLES` variables: one iteration
 costs O(Σ_g ones_g · size_g), i.e. O(B²) for a single group. A chain's tenures come from
@@ -31,7 +31,9 @@ import numpy as np
 
 from qsurgeon.client.errors import UsageError
 from qsurgeon.worker.block.problem import BlockProblem, BlockSolution
-from qsurgeon.worker.solvers.base import Capabilities, Param, Solver, check_params, declared_value, starts_from_x0
+from qsurgeon.worker.solvers.base import Capabilities, Param, Solver, check_params, declared_value
+from qsurgeon.worker.solvers.greedy import greedy_start
+from qsurgeon.worker.solvers.sa import start_kind
 from qsurgeon.worker.solvers.sa_rng import chain_keys, problem_digest
 
 #: Largest block accepted: a dense float32 Q of 4096² is 64 MiB, and one iteration scans it.
@@ -48,7 +50,7 @@ DEFAULT_TENURE = 2
 #: beat ``sa`` alone and the search from x0 (docs/solvers.md); at B = 256 the search alone is best.
 AUTO_ANNEAL_ABOVE = 512
 DEFAULT_ANNEAL_SWEEPS = 1000
-_STARTS = ("auto", "x0", "random")
+_STARTS = ("auto", "x0", "random", "greedy")
 _MAX_ITERATIONS = 10**9
 _SEED_BOUND = 2**127
 #: Every parameter ``swap-tabu`` takes: the one declaration that parsing, checks and listings use.
@@ -63,7 +65,8 @@ PARAMETERS = (
     Param("anneal_sweeps", "int", f"sa sweeps first (none: {DEFAULT_ANNEAL_SWEEPS} when a group has more than "
           f"{AUTO_ANNEAL_ABOVE} variables, else 0)", minimum=0, maximum=_MAX_ITERATIONS),
     Param("time_limit", "float", "seconds for the whole call, checked between chunks of iterations", above=0.0),
-    Param("start", "str", "auto: x0 where the problem has one, else random", "auto", choices=_STARTS),
+    Param("start", "str", "auto: x0 where the problem has one, else greedy (construction + swap descent)",
+          "auto", choices=_STARTS),
     Param("seed", "int", "random seed (none: a fresh one, reported in the metadata)",
           minimum=-_SEED_BOUND, maximum=_SEED_BOUND - 1),
 )
@@ -148,7 +151,7 @@ class SwapTabuSolver(Solver):
         group has more than 512 variables, where descending from x0 one best swap per O(B²)
         iteration is slow, else 0), time_limit (seconds for the whole call, checked
         between chunks of iterations; the best so far is returned), start ("auto": x0 where
-        the problem has one, else random; "x0"; "random"), seed (None: fresh, reported in the
+        the problem has one, else "greedy"; "x0"; "random"; "greedy"), seed (None: fresh, reported in the
         metadata).
         """
         options = TabuParams.parse(params)
@@ -156,7 +159,8 @@ class SwapTabuSolver(Solver):
         if not problems:
             return []
         started = time.perf_counter()
-        use_x0 = np.array([starts_from_x0(problem, options.start, self.name) for problem in problems], np.bool_)
+        kinds = [start_kind(problem, options.start, self.name) for problem in problems]
+        use_x0 = np.array([kind != "random" for kind in kinds], np.bool_)
         annealed: list[BlockSolution | None] = [None] * len(problems)
         sweeps = [sweeps_to_anneal(problem, options.anneal_sweeps) for problem in problems]
         for count in sorted(set(sweeps) - {0}):  # sa's answers do not depend on the batch
@@ -165,11 +169,13 @@ class SwapTabuSolver(Solver):
                 annealed[index] = answer
                 use_x0[index] = True
         deadline = None if options.time_limit is None else started + options.time_limit
-        starts = [problem if answer is None else problem.with_x0(answer.x) for problem, answer in zip(problems, annealed)]
+        starts = [problem.with_x0(answer.x) if answer is not None
+                  else problem.with_x0(greedy_start(problem)) if kind == "greedy" else problem
+                  for problem, answer, kind in zip(problems, annealed, kinds)]
         results = self._search(starts, use_x0, options, deadline)
         elapsed = time.perf_counter() - started
-        return [self._solution(problem, result, bool(from_x0), answer, options, elapsed, len(problems))
-                for problem, result, from_x0, answer in zip(problems, results, use_x0, annealed)]
+        return [self._solution(problem, result, kind, answer, options, elapsed, len(problems))
+                for problem, result, kind, answer in zip(problems, results, kinds, annealed)]
 
     @staticmethod
     def _anneal(problems: list[BlockProblem], sweeps: int, options: TabuParams) -> list[BlockSolution]:
@@ -194,14 +200,14 @@ class SwapTabuSolver(Solver):
         time_limit = None if deadline is None else max(deadline - time.perf_counter(), 1e-6)
         return swap_tabu_cpu.run_batch(kernel_problems, np.stack(keys), use_x0, options.iterations, time_limit)
 
-    def _solution(self, problem: BlockProblem, result: Any, from_x0: bool, annealed: BlockSolution | None,
+    def _solution(self, problem: BlockProblem, result: Any, kind: str, annealed: BlockSolution | None,
                   options: TabuParams, elapsed: float, batch_size: int) -> BlockSolution:
         energies = problem.energies(result.best_x)
         best = int(np.argmin(energies))
         metadata = {
             "device": "cpu",
             "seed": options.seed,
-            "start": ("sa" if annealed is not None else "x0" if from_x0 else "random"),
+            "start": ("sa" if annealed is not None else kind),
             "tenure": options.tenure,
             "iterations": result.iterations_done,
             "iterations_requested": options.iterations,

@@ -15,9 +15,10 @@ import torch
 
 from qsurgeon.client.errors import UsageError
 from qsurgeon.server.engine.icbs import (
-    FisherTerms, ICBSConfig, ICBSState, TensorTask, _plan, _prepare, initial_state, layer_error,
-    relative_layer_error, run_icbs,
+    FisherTerms, ICBSConfig, ICBSState, TensorTask, initial_state, mask_row_errors, relative_layer_error, run_icbs,
 )
+from qsurgeon.server.engine.icbs.schedule import plan_epoch
+from qsurgeon.server.engine.icbs.state import prepare_tensor
 from qsurgeon.server.pruning.masks import check_mask, initial_mask, score_weights
 from qsurgeon.server.pruning.sparsity import Sparsity
 from qsurgeon.worker.block.problem import BlockProblem, BlockSolution
@@ -100,8 +101,8 @@ def test_a_whole_row_block_reaches_the_brute_force_optimum():
         for chosen in itertools.combinations(range(12), 6):
             row_mask = torch.zeros(1, 12, dtype=torch.bool)
             row_mask[0, list(chosen)] = True
-            best = min(best, float(layer_error(task.weight[row:row + 1], H, row_mask)))
-        assert float(layer_error(task.weight[row:row + 1], H, state.masks[task.name][row:row + 1])) \
+            best = min(best, float(mask_row_errors(task.weight[row:row + 1], H, row_mask)))
+        assert float(mask_row_errors(task.weight[row:row + 1], H, state.masks[task.name][row:row + 1])) \
             == pytest.approx(best, rel=1e-9)
 
 
@@ -134,15 +135,15 @@ def test_steps_spread_over_tensors_by_log_size_with_a_minimum():
     sparsity = Sparsity(0.5)
     tasks, _ = _tasks(sparsity, shapes=((4, 8), (40, 400)))
     config = ICBSConfig(steps_per_epoch=30, objective="layerwise", seed=1)
-    contexts = [_prepare(task, config) for task in tasks]
-    plan = _plan(contexts, config, epoch=0)
+    contexts = [prepare_tensor(task, config) for task in tasks]
+    plan = plan_epoch(contexts, config, epoch=0)
     per_tensor = [sum(1 for t, _ in plan if t == index) for index in range(2)]
     sizes = [math.log10(32), math.log10(16000)]
     assert per_tensor == [round(30 * s / sum(sizes)) for s in sizes]
     assert plan != sorted(plan)  # shuffled
-    assert plan == _plan(contexts, config, epoch=0) and plan != _plan(contexts, config, epoch=1)
+    assert plan == plan_epoch(contexts, config, epoch=0) and plan != plan_epoch(contexts, config, epoch=1)
     tiny = ICBSConfig(steps_per_epoch=1)
-    assert [sum(1 for t, _ in _plan(contexts, tiny, 0) if t == i) for i in range(2)] == [1, 1]
+    assert [sum(1 for t, _ in plan_epoch(contexts, tiny, 0) if t == i) for i in range(2)] == [1, 1]
 
 
 def test_fixed_fractions_are_never_touched():
@@ -296,12 +297,12 @@ def test_real_solvers_beyond_enumeration_improve_monotonically(objective, solver
 def test_full_sweep_gives_wide_rows_more_blocks():
     tasks, _ = _tasks(Sparsity(0.5), shapes=((4, 24), (3, 96)))
     config = ICBSConfig(block_size=8, coverage=1 / 3)
-    contexts = [_prepare(task, config) for task in tasks]
-    plan = _plan(contexts, config, epoch=0)
+    contexts = [prepare_tensor(task, config) for task in tasks]
+    plan = plan_epoch(contexts, config, epoch=0)
     assert [sum(1 for t, _ in plan if t == index) for index in range(2)] == [4 * 1, 3 * 4]
     assert plan[:7] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2)]  # every row once first
     single = ICBSConfig(block_size=8, coverage=0.0)
-    assert len(_plan(contexts, single, epoch=0)) == 7
+    assert len(plan_epoch(contexts, single, epoch=0)) == 7
 
 
 class _InspectingQueue(InProcessQueue):

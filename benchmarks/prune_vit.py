@@ -118,7 +118,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from qsurgeon.server.evaluate.classification import evaluate_classification
-    from qsurgeon.server.engine.run import METHODS
+    from qsurgeon.server.engine.methods import METHODS
 
     cache = ensure_model() if args.model is None else None
     model = args.model or str(cache / "model")

@@ -1,0 +1,181 @@
+"""Pruning methods: what prunes one transformer block's tensors, by name (``--method``).
+
+A method is a function of a :class:`BlockContext` (the block's weights, the Gram of
+their inputs, the options, the queue) returning a :class:`BlockOutcome` (masks, and new
+weights where it changed kept ones). :data:`METHODS` maps the names of
+:data:`qsurgeon.client.options.Method` to them; another method is one line there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+
+from qsurgeon.client.errors import UsageError
+from qsurgeon.client.options import PruneOptions
+from qsurgeon.server.engine.options import icbs_config
+from qsurgeon.server.engine.report import PhaseTimer
+from qsurgeon.server.models.base import TargetLayer
+from qsurgeon.server.models.capture import LayerStats
+from qsurgeon.server.pruning.masks import initial_mask, score_weights
+from qsurgeon.server.pruning.sparsity import Sparsity
+from qsurgeon.worker.queue.base import Queue
+
+#: receives the run's event dicts (``start``, ``block``, ``round``, ``block_done``, ``done``)
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class BlockContext:
+    """Everything a pruning method sees for one transformer block."""
+
+    index: int
+    targets: list[TargetLayer]
+    weights0: dict[str, torch.Tensor]  # parameter name -> original (out, in) weight (a copy)
+    stats: dict[str, LayerStats]  # parameter name -> Gram of its inputs
+    sparsity: Sparsity
+    options: PruneOptions
+    queue: Queue
+    should_stop: Callable[[], bool]
+    progress: Progress
+    timings: dict[str, float]
+    resume: dict[str, Any] | None = None  # saved in-block state (iCBS) to continue from
+    gradients: Callable[[], dict[str, torch.Tensor]] | None = None  # per-sample grads at the current weights
+    save_state: Callable[[dict[str, Any]], None] = lambda state: None
+    info: dict[str, Any] = field(default_factory=dict)  # per-block facts for the report
+
+
+@dataclass
+class BlockOutcome:
+    """A method's answer: masks (True = pruned), and new weights where it changed kept ones."""
+
+    masks: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    initial: dict[str, torch.Tensor] | None = None  # the one-shot masks a search started from
+
+
+PruneMethod = Callable[[BlockContext], BlockOutcome]
+
+
+def initial_masks(context: BlockContext, score: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Scores and one-shot masks (docs/icbs.md §2) for every tensor of the block."""
+    score = score or context.options.init
+    if score == "sparsegpt":  # SparseGPT's masks, Wanda's scores to pick iCBS blocks (sparsegpt.py)
+        from qsurgeon.server.pruning.sparsegpt import sparsegpt_initial_masks
+
+        return sparsegpt_initial_masks(context.weights0, {n: s.gram for n, s in context.stats.items()},
+                                       context.sparsity, context.options.damp)
+    scores, masks = {}, {}
+    mean_gradients: dict[str, torch.Tensor] = {}
+    if score == "gradient":
+        if context.gradients is None:
+            raise UsageError("init 'gradient' needs a model with a loss (a causal LM or a module with loss_fn)")
+        mean_gradients = {name: grads.mean(dim=0) for name, grads in context.gradients().items()}
+    for name, weight0 in context.weights0.items():
+        norms = context.stats[name].input_norms().float() if score == "wanda" else None
+        scores[name] = score_weights(weight0, score, input_norms=norms, gradient=mean_gradients.get(name),
+                                     seed=context.options.seed)
+        masks[name] = initial_mask(scores[name], context.sparsity)
+    return scores, masks
+
+
+def fisher_terms(context: BlockContext, masks: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Per-sample gradients at the reference weights w0∘(1 − initial mask) of this block (docs/icbs.md §4)."""
+    from qsurgeon.server.engine.icbs import FisherTerms
+
+    if context.gradients is None:
+        raise UsageError("this model has no loss for the fisher objective")
+    try:
+        for layer in context.targets:
+            layer.apply_mask(masks[layer.parameter_name])
+        gradients = context.gradients()
+    finally:
+        for layer in context.targets:
+            layer.set_weight(context.weights0[layer.parameter_name])
+    return {name: FisherTerms(per_sample_grads=grads, grad=grads.mean(dim=0)) for name, grads in gradients.items()}
+
+
+def _one_shot(score: str) -> PruneMethod:
+    def method(context: BlockContext) -> BlockOutcome:
+        with PhaseTimer(context.timings, "init"):
+            _, masks = initial_masks(context, score)
+        return BlockOutcome(masks)
+
+    method.__doc__ = f"One-shot {score} pruning (docs/icbs.md §2): the lowest scores of every group."
+    return method
+
+
+def icbs_method(context: BlockContext) -> BlockOutcome:
+    """iCBS (docs/icbs.md §3–§6) on the block's tensors, starting from the ``--init`` mask."""
+    from qsurgeon.server.engine.icbs import ICBSState, TensorTask, run_icbs
+
+    options = context.options
+    with PhaseTimer(context.timings, "init"):
+        scores, masks = initial_masks(context)
+        fisher = fisher_terms(context, masks) if options.objective != "layerwise" else {}
+    tasks = [
+        TensorTask(name=name, weight=context.weights0[name], mask=masks[name], scores=scores[name],
+                   sparsity=context.sparsity, gram=context.stats[name].gram, fisher=fisher.get(name))
+        for name in context.weights0
+    ]
+    config = icbs_config(options)
+    state = None
+    if context.resume is not None:
+        state = ICBSState.from_dict(context.resume["tensors"], context.resume["meta"])
+
+    def on_round(current: "ICBSState", report: Any) -> None:
+        tensors, meta = current.to_dict()
+        context.save_state({"tensors": tensors, "meta": meta})
+        context.progress({
+            "event": "round", "block": context.index, "epoch": report.epoch + 1, "epochs": options.epochs,
+            "round": report.round_index + 1, "blocks": report.blocks, "accepted": report.accepted,
+            "energy": report.surrogate, "initial_energy": current.initial_surrogate,
+        })
+
+    with PhaseTimer(context.timings, "icbs"):
+        state = run_icbs(tasks, config, context.queue, state=state, on_round=on_round,
+                         should_stop=context.should_stop, job_id=f"block{context.index}")
+    totals: dict[str, int] = {}
+    for counters in state.counters.values():
+        for key, count in counters.items():
+            totals[key] = totals.get(key, 0) + int(count)
+    context.info.update({
+        "icbs_blocks": totals,
+        "icbs_rounds": state.round_index,
+        "icbs_completed": state.done,
+        "surrogate_initial": state.initial_surrogate,
+        "surrogate_per_epoch": list(state.history_epoch),
+        "surrogate_final": state.surrogate,
+        "icbs_counters": {name: dict(c) for name, c in state.counters.items()},
+    })
+    return BlockOutcome({name: state.masks[name].clone() for name in context.weights0}, initial=masks)
+
+
+def sparsegpt_method(context: BlockContext) -> BlockOutcome:
+    """SparseGPT (OBS mask selection with weight updates) on every tensor of the block."""
+    from qsurgeon.server.pruning.sparsegpt import sparsegpt_prune
+
+    outcome = BlockOutcome(masks={})
+    with PhaseTimer(context.timings, "init"):
+        for name, weight0 in context.weights0.items():
+            weight, mask = sparsegpt_prune(weight0, context.stats[name].gram, context.sparsity,
+                                           damp=max(context.options.damp, 1e-6))
+            outcome.masks[name], outcome.weights[name] = mask, weight
+    return outcome
+
+
+#: method name -> per-block pruning function; the names are :data:`qsurgeon.client.options.Method`'s
+METHODS: dict[str, PruneMethod] = {
+    "icbs": icbs_method,
+    "wanda": _one_shot("wanda"),
+    "magnitude": _one_shot("magnitude"),
+    "sparsegpt": sparsegpt_method,
+}
+
+
+__all__ = [
+    "BlockContext", "BlockOutcome", "METHODS", "Progress", "PruneMethod", "fisher_terms", "icbs_method",
+    "initial_masks", "sparsegpt_method",
+]

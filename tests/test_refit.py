@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.server.pruning.refit import damped_gram, layer_error, refit_rows
+from qsurgeon.server.pruning.refit import damped_gram, refit_rows, weight_row_errors
 
 
 def _layer(rows: int, width: int, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -47,13 +47,13 @@ def test_cg_reaches_the_exact_error_on_a_wider_rank_deficient_layer():
     weight, gram, mask = _layer(rows=16, width=48, tokens=30, seed=1)
     exact = refit_rows(weight, gram, mask, method="exact")
     hessian = damped_gram(gram, 0.01)
-    error_exact = layer_error(weight, exact, hessian)
+    error_exact = weight_row_errors(weight, exact, hessian)
     # the default tolerance (1e-3 relative residual) costs at most ~1e-4 of the error ...
-    error_default = layer_error(weight, refit_rows(weight, gram, mask, method="cg"), hessian)
+    error_default = weight_row_errors(weight, refit_rows(weight, gram, mask, method="cg"), hessian)
     assert torch.all(error_default >= error_exact * (1 - 1e-9))
     assert torch.allclose(error_default, error_exact, rtol=1e-4, atol=1e-9)
     # ... and a tighter one reaches the exact error
-    error_cg = layer_error(weight, refit_rows(weight, gram, mask, method="cg", tol=1e-5), hessian)
+    error_cg = weight_row_errors(weight, refit_rows(weight, gram, mask, method="cg", tol=1e-5), hessian)
     assert torch.allclose(error_cg, error_exact, rtol=1e-5, atol=1e-9)
 
 
@@ -67,9 +67,9 @@ def test_float32_cg_reaches_the_float64_error_and_keeps_float64_inputs_float64()
     careful = refit_rows(weight64, gram, mask, tol=1e-4, cg_dtype=torch.float64)
     exact = refit_rows(weight64, gram, mask, method="exact")
     assert fast.dtype == torch.float64
-    error_exact = layer_error(weight64, exact, hessian)
+    error_exact = weight_row_errors(weight64, exact, hessian)
     for refit in (fast, careful):
-        assert torch.allclose(layer_error(weight64, refit, hessian), error_exact, rtol=1e-5, atol=1e-9)
+        assert torch.allclose(weight_row_errors(weight64, refit, hessian), error_exact, rtol=1e-5, atol=1e-9)
     # a tolerance float32 cannot reach switches the iterations to float64 by itself
     tight = refit_rows(weight64, gram, mask, tol=1e-10)
     torch.testing.assert_close(tight, exact, rtol=1e-7, atol=1e-9)
@@ -81,9 +81,10 @@ def test_refit_never_increases_a_rows_error(method):
     mask_only = weight * ~mask
     # the damped objective is minimised exactly; undamped it may differ by the damping only
     hessian = damped_gram(gram, 0.01)
-    assert bool((layer_error(weight, refit, hessian) <= layer_error(weight, mask_only, hessian) * (1 + 1e-9)).all())
-    plain_refit = layer_error(weight, refit, gram)
-    plain_mask = layer_error(weight, mask_only, gram)
+    refit_error, mask_error = weight_row_errors(weight, refit, hessian), weight_row_errors(weight, mask_only, hessian)
+    assert bool((refit_error <= mask_error * (1 + 1e-9)).all())
+    plain_refit = weight_row_errors(weight, refit, gram)
+    plain_mask = weight_row_errors(weight, mask_only, gram)
     assert bool((plain_refit <= plain_mask * (1 + 1e-6) + 1e-9).all())
     assert float(plain_refit.sum()) < 0.8 * float(plain_mask.sum())  # and it helps a lot here
 
@@ -130,7 +131,8 @@ def test_undamped_full_rank_and_singular_grams_both_refit():
         assert torch.isfinite(refit).all()
         assert torch.all(refit[mask] == 0)
         pruned_only = weight64 * ~mask
-        assert torch.all(layer_error(weight64, refit, hessian) <= layer_error(weight64, pruned_only, hessian) + 1e-9)
+        refit_error = weight_row_errors(weight64, refit, hessian)
+        assert torch.all(refit_error <= weight_row_errors(weight64, pruned_only, hessian) + 1e-9)
         if tokens > 32:  # full rank: the unique optimum, same as the dense solve
             exact = refit_rows(weight64, gram, mask, damp=0.0, method="exact")
             torch.testing.assert_close(refit, exact, rtol=1e-6, atol=1e-8)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.server.pruning.refit import damped_gram, layer_error
+from qsurgeon.server.pruning.refit import damped_gram, weight_row_errors
 from qsurgeon.server.pruning.sparsegpt import sparsegpt_prune
 from qsurgeon.server.pruning.sparsity import Sparsity
 
@@ -101,7 +101,8 @@ def test_beats_magnitude_pruning_on_layer_error():
     pruned, _ = sparsegpt_prune(weight, gram, sparsity)
     threshold = weight.abs().kthvalue(sparsity.pruned_per_group(32), dim=1, keepdim=True).values
     magnitude = weight * (weight.abs() > threshold)
-    assert float(layer_error(weight, pruned, gram).sum()) < 0.5 * float(layer_error(weight, magnitude, gram).sum())
+    assert float(weight_row_errors(weight, pruned, gram).sum()) \
+        < 0.5 * float(weight_row_errors(weight, magnitude, gram).sum())
 
 
 def test_bad_inputs():

@@ -198,7 +198,8 @@ def _solve_cg(
     return delta
 
 
-def layer_error(weight0: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """Per-row layer-wise error ``(w − w0)ᵀ H (w − w0)`` in float64 (one value per row)."""
+def weight_row_errors(weight0: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Per-row layer-wise error of replacing ``weight0`` by ``weight`` (after a refit, say):
+    ``(w − w0)ᵀ H (w − w0)`` in float64, one value per row."""
     difference = (weight.to(torch.float64) - weight0.to(torch.float64))
     return ((difference @ gram.to(torch.float64)) * difference).sum(dim=1)

@@ -17,6 +17,7 @@ def test_demo_prunes_minilm_and_beats_wanda(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--json", "--out", str(out)]) == 0
     result = json.loads(capsys.readouterr().out)
+    assert result["out"] == str(out)
     assert result["tensors"] == 36 and result["density"] == pytest.approx(0.5, abs=1e-6)
     assert result["icbs"]["cosine"] > result["wanda"]["cosine"]
     assert result["icbs"]["relative_layer_error"] < result["wanda"]["relative_layer_error"]
@@ -27,3 +28,19 @@ def test_demo_prunes_minilm_and_beats_wanda(tmp_path, capsys):
         weight = model.get_parameter(name)
         assert torch.equal(weight == 0, mask), name
         assert torch.all(mask.sum(dim=1) == mask.shape[1] // 2), name  # exactly half of every row pruned
+
+
+@pytest.mark.slow
+def test_demo_without_out_says_so_and_leaves_nothing_behind(tmp_path, capsys, monkeypatch):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr("tempfile.tempdir", None)  # let tempfile read TMPDIR again
+    assert main(["demo"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0] == "all-MiniLM-L6-v2, 36 linears pruned to density 0.500"
+    assert lines[-1] == "The pruned model was not saved (nothing written to disk); run qsurgeon demo --out DIR to keep it."
+    assert "transformer block 6/6 done: " in captured.err and "QUBOs solved" in captured.err
+    written = [path for path in tmp_path.rglob("*") if path.suffix in (".safetensors", ".json")]
+    assert written == []  # no model, masks or report anywhere, temp folder included

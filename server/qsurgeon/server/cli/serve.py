@@ -12,7 +12,7 @@ from qsurgeon.client.errors import UsageError
 # The service needs the [server] extra. Fail the import of this module without it (found,
 # not imported: building the parser for `qsurgeon prune` must not load fastapi), so the CLI
 # frame shows `serve` as needing that extra and exits 2.
-for _package in ("fastapi", "uvicorn"):
+for _package in ("fastapi", "uvicorn", "prometheus_client"):
     if importlib.util.find_spec(_package) is None:
         raise ImportError(f"No module named {_package!r}", name=_package)
 

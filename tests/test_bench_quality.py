@@ -93,32 +93,30 @@ def test_bad_bench_options_exit_2(tmp_path, capsys):
 
 def test_presets_are_defaults_that_explicit_options_override():
     from qsurgeon.client.errors import UsageError
-    from qsurgeon.server.engine.run import PruneOptions
-    from qsurgeon.server.engine.presets import PRESETS, apply_preset
+    from qsurgeon.client.options import PRESETS, PruneOptions, build_options, preset_values
 
-    assert apply_preset("quality", {}) == PRESETS["quality"]
-    merged = apply_preset("quality", {"epochs": 4, "density": 0.3})
-    assert merged["epochs"] == 4 and merged["density"] == 0.3 and merged["init"] == PRESETS["quality"]["init"]
-    assert apply_preset(None, {"epochs": 3}) == {"epochs": 3}
-    fast = apply_preset("fast", {})
+    assert preset_values("quality") == PRESETS["quality"]
+    merged = build_options({"model": "m", "epochs": 4, "density": 0.3}, "quality")
+    assert merged.epochs == 4 and merged.density == 0.3 and merged.init == PRESETS["quality"]["init"]
+    assert preset_values(None) == {}
+    fast = preset_values("fast")
     assert fast["method"] == "icbs" and fast["init"] == "wanda" and not fast["refit"]
     for name in PRESETS:  # every preset is a valid set of prune options
-        PruneOptions(model="builtin:minilm", **apply_preset(name, {}))
+        PruneOptions(model="builtin:minilm", **preset_values(name))
     with pytest.raises(UsageError, match="unknown preset"):
-        apply_preset("best", {})
+        preset_values("best")
 
 
 def test_the_quality_preset_changes_what_it_measured_per_model_kind():
-    from qsurgeon.server.engine.run import PruneOptions
+    from qsurgeon.client.options import PRESETS, PRESETS_BY_KIND, PruneOptions, build_options, preset_values
     from qsurgeon.server.bench.quality import bench_overrides
-    from qsurgeon.server.engine.presets import PRESETS, PRESETS_BY_KIND, apply_preset
 
     for kind in ("encoder", "image-classifier", None):
-        assert apply_preset("quality", {}, kind) == PRESETS["quality"]
-    causal = apply_preset("quality", {}, "causal-lm")
+        assert preset_values("quality", kind) == PRESETS["quality"]
+    causal = preset_values("quality", "causal-lm")
     assert causal == {**PRESETS["quality"], **PRESETS_BY_KIND["quality"]["causal-lm"]}
     assert causal["block_size"] < 128 and causal["init"] == "wanda" and causal["refit"]
-    assert apply_preset("quality", {"block_size": 32}, "causal-lm")["block_size"] == 32  # explicit still wins
+    assert build_options({"model": "m", "block_size": 32}, "quality", "causal-lm").block_size == 32  # explicit wins
     PruneOptions(model="m", **causal)
     # the benchmark's icbs-quality row runs exactly the preset of the model's kind
     assert bench_overrides("icbs-quality", "causal-lm") == causal

@@ -25,8 +25,8 @@ from typing import Any, Callable
 import torch
 
 from qsurgeon.client.errors import UsageError
+from qsurgeon.client.options import PRESETS, QUALITY_SAMPLES, preset_values
 from qsurgeon.server.bench.lm import FULL, LM_FOLDER, QUICK, QUICK_LM_FOLDER, default_cache_dir, ensure_trained, is_trained
-from qsurgeon.server.engine.presets import PRESETS, QUALITY_SAMPLES, apply_preset
 from qsurgeon.server.evaluate.compare import default_task, evaluate_pair
 
 #: the benchmark's densities; a string is an N:M pattern
@@ -51,7 +51,7 @@ BENCH_METHODS: dict[str, dict[str, Any]] = {
 def bench_overrides(method: str, kind: str) -> dict[str, Any]:
     """A benchmark method's PruneOptions overrides for a model of ``kind``."""
     if method == "icbs-quality":  # exactly what ``--preset quality`` runs on this model
-        return apply_preset("quality", {}, kind)
+        return preset_values("quality", kind)
     return dict(BENCH_METHODS[method])
 
 

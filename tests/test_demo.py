@@ -32,6 +32,13 @@ def test_demo_prunes_minilm_and_beats_wanda(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_without_out_says_so_and_leaves_nothing_behind(tmp_path, capsys, monkeypatch):
+    # the same demo on a sliver of the work (the full run is the test above): what is written is the point here
+    from qsurgeon.server.cli import prune
+
+    monkeypatch.setitem(prune.DEMO_SETTINGS, "samples", 8)
+    monkeypatch.setitem(prune.DEMO_SETTINGS, "seq_len", 32)
+    monkeypatch.setitem(prune.DEMO_SETTINGS, "coverage", 0.0)  # one QUBO per row and round: still iCBS, a sliver
+    monkeypatch.setattr(prune, "DEMO_EVAL_TEXTS", 16)
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setenv("TMPDIR", str(scratch))

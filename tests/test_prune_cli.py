@@ -58,13 +58,16 @@ def _pickled_only_folder(bert, tmp_path):
 
 
 @pytest.mark.parametrize("case, message", [
-    (["--density", "0"], "density must lie strictly between 0 and 1"),
-    (["--density", "1"], "density must lie strictly between 0 and 1"),
-    (["--density", "1.5"], "density"),
+    (["--density", "0"], "--density: Input should be greater than 0, got '0'"),
+    (["--density", "1"], "--density: Input should be less than 1, got '1'"),
+    (["--density", "1.5"], "--density"),
+    (["--pattern", "2:0"], "--pattern: 2:0 must keep between 1 and M - 1 of every M"),
+    (["--seed", "abc"], "--seed: Input should be a valid integer"),
+    (["--samples", "1000000000"], "--samples: Input should be less than or equal to 65536"),
     (["--pattern", "2:24"], "multiple of 24"),
-    (["--method", "prayer"], "unknown method 'prayer'"),
+    (["--method", "prayer"], "--method: unknown value 'prayer'; choose one of: 'icbs', 'wanda'"),
     (["--solver", "oracle"], "unknown solver 'oracle'"),
-    (["--objective", "vibes"], "unknown objective 'vibes'"),
+    (["--objective", "vibes"], "--objective: unknown value 'vibes'"),
     (["MISSING"], "does not exist"),
     (["PICKLED"], "no .safetensors weights"),
     (["EMPTY-CALIBRATION"], "is empty"),
@@ -147,7 +150,9 @@ def test_icbs_search_options_reach_the_loop(tmp_path):
         "--fixed-pruned", "0.2", "--fixed-kept", "0.1", "--coverage", "0.5", "--gamma", "0.5", "--ridge", "0.01",
         "--fisher-weight", "2", "--block-size", "16",
     ])
-    config = options_from_args(args).icbs_config()
+    from qsurgeon.server.engine.options import icbs_config
+
+    config = icbs_config(options_from_args(args))
     assert (config.k, config.selection, config.tabu_size, config.block_size) == (5, "random", 3, 16)
     assert (config.fixed_pruned, config.fixed_kept, config.coverage) == (0.2, 0.1, 0.5)
     assert (config.gamma, config.ridge, config.fisher_weight) == (0.5, 0.01, 2.0)
@@ -156,7 +161,7 @@ def test_icbs_search_options_reach_the_loop(tmp_path):
 @pytest.mark.parametrize(("flag", "value", "message"), [
     ("--selection", "sideways", "selection"),
     ("--k", "40", "k must lie"),
-    ("--fixed-kept", "1.5", "fixed_kept"),
+    ("--fixed-kept", "1.5", "--fixed-kept: Input should be less than 1"),
     ("--tabu-size", "-1", "tabu"),
 ])
 def test_bad_icbs_search_options_exit_2(tmp_path, capsys, flag, value, message):
@@ -174,8 +179,8 @@ def _parsed_options(tmp_path, *extra):
 
 
 def test_presets_set_defaults_that_explicit_options_override(tmp_path):
-    from qsurgeon.server.engine.run import PruneOptions
-    from qsurgeon.server.engine.presets import PRESETS
+    from qsurgeon.client.options import PruneOptions
+    from qsurgeon.client.options import PRESETS
 
     plain = _parsed_options(tmp_path)
     assert plain.to_dict() == PruneOptions(model="m", out=str(tmp_path / "o")).to_dict()
@@ -192,7 +197,7 @@ def test_the_quality_preset_follows_the_model_kind(tmp_path):
 
     from qsurgeon.client.cli import build_parser
     from qsurgeon.server.cli.prune import options_from_args
-    from qsurgeon.server.engine.presets import PRESETS, PRESETS_BY_KIND
+    from qsurgeon.client.options import PRESETS, PRESETS_BY_KIND
 
     folder = save_tiny_model("llama", tmp_path / "llama")
 
@@ -209,6 +214,6 @@ def test_the_quality_preset_follows_the_model_kind(tmp_path):
 
 
 def test_unknown_preset_exits_2(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["prune", "builtin:minilm", "--out", str(tmp_path / "o"), "--preset", "turbo"])
-    assert exit_info.value.code == 2 and "turbo" in capsys.readouterr().err
+    code = main(["prune", "builtin:minilm", "--out", str(tmp_path / "o"), "--preset", "turbo"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--preset: unknown value 'turbo'" in err and len(err.splitlines()) == 1

@@ -1,6 +1,7 @@
 """CLI commands ``qsurgeon prune`` and ``qsurgeon demo``.
 
-Both are thin: they turn arguments into :class:`~qsurgeon.server.engine.run.PruneOptions`
+Both are thin: they turn arguments into :class:`~qsurgeon.client.options.PruneOptions`
+(whose fields declare the flags)
 and call :func:`~qsurgeon.server.engine.run.run_prune` with the in-process queue, exactly
 what the service runs with a Redis queue. Errors in the options are UsageErrors, which
 the CLI frame prints as one line with exit code 2 — before anything is written.
@@ -15,6 +16,9 @@ import os
 import sys
 import time
 from typing import Any
+
+from qsurgeon.client.cli.arguments import add_option_arguments, explicit_values
+from qsurgeon.client.options import PruneOptions, build_options
 
 
 #: the demo's settings: 50 % per row with iCBS on MiniLM (about 30 s of iCBS search on 2 cores)
@@ -34,58 +38,12 @@ def register(subparsers: Any) -> None:
         description="Prune every linear of a Hugging Face model (safetensors folder or builtin:minilm) to a "
         "density or an N:M pattern; write the pruned model, its masks and report.json to --out.",
     )
-    prune.add_argument("model", metavar="MODEL", help="a local Hugging Face folder with safetensors weights, or builtin:minilm")
-    prune.add_argument("--preset", default=None, choices=("fast", "quality"),
-                       help="fast: Wanda plus one iCBS epoch; quality: iCBS from SparseGPT's mask plus refit "
-                            "(causal LMs: small blocks from Wanda's mask; see docs/quality.md); options given "
-                            "explicitly override the preset's")
-    prune.add_argument("--method", default=None, help="icbs (default), wanda, magnitude, sparsegpt")
-    prune.add_argument("--density", type=float, default=None, help="fraction of weights kept, 0 < d < 1 (default 0.5)")
-    prune.add_argument("--pattern", default=None, metavar="N:M", help="keep N of every M input weights of a row (2:4, 4:8)")
-    prune.add_argument("--granularity", default=None, help="where the density holds: row (default), column, tensor")
-    prune.add_argument("--objective", default=None, help="layerwise (default), fisher, layerwise+fisher")
-    prune.add_argument("--init", default=None,
-                       help="initial mask for iCBS: wanda (default), magnitude, gradient, random, sparsegpt")
-    prune.add_argument("--solver", default=None, help="block solver (see qsurgeon solvers; default sa)")
-    prune.add_argument("--block-size", type=int, default=None, help="weights per iCBS block (default 128)")
-    prune.add_argument("--epochs", type=int, default=None, help="iCBS epochs (default 1)")
-    prune.add_argument("--steps-per-epoch", type=int, default=None, metavar="N",
-                       help="iCBS blocks per epoch (default: one block in every row of every tensor; "
-                       "set it for the fisher objectives, whose rounds hold one block per tensor)")
-    prune.add_argument("--calibration", default=None, metavar="FILE|images:DIR|npz:FILE|builtin",
-                       help="text models: a text file (one sample per line) or .npy/.safetensors token ids; "
-                            "image classifiers: images:DIR or npz:FILE of pixels; builtin (default) for both")
-    prune.add_argument("--samples", type=int, default=None, help="calibration samples (default 128; --preset quality uses 256)")
-    prune.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default 128)")
-    prune.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
-    prune.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    prune.add_argument("--json", action="store_true", help="print report.json on stdout")
-    prune.add_argument("--time-limit", type=float, default=None, metavar="S",
-                       help="stop iCBS after the round running at S seconds (the masks stay valid)")
-    prune.add_argument("--refit", action="store_true", default=None, help="refit kept weights by least squares after masking")
-    prune.add_argument("--include", action="append", default=None, metavar="PAT",
-                       help="prune only tensors matching this glob (repeatable)")
-    prune.add_argument("--exclude", action="append", default=None, metavar="PAT",
-                       help="never prune tensors matching this glob (repeatable; default lm_head)")
-    prune.add_argument("--export-blocks", default=None, metavar="DIR",
-                       help="also write every solved block QUBO to DIR (re-solve with qsurgeon solve DIR)")
+    prune.add_argument("model", metavar="MODEL", help=PruneOptions.model_fields["model"].description)
+    prune.add_argument("--out", required=True, help=PruneOptions.model_fields["out"].description)
     prune.add_argument("--checkpoint", default=None, metavar="DIR",
                        help="save resumable state to DIR after every round; rerun the same command to resume")
-    search = prune.add_argument_group("iCBS search (docs/icbs.md §3, §6)")
-    search.add_argument("--k", type=int, default=None, help="pruned weights per block (default block-size / 2)")
-    search.add_argument("--selection", default=None, help="block selection: score (default) or random")
-    search.add_argument("--tabu-size", type=int, default=None, metavar="N",
-                        help="recent blocks per row whose weights are skipped (default 1)")
-    search.add_argument("--fixed-pruned", type=float, default=None, metavar="F",
-                        help="fraction of each row's initial pruned set that stays pruned (default 0)")
-    search.add_argument("--fixed-kept", type=float, default=None, metavar="F",
-                        help="fraction of each row's initial kept set that stays kept (default 0)")
-    search.add_argument("--coverage", type=float, default=None,
-                        help="blocks per row and sweep = max(1, round(coverage * width / block-size)) (default 1/3)")
-    search.add_argument("--gamma", type=float, default=None, help="fisher: gradient multiplier (default 0.75)")
-    search.add_argument("--ridge", type=float, default=None, help="fisher: ridge on weight changes (default 0.001)")
-    search.add_argument("--fisher-weight", type=float, default=None,
-                        help="layerwise+fisher: weight of the fisher term (default 1)")
+    prune.add_argument("--json", action="store_true", help="print report.json on stdout")
+    add_option_arguments(prune)
     prune.add_argument("--quiet", action="store_true", help="no progress on stderr")
     prune.set_defaults(func=run_prune_command)
 
@@ -95,30 +53,19 @@ def register(subparsers: Any) -> None:
         description="Prune the built-in all-MiniLM-L6-v2 to 50%% density with iCBS (in-process) and print how "
         "close its sentence embeddings stay to the dense model's, against Wanda.",
     )
-    demo.add_argument("--out", default=None, help="where to write the pruned model (default: a temporary folder)")
+    demo.add_argument("--out", default=None, help="where to write the pruned model (default: nothing is saved)")
     demo.add_argument("--json", action="store_true", help="print the result as JSON")
     demo.set_defaults(func=run_demo_command)
 
 
-#: prune options taken from the command line; each is None unless the user gave it
-PRUNE_OPTION_NAMES = (
-    "model", "method", "density", "pattern", "granularity", "objective", "init", "solver", "block_size", "epochs",
-    "steps_per_epoch", "calibration", "samples", "seq_len", "seed", "out", "time_limit", "refit", "include",
-    "exclude", "export_blocks", "k", "selection", "tabu_size", "fixed_pruned", "fixed_kept", "coverage", "gamma",
-    "ridge", "fisher_weight",
-)
-
-
-def options_from_args(args: argparse.Namespace) -> "Any":
-    """PruneOptions: the preset's values (if any), then every option the user gave, then the defaults."""
-    from qsurgeon.server.engine.run import PruneOptions
-    from qsurgeon.server.engine.presets import apply_preset
+def options_from_args(args: argparse.Namespace) -> PruneOptions:
+    """PruneOptions: every option the user gave, over the preset's values (if any), over the defaults."""
     from qsurgeon.server.models.loading import model_kind
 
-    explicit = {name: getattr(args, name) for name in PRUNE_OPTION_NAMES if getattr(args, name) not in (None, [])}
-    preset = getattr(args, "preset", None)
+    explicit = {"model": args.model, "out": args.out, **explicit_values(args)}
+    preset = explicit.pop("preset", None)
     kind = model_kind(args.model) if preset is not None else None
-    return PruneOptions(**apply_preset(preset, explicit, kind))
+    return build_options(explicit, preset, kind, flag_style=True)
 
 
 def run_prune_command(args: argparse.Namespace) -> int:
@@ -161,7 +108,7 @@ def run_demo(out: str | None = None, progress: Any = None) -> dict[str, Any]:
     from qsurgeon.server.models.text import HFTextAdapter
     from qsurgeon.server.models.calibration import builtin_texts, load_calibration
     from qsurgeon.server.evaluate.embeddings import embedding_agreement
-    from qsurgeon.server.engine.run import PruneOptions, run_prune
+    from qsurgeon.server.engine.run import run_prune
 
     started = time.perf_counter()
     dense = load_adapter("builtin:minilm")
@@ -169,7 +116,9 @@ def run_demo(out: str | None = None, progress: Any = None) -> dict[str, Any]:
     calibration = load_calibration("builtin", dense.tokenizer, DEMO_SETTINGS["samples"], DEMO_SETTINGS["seq_len"])
 
     def fresh_copy() -> HFTextAdapter:  # the model is loaded once; each method prunes its own copy
-        return HFTextAdapter(copy.deepcopy(dense.model), dense.tokenizer, dense.kind)
+        adapter = HFTextAdapter(copy.deepcopy(dense.model), dense.tokenizer, dense.kind)
+        adapter.source = dense.source  # the saved folder keeps sentence-transformers' modules
+        return adapter
 
     result = run_prune(PruneOptions(**DEMO_SETTINGS, out=str(out) if out else None), adapter=fresh_copy(),
                        calibration=calibration, progress=progress)

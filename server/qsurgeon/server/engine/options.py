@@ -31,6 +31,8 @@ ICBS_SOLVER_DEFAULTS: dict[str, dict[str, Any]] = {
     # the same solve time on B = 128 blocks (docs/solvers.md); its own default (2 × 3000)
     # is tuned for one large block, far too long for thousands of iCBS blocks
     "swap-tabu": {"iterations": 50, "restarts": 1, "start": "x0"},
+    # auto's iCBS-sized budgets are the two entries above (docs/solvers.md, "auto")
+    "auto": {"effort": "short", "start": "x0"},
 }
 
 

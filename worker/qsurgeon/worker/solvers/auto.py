@@ -1,0 +1,120 @@
+"""``auto``: picks the solver and its effort for each block from its size, constraint and structure.
+
+Why: no one solver is best on every block (docs/solvers.md, "Choosing a solver: auto"). On
+the benchmark families at B = 256:
+
+- single-group blocks (layer-wise, causal-LM and outlier rows, Fisher): ``swap-tabu``
+  reaches the best known energy where ``sa`` at equal time leaves 0.3–6 %;
+- small groups (N:M, groups of ≤ SMALL_GROUP variables): ``swap-tabu`` cycles inside the
+  tiny neighbourhoods (3–17 % gaps even after 4 × 20,000 iterations) while ``sa`` with 4,000
+  sweeps reaches 0–1 %;
+- B ≤ EXACT_MAX_VARIABLES: enumeration is exact and takes milliseconds;
+- B > swap-tabu's limit (4096): only ``sa`` runs.
+
+Effort: ``effort="short"`` gives iCBS-sized budgets (the engine's tuned per-solver defaults:
+``sa`` 2 × 32 sweeps, ``swap-tabu`` 1 × 50 iterations), ``"default"`` the solvers' own
+defaults (sa 4 × 4000 sweeps on N:M blocks), ``"long"`` 4× those. Each sub-batch is solved by
+the chosen solver's ``sample_batch``, so answers keep that solver's reproducibility
+(same seed, same answer alone or in any batch). The choice is in ``metadata.auto``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any, Sequence
+
+import numpy as np
+
+from qsurgeon.worker.block.problem import MAX_VARIABLES, BlockProblem, BlockSolution
+from qsurgeon.worker.solvers.base import Capabilities, Param, Solver, check_params
+from qsurgeon.worker.solvers.registry import get_solver
+
+#: Blocks up to this many variables are enumerated (2^16 patterns: milliseconds).
+EXACT_MAX_VARIABLES = 16
+#: A block whose largest group has at most this many variables counts as N:M-like.
+SMALL_GROUP = 32
+#: swap-tabu's own limit (a dense float32 Q of 4096² is 64 MiB and one iteration scans it).
+TABU_MAX_VARIABLES = 4096
+EFFORTS = ("short", "default", "long")
+_SEED_BOUND = 2**127
+
+PARAMETERS = (
+    Param("effort", "str", "short: iCBS-sized runs; default: the chosen solver's defaults; long: 4× those",
+          "default", choices=EFFORTS),
+    Param("start", "str", "passed to the chosen solver (auto: x0 where the problem has one, else greedy)",
+          "auto", choices=("auto", "x0", "random", "greedy")),
+    Param("time_limit", "float", "seconds for each sub-batch (one per chosen solver)", above=0.0),
+    Param("seed", "int", "random seed (none: a fresh one, reported in the metadata)",
+          minimum=-_SEED_BOUND, maximum=_SEED_BOUND - 1),
+)
+
+#: (solver, effort) -> parameters; "sa-groups" is sa on N:M-like blocks.
+BUDGETS: dict[tuple[str, str], dict[str, Any]] = {
+    ("sa", "short"): {"restarts": 2, "sweeps": 32},
+    ("sa", "default"): {},
+    ("sa", "long"): {"sweeps": 4000},
+    ("sa-groups", "short"): {"restarts": 2, "sweeps": 64},
+    ("sa-groups", "default"): {"sweeps": 4000},
+    ("sa-groups", "long"): {"sweeps": 16000},
+    ("swap-tabu", "short"): {"restarts": 1, "iterations": 50},
+    ("swap-tabu", "default"): {},
+    ("swap-tabu", "long"): {"iterations": 12000},
+    ("exhaustive", "short"): {},
+    ("exhaustive", "default"): {},
+    ("exhaustive", "long"): {},
+}
+
+
+def choose(problem: BlockProblem, effort: str = "default") -> tuple[str, dict[str, Any]]:
+    """The solver name and parameters ``auto`` uses for ``problem`` (see the module docstring)."""
+    size = problem.num_variables
+    if size <= EXACT_MAX_VARIABLES:
+        return "exhaustive", {}
+    largest = int(np.bincount(problem.group_of, minlength=problem.num_groups).max(initial=0))
+    if largest <= SMALL_GROUP:
+        return "sa", dict(BUDGETS[("sa-groups", effort)])
+    if size > TABU_MAX_VARIABLES:
+        return "sa", dict(BUDGETS[("sa", effort)])
+    return "swap-tabu", dict(BUDGETS[("swap-tabu", effort)])
+
+
+class AutoSolver(Solver):
+    """Routes every block to the solver the benchmark tables say suits it."""
+
+    capabilities = Capabilities(
+        name="auto",
+        description="picks exhaustive, swap-tabu or sa and its effort per block (size, groups)",
+        max_variables=MAX_VARIABLES,
+        constraints="native",
+        device="cpu/cuda",
+        deterministic=True,
+    )
+    parameters = PARAMETERS
+
+    def sample(self, problem: BlockProblem, **params: Any) -> BlockSolution:
+        return self.sample_batch([problem], **params)[0]
+
+    def sample_batch(self, problems: Sequence[BlockProblem], **params: Any) -> list[BlockSolution]:
+        checked = check_params(PARAMETERS, params, self.name)
+        effort = checked.get("effort") or "default"
+        start = checked.get("start") or "auto"
+        seed = checked.get("seed")
+        seed = secrets.randbits(63) if seed is None else seed
+        extra = {} if checked.get("time_limit") is None else {"time_limit": checked["time_limit"]}
+        plans = [choose(problem, effort) for problem in problems]
+        groups: dict[tuple, list[int]] = {}
+        for index, (name, budget) in enumerate(plans):
+            groups.setdefault((name, tuple(sorted(budget.items()))), []).append(index)
+        answers: list[BlockSolution | None] = [None] * len(problems)
+        for (name, budget), indices in groups.items():
+            call = dict(budget) | {"seed": seed}
+            if name in ("sa", "swap-tabu"):
+                call |= {"start": start, **extra}
+            if name == "sa":
+                call["device"] = "cpu"  # the CUDA path pays off for whole rounds only; ask sa for it directly
+            for index, answer in zip(indices, get_solver(name).sample_batch([problems[i] for i in indices], **call)):
+                metadata = dict(answer.metadata) | {"auto": {"solver": name, "effort": effort, **dict(budget)}}
+                answers[index] = BlockSolution(x=answer.x, energy=answer.energy, solver=self.name,
+                                               seconds=answer.seconds, sweeps=answer.sweeps, restarts=answer.restarts,
+                                               problem_id=answer.problem_id, metadata=metadata)
+        return answers  # type: ignore[return-value]

@@ -12,8 +12,11 @@ chains (the tests run this module on the CPU device and compare). For factored p
 the O(r) dot product is summed as a fixed pairwise tree (the order cannot depend on how
 many chains share the launch), so they agree with the CPU only to rounding.
 
-The step loop is driven from Python, so each step costs a few dozen kernel launches
-whatever the number of chains: the GPU pays off for large batches (thousands of chains).
+One step is a few dozen small kernels whatever the number of chains. On CUDA the step
+loop is captured once per bucket as a CUDA graph of up to 64 steps (every input of a step,
+the proposal counter and the sweep's β included, lives on the device), so a sweep costs
+B/64 graph launches instead of B × a few dozen kernel launches; elsewhere (the CPU device
+of the tests) the same step runs eagerly.
 """
 
 from __future__ import annotations
@@ -150,6 +153,14 @@ class _Chains:
         self.nsw = bucket.nsw[self.pc]
         self.active = self.nsw > 0
         self.device = device
+        chains = self.pc.shape[0]
+        self.rows = torch.arange(chains, device=device)
+        self.t = torch.zeros((), dtype=torch.int64, device=device)
+        self.beta = torch.zeros(chains, dtype=torch.float64, device=device)
+        self.at_best = torch.zeros(chains, dtype=torch.bool, device=device)
+        self.graph = None
+        self.graph_failed = False
+        self.graph_steps = _graph_steps(self.n)
 
     # -------------------------------------------------------------- proposals
     def _pick(self, key: torch.Tensor, t: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,41 +251,105 @@ class _Chains:
         self.scale = torch.where(self.active, scale, torch.ones_like(scale))
 
     # -------------------------------------------------------------- annealing
+    def _step(self) -> None:
+        """One swap proposal for every chain, entirely in place on device tensors.
+
+        The proposal counter ``self.t`` and the β of the sweep ``self.beta`` live on the device
+        too, so a sequence of steps has no host-side input and can be captured once in a CUDA
+        graph and replayed (one launch per graph instead of a few dozen per step).
+        """
+        bucket, pc, rows = self.bucket, self.pc, self.rows
+        t = self.t
+        a, b = self._pick(self.key_run, t.reshape(1, 1).expand(pc.shape[0], 1))
+        a, b = a[:, 0], b[:, 0]
+        j = self.slot[rows, a]
+        i = self.slot[rows, b]
+        delta = self._delta(i, j)
+        beta = self.beta
+        exponent = (beta * delta).clamp(min=0.0, max=MAX_BETA_DELTA)
+        uniform = _uniform(draw(self.key_run, 3 * t + 1))
+        accept = self.active & ((delta <= 0.0) | ((beta * delta <= MAX_BETA_DELTA) & (uniform < torch.exp(-exponent))))
+        leave = accept & self.at_best & (delta > 0.0)
+        self.best_x.copy_(torch.where(leave[:, None], self.x, self.best_x))
+        self.at_best &= ~leave
+        self.slot[rows, a] = torch.where(accept, i, j)
+        self.slot[rows, b] = torch.where(accept, j, i)
+        self.x[rows, i] = torch.where(accept, 1, self.x[rows, i]).to(torch.uint8)
+        self.x[rows, j] = torch.where(accept, 0, self.x[rows, j]).to(torch.uint8)
+        if bucket.Q is not None:
+            change = bucket.Q[pc, i].to(torch.float64) - bucket.Q[pc, j].to(torch.float64)
+            self.h += torch.where(accept[:, None], change, 0.0)
+        else:
+            change = bucket.FT[pc, i].to(torch.float64) - bucket.FT[pc, j].to(torch.float64)
+            self.u += torch.where(accept[:, None], change, 0.0)
+        self.energy += torch.where(accept, delta, 0.0)
+        self.accepted += accept
+        improved = self.energy < self.best_energy
+        self.best_energy.copy_(torch.where(improved, self.energy, self.best_energy))
+        self.at_best |= improved
+        self.t += 1
+
+    def _state(self) -> list[torch.Tensor]:
+        fields = self.h if self.bucket.Q is not None else self.u
+        return [self.x, self.slot, fields, self.energy, self.best_energy, self.best_x, self.accepted, self.at_best, self.t]
+
+    def _graph(self) -> "torch.cuda.CUDAGraph | None":
+        """A CUDA graph of ``self.graph_steps`` steps (captured once per bucket), or None off CUDA.
+
+        Capturing needs one eager warm-up on a side stream; the state is restored after it,
+        so the chains are exactly those of the eager loop. Any failure to capture falls back
+        to eager steps (same results, more launches).
+        """
+        if self.device.type != "cuda" or not USE_CUDA_GRAPHS:
+            return None
+        if self.graph is not None:
+            return self.graph
+        saved = [tensor.clone() for tensor in self._state()]
+        try:
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(self.graph_steps):
+                    self._step()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            for tensor, copy in zip(self._state(), saved):
+                tensor.copy_(copy)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(self.graph_steps):
+                    self._step()
+            self.graph = graph
+        except RuntimeError:
+            for tensor, copy in zip(self._state(), saved):
+                tensor.copy_(copy)
+            self.graph = None
+            self.graph_failed = True
+        return self.graph
+
     def anneal(self, sweep_begin: int, sweep_end: int) -> None:
-        bucket, pc, n = self.bucket, self.pc, self.n
-        rows = torch.arange(pc.shape[0], device=self.device)
-        at_best = torch.zeros_like(self.active)
+        n = self.n
+        self.at_best.zero_()
+        self.t.fill_(sweep_begin * n)
         for sweep in range(sweep_begin, sweep_end):
-            beta = self.betas[self.beta_row, sweep] / self.scale
-            for step in range(n):
-                t = sweep * n + step
-                a, b = self._pick(self.key_run, t)
-                j = self.slot[rows, a]
-                i = self.slot[rows, b]
-                delta = self._delta(i, j)
-                exponent = (beta * delta).clamp(min=0.0, max=MAX_BETA_DELTA)
-                uniform = _uniform(draw(self.key_run, 3 * t + 1))
-                accept = self.active & ((delta <= 0.0) | ((beta * delta <= MAX_BETA_DELTA)
-                                                          & (uniform < torch.exp(-exponent))))
-                leave = accept & at_best & (delta > 0.0)
-                self.best_x = torch.where(leave[:, None], self.x, self.best_x)
-                at_best &= ~leave
-                self.slot[rows, a] = torch.where(accept, i, j)
-                self.slot[rows, b] = torch.where(accept, j, i)
-                self.x[rows, i] = torch.where(accept, 1, self.x[rows, i]).to(torch.uint8)
-                self.x[rows, j] = torch.where(accept, 0, self.x[rows, j]).to(torch.uint8)
-                if bucket.Q is not None:
-                    change = bucket.Q[pc, i].to(torch.float64) - bucket.Q[pc, j].to(torch.float64)
-                    self.h += torch.where(accept[:, None], change, 0.0)
-                else:
-                    change = bucket.FT[pc, i].to(torch.float64) - bucket.FT[pc, j].to(torch.float64)
-                    self.u += torch.where(accept[:, None], change, 0.0)
-                self.energy += torch.where(accept, delta, 0.0)
-                self.accepted += accept
-                improved = self.energy < self.best_energy
-                self.best_energy = torch.where(improved, self.energy, self.best_energy)
-                at_best |= improved
-        self.best_x = torch.where(at_best[:, None], self.x, self.best_x)
+            self.beta.copy_(self.betas[self.beta_row, sweep] / self.scale)
+            graph = self._graph()
+            if graph is not None:
+                for _ in range(n // self.graph_steps):
+                    graph.replay()
+            else:
+                for _ in range(n):
+                    self._step()
+        self.best_x.copy_(torch.where(self.at_best[:, None], self.x, self.best_x))
+
+
+#: Capture the step loop in CUDA graphs (set False to compare with eager launches).
+USE_CUDA_GRAPHS = True
+#: Most steps per captured graph; the graph length is the largest divisor of B up to this.
+MAX_GRAPH_STEPS = 64
+
+
+def _graph_steps(n: int) -> int:
+    return max(d for d in range(1, min(n, MAX_GRAPH_STEPS) + 1) if n % d == 0)
 
 
 def _run_bucket(bucket: _Bucket, keys: np.ndarray, use_x0: np.ndarray,

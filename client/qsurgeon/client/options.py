@@ -196,6 +196,9 @@ class PruneOptions(UsageChecked):
     seq_len: int = option(128, "tokens per calibration sample", ge=2, le=32_768)
     batch_size: int = option(16, "calibration samples per forward pass", ge=1, le=4096)
     seed: int = option(0, "random seed", ge=0, le=2**32 - 1)
+    device: str = option("auto", "where each transformer block is captured, scored, searched and refit: auto (cuda "
+                         "when available), cpu, cuda or cuda:N; the model itself stays in host memory (docs/scale.md)",
+                         metavar="auto|cpu|cuda[:N]", pattern=r"^(auto|cpu|cuda(:[0-9]{1,2})?)$")
     out: str | None = option(None, "output folder (must not exist or be empty)", cli=False, server_owned=True,
                              max_length=MAX_TEXT)
     time_limit: float | None = option(None, "stop iCBS after the round running at S seconds (the masks stay valid)",
@@ -249,7 +252,8 @@ class PruneOptions(UsageChecked):
 
     def identity(self) -> dict[str, Any]:
         """The options that decide the masks (a checkpoint must match these to be resumed)."""
-        return self.model_dump(mode="json", exclude={"out", "time_limit", "export_blocks", "batch_size", "preset"})
+        return self.model_dump(mode="json", exclude={"out", "time_limit", "export_blocks", "batch_size", "preset",
+                                                          "device"})
 
 
 def field_extra(name: str) -> dict[str, Any]:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 import threading
 import time
 import zipfile
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pytest
@@ -18,15 +20,19 @@ from redis_support import REDIS_URL, key_prefix, redis_client
 
 redis = pytest.importorskip("redis")
 pytest.importorskip("fastapi")
+pytest.importorskip("prometheus_client")
 
 from fastapi.testclient import TestClient  # noqa: E402
+from prometheus_client import REGISTRY  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from qsurgeon.client.errors import UsageError  # noqa: E402
-from qsurgeon.client.schemas import JobCreate  # noqa: E402
+from qsurgeon.client.options import JobOptions  # noqa: E402
+from qsurgeon.client.schemas import JobCreate, JobState  # noqa: E402
 from qsurgeon.server.api import ServiceConfig, create_app, load_api_keys  # noqa: E402
-from qsurgeon.server.api.archives import ArchiveError, extract_model_archive  # noqa: E402
-from qsurgeon.server.api.store import JobStore  # noqa: E402
-from qsurgeon.server.api.submit import create_job  # noqa: E402
+from qsurgeon.server.api.jobs.archives import ArchiveError, extract_model_archive  # noqa: E402
+from qsurgeon.server.api.jobs.store import JobStore  # noqa: E402
+from qsurgeon.server.api.jobs.submit import create_job, model_path_for_request  # noqa: E402
 from qsurgeon.worker.queue.consumer import Worker  # noqa: E402
 from qsurgeon.worker.block.problem import BlockProblem  # noqa: E402
 from qsurgeon.worker.queue.settings import QueueSettings, connect  # noqa: E402
@@ -207,9 +213,9 @@ def test_large_problem_becomes_a_job_with_events_and_artifact(api, worker, confi
         [line for line in lines if line.startswith("id: ")]) - 1
     for name in ("../../etc/passwd", "problem.npz", "nope"):
         assert api.get(f"/v1/jobs/{job_id}/artifacts/{name}", headers=AUTH).status_code == 404
-    metrics = api.get("/v1/metrics", headers=AUTH).text
-    assert 'qsurgeon_jobs{state="succeeded"} 1' in metrics
-    assert "qsurgeon_blocks_solved_total 1" in metrics and "qsurgeon_workers 1" in metrics
+    samples = metric_samples(api)
+    assert samples["qsurgeon_jobs", (("state", "succeeded"),)] == 1
+    assert samples["qsurgeon_blocks_solved_total", ()] == 1 and samples["qsurgeon_workers", ()] == 1
 
 
 # ---------------------------------------------------------------------- job requests
@@ -305,17 +311,15 @@ def test_valid_upload_is_extracted_into_the_job(config, tmp_path):
 
 
 def test_models_folder_names_resolve_inside_it_only(config):
-    from qsurgeon.server.api.submit import resolve_model
-
     (config.models_dir / "tiny").mkdir()
-    assert resolve_model(config, "tiny") == str(config.models_dir / "tiny")
-    assert resolve_model(config, "builtin:minilm") == "builtin:minilm"
+    assert model_path_for_request(config, "tiny") == str(config.models_dir / "tiny")
+    assert model_path_for_request(config, "builtin:minilm") == "builtin:minilm"
     outside = config.models_dir.parent / "secret"
     outside.mkdir()
     (config.models_dir / "link").symlink_to(outside)
     for name in ("secret", "link", "nope"):
         with pytest.raises(UsageError):
-            resolve_model(config, name)
+            model_path_for_request(config, name)
 
 
 def test_extract_rejects_bombs(tmp_path):
@@ -337,10 +341,98 @@ def test_openapi_documents_the_routes(api):
     assert "JobCreate" in schema["components"]["schemas"]
 
 
-def test_options_lists_what_a_job_may_set(api):
+def test_options_lists_what_a_job_may_set_with_bounds(api):
     options = api.get("/v1/options", headers=AUTH).json()
-    assert options["density"] is None and options["epochs"] == 1 and options["solver"] == "sa"
+    assert set(options) == set(JobOptions.model_fields)
     assert not {"model", "out", "calibration", "export_blocks"} & set(options)
+    assert options["epochs"]["default"] == 1 and options["solver"]["default"] == "sa"
+    assert options["block_size"] | {"default": 128, "type": "integer", "minimum": 2, "maximum": 4096} == \
+        options["block_size"]
+    density = options["density"]  # optional: the bounds of its number, and nullable
+    assert density["default"] is None and density["nullable"] is True and density["type"] == "number"
+    assert (density["exclusiveMinimum"], density["exclusiveMaximum"]) == (0.0, 1.0)
+    assert options["method"]["enum"] == list(get_args(JobOptions.model_fields["method"].annotation))
+    assert {"icbs", "wanda"} <= set(options["method"]["enum"])
+    assert options["include"]["maxItems"] == 64 and "nullable" not in options["include"]
+    assert all(item["description"] for item in options.values())
+
+
+def test_openapi_shows_every_option_with_its_bounds(api):
+    schema = api.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+    job_options = components["JobOptions"]
+    assert set(job_options["properties"]) == set(JobOptions.model_fields)
+    assert job_options["properties"]["block_size"]["maximum"] == 4096
+    assert job_options["additionalProperties"] is False
+    assert components["JobCreate"]["properties"]["options"]["$ref"] == "#/components/schemas/JobOptions"
+    text = json.dumps(schema)  # every reference in the document resolves
+    for ref in set(re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', text)):
+        assert ref in components, ref
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"block_size": 5000}, "options.block_size: Input should be less than or equal to 4096"),
+    ({"block_size": 1}, "options.block_size: Input should be greater than or equal to 2"),
+    ({"density": 0.0}, "options.density: Input should be greater than 0"),
+    ({"exclude": ["x"] * 65}, "options.exclude: List should have at most 64 items"),
+])
+def test_a_bound_violated_is_422_naming_the_field_json_and_multipart(api, config, options, words):
+    spec = json.dumps({"model": "builtin:minilm", "calibration": "upload", "options": options})
+    as_json = api.post("/v1/jobs", headers={**AUTH, "Content-Type": "application/json"}, content=spec)
+    as_multipart = api.post("/v1/jobs", headers=AUTH, data={"spec": spec},  # a file part makes it multipart
+                            files={"calibration": ("c.txt", b"one sample\n", "text/plain")})
+    assert as_multipart.request.headers["content-type"].startswith("multipart/form-data")
+    for response in (as_json, as_multipart):
+        assert response.status_code == 422, response.text
+        assert words in response.json()["detail"]
+    assert nothing_stored(api, config)
+
+
+def test_only_dependencies_read_the_app_state():
+    """Routes name what they need (dependencies.py); none digs in request.app.state itself."""
+    api_dir = Path(create_app.__code__.co_filename).parent
+    readers = sorted(str(path.relative_to(api_dir)) for path in api_dir.rglob("*.py")
+                     if "app.state" in path.read_text() and path.name not in ("dependencies.py", "app.py"))
+    assert readers == []
+
+
+# ---------------------------------------------------------------------- metrics
+def metric_samples(api: TestClient) -> dict[tuple[str, tuple], float]:
+    """/v1/metrics parsed by prometheus_client's own parser: (sample name, labels) -> value."""
+    response = api.get("/v1/metrics", headers=AUTH)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(response.text) for sample in family.samples}
+
+
+def test_metrics_parse_and_large_counters_keep_every_digit(api, config):
+    client = connect(REDIS_URL)
+    client.hset(f"{config.queue.prefix}:stats", mapping={"blocks_queued": 1234567, "blocks_solved": 987654321,
+                                                         "solve_seconds": 12.5})
+    samples = metric_samples(api)
+    assert samples["qsurgeon_blocks_queued_total", ()] == 1234567
+    assert samples["qsurgeon_blocks_solved_total", ()] == 987654321
+    assert samples["qsurgeon_solve_seconds_total", ()] == 12.5
+    assert samples["qsurgeon_blocks_dead_total", ()] == 0
+    job_states = {dict(labels)["state"] for name, labels in samples if name == "qsurgeon_jobs"}
+    assert job_states == {state.value for state in JobState}
+    assert samples["qsurgeon_jobs_running_here", ()] == 0 and samples["qsurgeon_workers", ()] == 0
+
+
+def test_each_app_has_its_own_metrics_registry(api, config, tmp_path):
+    """Two apps in one process (two prefixes) report their own queues; nothing global is registered."""
+    other = ServiceConfig(data_dir=tmp_path / "other", redis_url=REDIS_URL, api_keys=frozenset({KEY}),
+                          queue=QueueSettings(prefix=f"{config.queue.prefix}-other"))
+    client = connect(REDIS_URL)
+    client.hset(f"{config.queue.prefix}:stats", "blocks_failed", 3)
+    client.hset(f"{other.queue.prefix}:stats", "blocks_failed", 5)
+    try:
+        with TestClient(create_app(other)) as second:
+            assert metric_samples(second)["qsurgeon_blocks_failed_total", ()] == 5
+        assert metric_samples(api)["qsurgeon_blocks_failed_total", ()] == 3
+    finally:
+        client.delete(f"{other.queue.prefix}:stats")
+    assert not [name for name in REGISTRY._names_to_collectors if name.startswith("qsurgeon")]
 
 
 def test_solvers_lists_capabilities(api):

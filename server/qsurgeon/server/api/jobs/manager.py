@@ -23,22 +23,18 @@ import redis
 
 from qsurgeon.client.errors import QsurgeonError
 from qsurgeon.client.schemas import Job, JobKind, JobState
-from qsurgeon.server.api import engine
 from qsurgeon.server.api.config import ServiceConfig
-from qsurgeon.server.api.store import JobStore
+from qsurgeon.server.api.jobs import runner
+from qsurgeon.server.api.jobs.store import JobStore
 from qsurgeon.worker.queue.control import QueueControl
 from qsurgeon.worker.queue.producer import RedisQueue, RoundAborted
 
 log = logging.getLogger(__name__)
 
 _RUNNERS: dict[JobKind, Callable[..., tuple[dict[str, Any], list[str]]]] = {
-    JobKind.prune: engine.run_prune_job,
-    JobKind.solve: engine.run_solve_job,
+    JobKind.prune: runner.run_prune_job,
+    JobKind.solve: runner.run_solve_job,
 }
-
-
-class JobStopped(QsurgeonError):
-    """The job's thread stopped early (cancel or shutdown)."""
 
 
 class JobManager:
@@ -163,8 +159,7 @@ class JobManager:
         job_dir = self.config.jobs_dir / job_id
         job_dir.mkdir(parents=True, exist_ok=True)
         try:
-            metrics, artifacts = _RUNNERS[job.kind](spec, job_dir, queue=queue, progress=progress,
-                                                    should_stop=should_stop)
+            metrics, artifacts = _RUNNERS[job.kind](spec, job_dir, queue=queue, progress=progress)
         except RoundAborted:
             self._stopped(job_id, cancelled())
             return
@@ -252,4 +247,4 @@ def normalise_progress(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         elif isinstance(arg, str):
             report["message"] = arg
     report.update(kwargs)
-    return engine._jsonable(report)
+    return runner.jsonable(report)

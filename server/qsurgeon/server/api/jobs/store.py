@@ -15,7 +15,7 @@ import re
 import threading
 import time
 import uuid
-from typing import Any, Iterator
+from typing import Any
 
 import redis
 
@@ -120,10 +120,6 @@ class JobStore:
             for entry_id, fields in entries:
                 events.append((entry_id.decode(), fields[b"type"].decode(), json.loads(fields[b"data"])))
         return events
-
-    def iter_all_events(self, job_id: str) -> Iterator[tuple[str, str, dict]]:
-        for entry_id, fields in self.redis.xrange(self.events_key(job_id)):
-            yield entry_id.decode(), fields[b"type"].decode(), json.loads(fields[b"data"])
 
     # ------------------------------------------------------------------ ownership
     def try_lock(self, job_id: str, owner: str, ttl: float) -> bool:

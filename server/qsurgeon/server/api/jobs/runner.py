@@ -1,4 +1,6 @@
-"""How a job runs: the same ``run_prune`` as ``qsurgeon prune``, with a RedisQueue.
+"""What a job runs: a prune job is the same ``run_prune`` as ``qsurgeon prune``, with a
+RedisQueue; a solve job (a raw problem too large to answer at once) is one round of one
+block. Also where a job's files are: its output folder, checkpoint and artifacts.
 
 The request's options become a :class:`~qsurgeon.server.engine.run.PruneOptions`; the
 fields that name server-side paths (model, calibration file, output and export folders)
@@ -47,17 +49,18 @@ def build_options(options: dict[str, Any], *, model_path: str, calibration: str,
     return pruned
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     try:
         return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
     except (TypeError, ValueError):
         return str(value)
 
 
-def run_prune_job(spec: dict[str, Any], job_dir: Path, *, queue: Queue, progress: Callable[..., None],
-                  should_stop: Callable[[], bool]) -> tuple[dict[str, Any], list[str]]:
+def run_prune_job(spec: dict[str, Any], job_dir: Path, *, queue: Queue,
+                  progress: Callable[..., None]) -> tuple[dict[str, Any], list[str]]:
     """Run (or resume) one prune job; returns (metrics, artifact names)."""
-    from qsurgeon.server.engine.run import DirectoryCheckpoint, run_prune
+    from qsurgeon.server.engine.checkpoint import DirectoryCheckpoint
+    from qsurgeon.server.engine.run import run_prune
 
     out_dir = job_dir / OUTPUT_FOLDER
     _clear_partial_output(out_dir)
@@ -68,7 +71,7 @@ def run_prune_job(spec: dict[str, Any], job_dir: Path, *, queue: Queue, progress
     # the engine to wind down: a wound-down run would checkpoint its truncated blocks as
     # finished, and a resumed job would then differ from an uninterrupted one.
     result = run_prune(options, queue=queue, progress=progress, checkpoint=checkpoint, should_stop=None)
-    return _metrics_of(result, out_dir), list_artifacts(job_dir)
+    return _metrics_of(result), list_artifacts(job_dir)
 
 
 def _clear_partial_output(out_dir: Path) -> None:
@@ -79,14 +82,14 @@ def _clear_partial_output(out_dir: Path) -> None:
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def _metrics_of(result: Any, out_dir: Path) -> dict[str, Any]:
+def _metrics_of(result: Any) -> dict[str, Any]:
     """The headline numbers of the run's report: summary, seconds per phase, iCBS counts."""
     report = getattr(result, "report", None)
     metrics: dict[str, Any] = {}
     if isinstance(report, dict):
         for key in ("summary", "seconds", "icbs"):
             if report.get(key) is not None:
-                metrics[key] = _jsonable(report[key])
+                metrics[key] = jsonable(report[key])
     metrics["completed"] = bool(getattr(result, "completed", True))
     return metrics
 
@@ -110,7 +113,7 @@ def artifact_path(job_dir: Path, name: str) -> Path | None:
 
 
 def run_solve_job(spec: dict[str, Any], job_dir: Path, *, queue: Queue,
-                  progress: Callable[..., None], should_stop: Callable[[], bool]) -> tuple[dict[str, Any], list[str]]:
+                  progress: Callable[..., None]) -> tuple[dict[str, Any], list[str]]:
     """A large raw problem: one round of one block through the queue; the answer is saved."""
     problem = BlockProblem.load_npz(job_dir / "problem.npz")
     started = time.perf_counter()

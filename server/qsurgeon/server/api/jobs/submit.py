@@ -10,20 +10,19 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from qsurgeon.client.errors import UsageError
 from qsurgeon.client.schemas import Job, JobCreate, JobKind
-from qsurgeon.server.api import engine
-from qsurgeon.server.api.archives import extract_model_archive
 from qsurgeon.server.api.config import ServiceConfig
-from qsurgeon.server.api.store import JobStore
+from qsurgeon.server.api.jobs.archives import extract_model_archive
+from qsurgeon.server.api.jobs.runner import OUTPUT_FOLDER, build_options
+from qsurgeon.server.api.jobs.store import JobStore
 
 MAX_CALIBRATION_BYTES = 64 << 20
 
 
 def parse_spec(raw: bytes | str) -> JobCreate:
-    """The job request body; malformed JSON -> UsageError (400), bad fields -> ValidationError (422)."""
+    """The job request body; malformed JSON -> MalformedRequest (400), bad fields ->
+    pydantic's ValidationError (422, each field named, e.g. ``options.block_size``)."""
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -37,8 +36,9 @@ class MalformedRequest(UsageError):
     """Answered with 400."""
 
 
-def resolve_model(config: ServiceConfig, name: str) -> str:
-    """The path (or builtin name) the engine loads for a model name of a request."""
+def model_path_for_request(config: ServiceConfig, name: str) -> str:
+    """The path (or builtin name) the engine loads for a request's model name: a builtin as
+    it is, any other name only as a folder directly inside the server's models folder."""
     if name.startswith("builtin:"):
         return name
     if config.models_dir is None:
@@ -62,14 +62,13 @@ def create_job(config: ServiceConfig, store: JobStore, spec: JobCreate, *, archi
         if archive is not None:
             model_path = str(extract_model_archive(archive, job_dir / "model", max_bytes=config.max_extracted_bytes))
         else:
-            model_path = resolve_model(config, spec.model)
+            model_path = model_path_for_request(config, spec.model)
         calibration = "builtin"
         if calibration_text is not None:
             calibration = str(_save_calibration(job_dir, calibration_text))
         # validate every option now, so a bad request is a 4xx and never a failed job
         options = spec.options.model_dump(mode="json", exclude_unset=True)  # explicit ones: a preset fills the rest
-        engine.build_options(options, model_path=model_path, calibration=calibration,
-                             out_dir=job_dir / engine.OUTPUT_FOLDER)
+        build_options(options, model_path=model_path, calibration=calibration, out_dir=job_dir / OUTPUT_FOLDER)
         internal: dict[str, Any] = {"model_path": model_path, "calibration": calibration, "options": options}
         return store.create(JobKind.prune, internal, model=spec.model, options=options, job_id=job_id)
     except BaseException:
@@ -90,12 +89,3 @@ def _save_calibration(job_dir: Path, data: bytes) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
 
-
-def validation_message(error: ValidationError) -> str:
-    """One line per problem: 'options: density must be ...'."""
-    parts = []
-    for item in error.errors():
-        location = ".".join(str(part) for part in item.get("loc", ()) if part != "body")
-        message = item.get("msg", "invalid").removeprefix("Value error, ")
-        parts.append(f"{location}: {message}" if location else message)
-    return "; ".join(parts)

@@ -1,0 +1,114 @@
+"""Every solver's gap on every benchmark family, from scratch (no x0), at their defaults.
+
+Families: instances.FAMILIES (MiniLM layer-wise and Fisher, rows with outlier input
+channels, causal-LM rows, 4:8 groups). Gap = (E − E_best)/|E_best|, E_best from
+benchmarks/best_known.json (long runs of every solver and greedy + descent; a run here that
+goes lower is merged into it). Solvers: the greedy construction + descent alone, ``sa``,
+``swap-tabu`` and ``auto`` at their defaults (start: greedy), ``sa`` from a random start
+(the former default) and D-Wave ``neal``/``tabu`` given the wall time ``auto`` took.
+One core (NUMBA_NUM_THREADS=1 is set) so that times are per core.
+
+    .venv/bin/python benchmarks/families.py [--size 256] [--seeds 0,1,2]
+
+Prints mean/worst gap and median ms per (family, solver); writes benchmarks/out/families_B.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE]
+
+import numpy as np  # noqa: E402
+
+from qsurgeon.worker.solve import solve  # noqa: E402
+from qsurgeon.worker.solvers.greedy import greedy_start  # noqa: E402
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(f"qsurgeon_bench_{name}", HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--run-seeds", default="1,2")
+    args = parser.parse_args()
+    instances, best_known = _module("instances"), _module("best_known")
+    table = best_known.load()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    run_seeds = [int(s) for s in args.run_seeds.split(",")]
+    solve(instances.pruning_like_dense(16, 0), "sa", sweeps=1)  # compile / load kernels
+    solve(instances.pruning_like_dense(32, 0), "swap-tabu", iterations=1)
+    greedy_start(instances.pruning_like_dense(16, 0))
+    results: dict[str, dict[str, list]] = {}
+    for family, make in instances.FAMILIES.items():
+        for seed in seeds:
+            problem = make(args.size, seed).with_x0(None)
+            key = best_known.instance_id(family, args.size, seed)
+            runs: dict[str, list[tuple[float, float]]] = {}
+            started = time.perf_counter()
+            runs["greedy+descent"] = [(problem.energy(greedy_start(problem)), time.perf_counter() - started)]
+            for label, solver, params in (("sa", "sa", {"device": "cpu"}), ("sa-random", "sa", {"start": "random", "device": "cpu"}),
+                                          ("swap-tabu", "swap-tabu", {}), ("swap-tabu-1r", "swap-tabu", {"restarts": 1}),
+                                          ("auto", "auto", {})):
+                for run_seed in run_seeds:
+                    started = time.perf_counter()
+                    answer = solve(problem, solver, seed=run_seed, **params)
+                    runs.setdefault(label, []).append((answer.energy, time.perf_counter() - started))
+            budget = float(np.median([seconds for _, seconds in runs["auto"]]))
+            for label, solver, params in (("neal", "neal", {"restarts": 16, "sweeps": 1000}),
+                                          ("tabu", "tabu", {"restarts": 1, "time_limit": max(budget, 0.01)})):
+                try:
+                    started = time.perf_counter()
+                    answer = solve(problem, solver, seed=1, **params)
+                    runs[label] = [(answer.energy, time.perf_counter() - started)]
+                except Exception as error:  # optional backends
+                    print(f"  {label}: {error}")
+            for label, values in runs.items():
+                for energy, _ in values:
+                    best_known.record(table, key, energy, f"families-{label}")
+            best = table[key]["energy"]
+            for label, values in runs.items():
+                entry = results.setdefault(family, {}).setdefault(label, [])
+                entry.extend(((energy - best) / abs(best), seconds) for energy, seconds in values)
+        best_known.save(table)
+    labels = ["greedy+descent", "sa", "sa-random", "swap-tabu", "swap-tabu-1r", "auto", "neal", "tabu"]
+    print(f"\nB = {args.size}, from scratch; mean gap / worst gap / median ms per family "
+          f"({len(seeds)} blocks × {len(run_seeds)} run seeds; neal 16 × 1000 sweeps, tabu given auto's median time)")
+    print(f"{'solver':<16}" + "".join(f"{family:>30}" for family in results))
+    rows = []
+    for label in labels:
+        cells = []
+        for family in results:
+            values = results[family].get(label, [])
+            if not values:
+                cells.append(f"{'-':>30}")
+                continue
+            gaps = np.array([gap for gap, _ in values])
+            ms = 1e3 * float(np.median([seconds for _, seconds in values]))
+            cells.append(f"{gaps.mean():>11.2e} {gaps.max():>9.2e} {ms:>7.0f}")
+            rows.append({"solver": label, "family": family, "mean_gap": float(gaps.mean()),
+                         "worst_gap": float(gaps.max()), "median_ms": ms, "runs": len(values)})
+        print(f"{label:<16}" + "".join(cells), flush=True)
+    out = HERE / "out"
+    out.mkdir(exist_ok=True)
+    (out / f"families_{args.size}.json").write_text(json.dumps({"size": args.size, "load": os.getloadavg(),
+                                                                "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

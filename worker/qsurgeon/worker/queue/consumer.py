@@ -65,15 +65,19 @@ class Lease:
     ``renew()`` resets their idle time (XCLAIM ... JUSTID), so no other worker reclaims
     them while a slow backend is still working. ``record(key, value)`` stores state (a
     remote task id) that outlives this worker; ``recorded`` holds what an earlier
-    attempt stored, so a retry can pick up where it left off.
+    attempt stored, so a retry can pick up where it left off. ``spend(field, amount)``
+    adds to the budget ledger of the messages' jobs, which every worker of a job shares,
+    so a per-job budget of remote blocks holds across workers and rounds.
     """
 
-    def __init__(self, client: redis.Redis, keys: Keys, stream: str, consumer: str, message_ids: list[str]) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, stream: str, consumer: str, message_ids: list[str],
+                 jobs: list[str] | None = None) -> None:
         self._client = client
         self._keys = keys
         self._stream = stream
         self._consumer = consumer
         self.message_ids = message_ids
+        self.jobs = sorted(set(jobs or []))
         self.renewals = 0
 
     def renew(self) -> int:
@@ -91,6 +95,20 @@ class Lease:
             pipe.hset(self._keys.remote(message_id), key, value)
             pipe.expire(self._keys.remote(message_id), ROUND_TTL_SECONDS)
         pipe.execute()
+
+    def spend(self, field: str, amount: float = 0.0) -> float:
+        """Add ``amount`` to ``field`` of each job's budget ledger; the largest total after.
+
+        ``amount=0`` reads. A batch that mixes jobs charges each of them the whole amount
+        (a budget may be under-used that way, never overrun).
+        """
+        if not self.jobs:
+            return 0.0
+        pipe = self._client.pipeline(transaction=False)
+        for job in self.jobs:
+            pipe.hincrbyfloat(self._keys.budget(job), field, amount)
+            pipe.expire(self._keys.budget(job), ROUND_TTL_SECONDS)
+        return max(float(total) for total in pipe.execute()[::2])
 
     @property
     def recorded(self) -> dict[str, str]:
@@ -332,7 +350,8 @@ class Worker:
 
     def _solve_group(self, solver: str, stream: str, params: dict[str, Any],
                      items: list[tuple[_Message, BlockProblem]], consumer: str) -> None:
-        lease = Lease(self.redis, self.keys, stream, consumer, [message.message_id for message, _ in items])
+        lease = Lease(self.redis, self.keys, stream, consumer, [message.message_id for message, _ in items],
+                      jobs=[message.job for message, _ in items])
         _local.lease = lease
         problems = [problem for _, problem in items]
         started = time.perf_counter()

@@ -23,6 +23,8 @@ Every key starts with the settings' prefix, so tests and tenants never collide:
 ``{p}:workers``                sorted set worker name -> last heartbeat (unix s);
                                ``{p}:worker:{name}`` holds the worker's own description
 ``{p}:remote:{message}``       what a backend recorded about a remote task of a message
+``{p}:budget:{job}``           hash of what a job's remote blocks have spent (blocks sent,
+                               QPU seconds, cost), shared by every worker of the job
 ``{p}:stats``                  hash of counters for ``/metrics``
 """
 
@@ -81,6 +83,9 @@ class Keys:
 
     def worker(self, name: str) -> str:
         return f"{self.prefix}:worker:{name}"
+
+    def budget(self, job: str) -> str:
+        return f"{self.prefix}:budget:{job}"
 
     def remote(self, message_id: str) -> str:
         return f"{self.prefix}:remote:{message_id}"

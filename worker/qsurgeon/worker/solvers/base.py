@@ -35,6 +35,8 @@ class Capabilities:
     extra: str = "worker"  # the pip extra that installs its dependencies
     installed: bool = True
     missing: str = ""  # why it is not installed, when it is not
+    remote: bool = False  # answers on a cloud service: submits tasks, waits, may cost money
+    cost_model: str = ""  # what a block costs, in words ("" for local solvers: only time)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

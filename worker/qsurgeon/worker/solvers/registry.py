@@ -52,6 +52,15 @@ BUILTIN_SOLVERS: dict[str, _BuiltinSpec] = {
                                 "dimod ExactSolver (tiny problems), penalty + repair"),
     "qaoa": _BuiltinSpec("qsurgeon.worker.solvers.qaoa", "QAOASolver", "quantum",
                          "QAOA through qiskit-optimization on a local simulator"),
+    # Cloud services (docs/quantum.md): each in its own extra; remote, budgeted, with a classical fallback.
+    "dwave-qpu": _BuiltinSpec("qsurgeon.worker.solvers.cloud.dwave", "DWaveQPUSolver", "dwave",
+                              "D-Wave QPU (Leap) on a clique embedding, penalty + repair"),
+    "dwave-hybrid": _BuiltinSpec("qsurgeon.worker.solvers.cloud.dwave", "DWaveHybridSolver", "dwave",
+                                 "D-Wave Leap hybrid CQM solver, counts as native equality constraints"),
+    "ibm-qaoa": _BuiltinSpec("qsurgeon.worker.solvers.cloud.ibm", "IBMQAOASolver", "ibm",
+                             "QAOA on IBM Quantum (qiskit-ibm-runtime SamplerV2 in a Batch)"),
+    "braket-qaoa": _BuiltinSpec("qsurgeon.worker.solvers.cloud.braket", "BraketQAOASolver", "braket",
+                                "QAOA on an Amazon Braket gate-model device by ARN"),
 }
 
 _instances: dict[str, Solver] = {}

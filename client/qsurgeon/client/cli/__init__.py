@@ -21,6 +21,7 @@ from qsurgeon.client.errors import QsurgeonError
 COMMAND_MODULES: list[tuple[str, tuple[str, ...], str]] = [
     ("qsurgeon.server.cli.prune", ("prune", "demo"), "engine"),
     ("qsurgeon.server.cli.evaluate", ("evaluate",), "engine"),
+    ("qsurgeon.server.cli.plan", ("plan",), "engine"),
     ("qsurgeon.server.cli.bench", ("bench",), "engine"),
     ("qsurgeon.worker.cli.solve", ("solve", "solvers"), "worker"),
     ("qsurgeon.worker.cli.worker", ("worker",), "worker"),

@@ -33,12 +33,13 @@ from qsurgeon.client.options import PruneOptions
 from qsurgeon.server.engine.checkpoint import Checkpoint
 from qsurgeon.server.engine.methods import METHODS, BlockContext, Progress
 from qsurgeon.server.engine.options import check_engine_options, sparsity_of
+from qsurgeon.server.engine.placement import BlockPlacement, DeviceQueue, resolve_device, solver_device, tensor_bytes
 from qsurgeon.server.engine.outputs import check_out_folder, write_result
 from qsurgeon.server.engine.report import PHASES, PhaseTimer, prune_report, report_text, tensor_report
 from qsurgeon.server.models.base import ModelAdapter, TargetLayer
 from qsurgeon.server.models.loading import load_adapter
 from qsurgeon.server.models.calibration import CalibrationData, load_calibration
-from qsurgeon.server.models.capture import capture_first_block_inputs, collect_stats, run_block
+from qsurgeon.server.models.capture import capture_first_block_inputs, collect_stats, move_inputs, run_block
 from qsurgeon.server.pruning.masks import check_mask
 from qsurgeon.server.pruning.refit import refit_rows
 from qsurgeon.server.pruning.sparsity import Sparsity
@@ -95,6 +96,8 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
     """
     check_engine_options(options)
     sparsity = sparsity_of(options)
+    placement = BlockPlacement(resolve_device(options.device))  # a cuda without CUDA is refused here
+    on_device = None if placement.on_host else placement.device
     if options.out is not None:
         check_out_folder(options.out)
     emit: Progress = progress or (lambda event: None)
@@ -105,11 +108,17 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
     queue = queue or InProcessQueue()
     if options.export_blocks is not None:
         queue = ExportingQueue(queue, options.export_blocks)
+    if solver_device(options.device) is not None:
+        queue = DeviceQueue(queue, solver_device(options.device))
 
     with PhaseTimer(timings, "load"):
         if adapter is None:
-            adapter = load_adapter(options.model, include=options.include, exclude=options.exclude)
+            # on a GPU the weights keep the checkpoint's dtype (bf16/fp16): half the host memory;
+            # on the CPU float32, as the recorded masks were computed
+            dtype = {} if placement.on_host else {"dtype": "auto"}
+            adapter = load_adapter(options.model, include=options.include, exclude=options.exclude, **dtype)
         _check_shapes(adapter, sparsity)
+        check_fisher_memory(options, adapter)
     with PhaseTimer(timings, "calibrate"):
         if calibration is None:
             if adapter.kind == "image-classifier":  # images:DIR, npz:FILE or builtin digits (vision.py)
@@ -119,6 +128,10 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
             else:
                 calibration = load_calibration(options.calibration, adapter.tokenizer, options.samples, options.seq_len)
         inputs = capture_first_block_inputs(adapter, calibration, options.batch_size)
+        keep_on = None
+        if on_device is not None:  # activations on the GPU while they fit, else in host memory
+            keep_on = placement.activations_device(tensor_bytes((inputs.args, inputs.kwargs)))
+            inputs = move_inputs(inputs, keep_on)
 
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None and saved.get("options") != json.loads(json.dumps(options.identity())):
@@ -140,6 +153,7 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
 
     resume_index = len(finished)  # the block that was in progress when the checkpoint was saved
     for index, block in enumerate(blocks):
+        placement.enter(block)  # one block on the device from its capture to its outputs
         targets = adapter.targets(index)
         if index < len(finished):  # resumed: this block's result is already known
             entry = finished[index]
@@ -147,17 +161,19 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
         elif targets:
             emit({"event": "block", "block": index, "blocks": len(blocks), "tensors": len(targets)})
             with PhaseTimer(timings, "calibrate"):
-                stats = collect_stats(block, targets, inputs)
+                stats = collect_stats(block, targets, inputs, on_device)
             context = BlockContext(
                 index=index, targets=targets,
-                weights0={layer.parameter_name: layer.weight().detach().clone() for layer in targets},
+                weights0={layer.parameter_name: _host_copy(layer.weight(), placement) for layer in targets},
                 stats=stats, sparsity=sparsity, options=options, queue=queue, should_stop=stop,
                 progress=emit, timings=timings,
                 resume=saved["in_block"] if saved and saved.get("in_block") and index == resume_index else None,
                 save_state=save_checkpoint,
                 gradients=None if gradient_source is None else (lambda targets=targets: gradient_source(targets)),
             )
-            entry = _prune_block(context, targets)
+            entry = _prune_block(context, targets, on_device)
+            if checkpoint is None:  # the new weights are in the model now; only a checkpoint needs copies
+                entry = {**entry, "weights": {}}
             if context.info.get("icbs_completed") is False:
                 completed = False
             finished.append(entry)
@@ -173,10 +189,12 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
         masks.update(entry["masks"])
         if any(adapter.targets(later) for later in range(index + 1, len(blocks))):  # inputs of the next block
             with PhaseTimer(timings, "calibrate"):
-                inputs = run_block(block, inputs)
+                inputs = run_block(block, inputs, on_device, keep_on)
+        placement.leave(block)
     del inputs
 
     report = prune_report(options, sparsity, calibration, tensor_reports, block_reports, timings, completed)
+    report["placement"] = placement.facts()
     out_path = None
     if options.out is not None:
         with PhaseTimer(timings, "save"):
@@ -191,7 +209,32 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
     return PruneResult(masks=masks, report=report, adapter=adapter, out=out_path, completed=completed)
 
 
-def _prune_block(context: BlockContext, targets: list[TargetLayer]) -> dict[str, Any]:
+def _host_copy(weight: torch.Tensor, placement: BlockPlacement) -> torch.Tensor:
+    """The method's copy of a weight: on the CPU a clone (as always); from a GPU block a
+    float32 host copy, since the scores, the QUBO builders and the masks work on the host."""
+    if placement.on_host:
+        return weight.detach().clone()
+    return weight.detach().to("cpu", torch.float32)
+
+
+def check_fisher_memory(options: PruneOptions, adapter: ModelAdapter) -> None:
+    """Refuse, with the estimate, a fisher objective whose per-sample gradients would not fit."""
+    if options.method != "icbs" or (options.objective == "layerwise" and options.init != "gradient"):
+        return
+    from qsurgeon.server.engine.plan import available_host_bytes, fisher_block_bytes, format_bytes
+
+    widest = max((sum(t.shape[0] * t.shape[1] for t in adapter.targets(i)) for i in range(len(adapter.blocks()))),
+                 default=0)
+    needed = fisher_block_bytes(options.samples, widest, options.objective != "layerwise")
+    available = available_host_bytes()
+    if needed > available:
+        raise UsageError(f"--objective {options.objective}: the per-sample gradients of one transformer block "
+                         f"need about {format_bytes(needed)} ({options.samples} samples × {widest:,} weights), "
+                         f"more than the {format_bytes(available)} of memory available; use fewer --samples, "
+                         "--include fewer tensors, or --objective layerwise")
+
+
+def _prune_block(context: BlockContext, targets: list[TargetLayer], device: torch.device | None = None) -> dict[str, Any]:
     """Prune one transformer block with the chosen method, refit if asked, and apply the result to the model.
 
     Returns the block's checkpoint entry: masks, changed weights, tensor reports, facts.
@@ -202,7 +245,11 @@ def _prune_block(context: BlockContext, targets: list[TargetLayer]) -> dict[str,
     if options.refit:
         with PhaseTimer(context.timings, "refit"):
             for name, weight0 in context.weights0.items():
-                weights[name] = refit_rows(weight0, context.stats[name].gram, outcome.masks[name], options.damp)
+                if device is None:
+                    weights[name] = refit_rows(weight0, context.stats[name].gram, outcome.masks[name], options.damp)
+                else:  # the refit's Cholesky and CG on the block's device; the result back to the host
+                    weights[name] = refit_rows(weight0.to(device), context.stats[name].gram.to(device),
+                                               outcome.masks[name].to(device), options.damp).cpu()
     first = outcome.initial if outcome.initial is not None else outcome.masks
     block_tensors = {}
     for layer in targets:

@@ -73,6 +73,28 @@ def capture_first_block_inputs(adapter: ModelAdapter, data: CalibrationData, bat
     return captured
 
 
+def to_device(value: Any, device: torch.device | None) -> Any:
+    """``value`` with every tensor inside (tuples, lists, dicts) on ``device``; None: unchanged."""
+    if device is None or value is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value if value.device == device else value.to(device)
+    if isinstance(value, tuple):
+        return tuple(to_device(item, device) for item in value)
+    if isinstance(value, list):
+        return [to_device(item, device) for item in value]
+    if isinstance(value, dict):
+        return {key: to_device(item, device) for key, item in value.items()}
+    return value
+
+
+def move_inputs(inputs: BlockInputs, device: torch.device) -> BlockInputs:
+    """All of ``inputs`` on ``device`` (block 0's inputs, captured on the host, to the GPU)."""
+    return BlockInputs(args=[to_device(args, device) for args in inputs.args],
+                       kwargs=[to_device(kwargs, device) for kwargs in inputs.kwargs],
+                       token_masks=list(inputs.token_masks))
+
+
 def _hidden_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
@@ -91,14 +113,14 @@ def _real_rows(inputs: torch.Tensor, token_mask: torch.Tensor | None) -> torch.T
 class _StatsCollector:
     """Forward hooks accumulating each target's Gram; shared inputs (q, k, v) computed once."""
 
-    def __init__(self, targets: Sequence[TargetLayer]):
+    def __init__(self, targets: Sequence[TargetLayer], device: torch.device | None = None):
         self.stats: dict[str, LayerStats] = {}
         self.token_mask: torch.Tensor | None = None
         self._cache: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor, int]] = {}
         self._handles = [layer.module.register_forward_hook(self._hook(layer)) for layer in targets]
         for layer in targets:
             width = layer.shape[1]
-            self.stats[layer.parameter_name] = LayerStats(torch.zeros(width, width, dtype=torch.float64))
+            self.stats[layer.parameter_name] = LayerStats(torch.zeros(width, width, dtype=torch.float64, device=device))
 
     def _hook(self, layer: TargetLayer):
         name = layer.parameter_name
@@ -139,25 +161,42 @@ def _call_block(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
     return output
 
 
-def collect_stats(block: nn.Module, targets: Sequence[TargetLayer], inputs: BlockInputs) -> dict[str, LayerStats]:
-    """Run ``block`` on its inputs and return the Gram of every target (keyed by parameter name)."""
-    collector = _StatsCollector(targets)
+def collect_stats(block: nn.Module, targets: Sequence[TargetLayer], inputs: BlockInputs,
+                  device: torch.device | None = None) -> dict[str, LayerStats]:
+    """Run ``block`` on its inputs and return the Gram of every target (keyed by parameter name).
+
+    With ``device`` (the block already there), each batch moves to it, the Grams are
+    accumulated there in float64 and come back to host memory at the end (the methods and
+    the iCBS QUBO builders read them on the host). Without it nothing moves.
+    """
+    collector = _StatsCollector(targets, device)
     try:
         with torch.no_grad():
             for args, kwargs, token_mask in zip(inputs.args, inputs.kwargs, inputs.token_masks):
-                collector.next_batch(token_mask)
-                _call_block(block, args, kwargs)
+                collector.next_batch(to_device(token_mask, device))
+                _call_block(block, to_device(args, device), to_device(kwargs, device))
     finally:
         collector.close()
+    if device is not None and device.type != "cpu":
+        for stats in collector.stats.values():
+            stats.gram = stats.gram.cpu()
     return collector.stats
 
 
-def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
-    """Outputs of ``block`` as the next block's inputs (its other arguments are unchanged)."""
+def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device | None = None,
+              keep_on: torch.device | None = None) -> BlockInputs:
+    """Outputs of ``block`` as the next block's inputs (its other arguments are unchanged).
+
+    ``device``: where the block runs (each batch moves there); ``keep_on``: where the
+    outputs are kept (host memory when the activations of a whole calibration set would
+    not fit beside the next block on the device). Both None: nothing moves.
+    """
     result = BlockInputs(token_masks=list(inputs.token_masks))
     with torch.no_grad():
         for args, kwargs in zip(inputs.args, inputs.kwargs):
-            hidden = _call_block(block, args, kwargs)
+            hidden = _call_block(block, *to_device((args, kwargs), device))
+            if keep_on is not None:
+                hidden = hidden.to(keep_on)
             if args:
                 result.args.append((hidden, *args[1:]))
                 result.kwargs.append(kwargs)

@@ -7,7 +7,7 @@ imports :mod:`.text` and :mod:`.vision`, and neither imports it.
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Sequence
+from typing import Any, Sequence
 
 from qsurgeon.client.errors import UsageError
 
@@ -33,9 +33,15 @@ def model_kind(reference: str) -> str | None:
     return "causal-lm" if is_causal_lm(SimpleNamespace(**config)) else "encoder"
 
 
-def load_adapter(reference: str, include: Sequence[str] = (), exclude: Sequence[str] = DEFAULT_EXCLUDE) -> ModelAdapter:
-    """The CLI's way in: a ``builtin:`` name or a local Hugging Face folder."""
+def load_adapter(reference: str, include: Sequence[str] = (), exclude: Sequence[str] = DEFAULT_EXCLUDE,
+                 dtype: Any = None) -> ModelAdapter:
+    """The CLI's way in: a ``builtin:`` name or a local Hugging Face folder.
+
+    ``dtype``: None loads float32 (what the CPU path computes in); ``"auto"`` keeps the
+    checkpoint's dtype (bf16/fp16), as a GPU run does to halve host memory.
+    """
     folder = model_folder(reference)
+    extra = {} if dtype is None else {"dtype": dtype}
     if is_image_model_folder(folder):
-        return HFImageAdapter.from_folder(folder, include=include, exclude=exclude)
-    return HFTextAdapter.from_folder(folder, include=include, exclude=exclude)
+        return HFImageAdapter.from_folder(folder, include=include, exclude=exclude, **extra)
+    return HFTextAdapter.from_folder(folder, include=include, exclude=exclude, **extra)

@@ -150,7 +150,7 @@ def test_solvers_json_lists_each_declared_parameter(capsys):
     listed = {entry["name"]: {p["name"]: p for p in entry["parameters"]} for entry in json.loads(capsys.readouterr().out)}
     assert listed["sa"]["sweeps"] == {"name": "sweeps", "type": "int", "default": 1000, "minimum": 0, "maximum": None,
                                       "above": None, "choices": [], "help": listed["sa"]["sweeps"]["help"]}
-    assert listed["sa"]["start"]["choices"] == ["auto", "x0", "random"] and listed["sa"]["start"]["default"] == "auto"
+    assert listed["sa"]["start"]["choices"] == ["auto", "x0", "random", "greedy"] and listed["sa"]["start"]["default"] == "auto"
     assert listed["swap-tabu"]["restarts"]["maximum"] == 4096 and listed["swap-tabu"]["tenure"]["default"] == 2
     assert listed["neal"]["restarts"]["default"] == 16 and listed["neal"]["alpha"]["default"] == 0.5
     assert listed["tabu"]["time_limit"]["above"] == 0.0 and listed["exact-dimod"]["alpha"]["default"] == "hard"
@@ -162,10 +162,10 @@ def test_solvers_json_lists_each_declared_parameter(capsys):
 @pytest.mark.parametrize("solver, params, message", [
     ("sa", {"sweeps": -1}, r"sa: sweeps must be an integer ≥ 0, got -1"),
     ("sa", {"restarts": 2.5}, r"sa: restarts must be an integer ≥ 1"),
-    ("sa", {"start": "middle"}, r"sa: start must be one of auto, x0, random, got 'middle'"),
+    ("sa", {"start": "middle"}, r"sa: start must be one of auto, x0, random, greedy, got 'middle'"),
     ("sa", {"time_limit": 0}, r"sa: time_limit must be a finite number > 0"),
     ("sa", {"iterations": 5}, r"sa: unknown parameter\(s\) iterations; it takes: beta_range, device, restarts, "
-                              r"seed, start, sweeps, time_limit"),
+                              r"scale_quantile, seed, start, sweeps, time_limit"),
     ("swap-tabu", {"restarts": 5000}, r"restarts must be an integer ≥ 1 and ≤ 4096"),
     ("neal", {"alpha": "soft"}, "alpha"),
     ("qaoa", {"optimizer": "adam"}, "optimizer must be one of cobyla, nelder-mead, spsa"),
@@ -200,7 +200,7 @@ def test_cli_param_is_parsed_by_the_declaration(tmp_path, capsys):
     assert main(["solve", str(block), "--solver", "sa", "--param", "sweeps=many"]) == 2
     assert "sa: sweeps must be an integer ≥ 0, got 'many'" in capsys.readouterr().err
     assert main(["solve", str(block), "--solver", "sa", "--param", "tenure=2"]) == 2
-    assert "NAME one of beta_range, device, restarts, seed, start, sweeps, time_limit" in capsys.readouterr().err
+    assert "NAME one of beta_range, device, restarts, scale_quantile, seed, start, sweeps, time_limit" in capsys.readouterr().err
 
 
 def test_a_solve_uses_the_declared_defaults():

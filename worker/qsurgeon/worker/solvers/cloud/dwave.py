@@ -161,7 +161,7 @@ class DWaveQPUSolver(RemoteSolver):
         strength = settings["chain_strength"]
         if strength is None:
             strength = float(uniform_torque_compensation(bqm, prefactor=settings["chain_prefactor"]))
-        target = embed_bqm(bqm, embedding, self.child.adjacency, chain_strength=strength)
+        target = embed_bqm(bqm, embedding, self._graph, chain_strength=strength)
         return _QPUBlock(model, bqm, {v: tuple(chain) for v, chain in embedding.items()}, target, strength)
 
     def _sampler_kwargs(self, settings: Mapping[str, Any]) -> dict[str, Any]:

@@ -380,14 +380,15 @@ class RemoteSolver(Solver):
 
     def _pause(self, seconds: float, lease: Any) -> None:
         """Sleep, renewing the lease at least every second so the messages stay ours."""
-        deadline = time.monotonic() + seconds
+        left = seconds
         while True:
             if lease is not None:
                 lease.renew()
-            left = deadline - time.monotonic()
             if left <= 0:
                 return
-            self.sleep(min(left, 1.0))
+            step = min(left, 1.0)
+            self.sleep(step)
+            left -= step
 
     def _answer(self, task: _Task, state: _BlockState, collected: Collected, ledger: Any) -> BlockSolution:
         ledger.spend(QPU_SECONDS, float(collected.qpu_seconds))

@@ -33,6 +33,9 @@ class RoundRequest:
 class RoundResult:
     solutions: list[BlockSolution | None]
     failures: dict[str, str] = field(default_factory=dict)  # problem id -> reason
+    retried: int = 0  # blocks answered on a second or later delivery (a worker died or stalled)
+    dead: int = 0  # blocks dead-lettered after too many deliveries (also among ``failures``)
+    resent: int = 0  # blocks sent again because Redis lost the round (restarted without its data)
 
 
 class Queue(Protocol):

@@ -32,7 +32,9 @@ import redis
 from qsurgeon.client.errors import QsurgeonError
 from qsurgeon.worker.block.codec import decode_problem, encode_result
 from qsurgeon.worker.block.problem import BlockProblem
-from qsurgeon.worker.queue.keys import GROUP, ROUND_TTL_SECONDS, Keys, ensure_group
+from qsurgeon.worker.queue.keys import (
+    DEAD_LETTERS_KEPT, DEAD_WORKER_SECONDS, GROUP, ROUND_TTL_SECONDS, Keys, ensure_group,
+)
 from qsurgeon.worker.queue.settings import QueueSettings
 from qsurgeon.worker.solve import solve_each_on_failure
 from qsurgeon.worker.solvers.registry import solver_names
@@ -41,14 +43,21 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 5.0
 
-# Publish one result and acknowledge its message atomically. HSETNX makes duplicates no-ops;
-# the wake-up is pushed only for the first answer; XDEL keeps the stream from growing.
+# Publish one result and acknowledge its message atomically. The answer is written only while
+# its round is open (the round's hash exists): a late answer to a collected round, or to a
+# round Redis lost, must not re-create its result keys. HSETNX makes duplicates no-ops, and
+# only a first answer is counted (ARGV[6] names the counter) and pushes the wake-up. XDEL
+# keeps the stream from growing.
 PUBLISH_SCRIPT = """
-local fresh = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
-if fresh == 1 then
-  redis.call('RPUSH', KEYS[2], ARGV[1])
-  redis.call('EXPIRE', KEYS[1], ARGV[5])
-  redis.call('EXPIRE', KEYS[2], ARGV[5])
+local fresh = 0
+if redis.call('EXISTS', KEYS[5]) == 1 then
+  fresh = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+  if fresh == 1 then
+    redis.call('RPUSH', KEYS[2], ARGV[1])
+    redis.call('EXPIRE', KEYS[1], ARGV[5])
+    redis.call('EXPIRE', KEYS[2], ARGV[5])
+    redis.call('HINCRBY', KEYS[6], ARGV[6], 1)
+  end
 end
 if ARGV[3] ~= '' then
   redis.call('XACK', KEYS[3], ARGV[4], ARGV[3])
@@ -57,7 +66,6 @@ if ARGV[3] ~= '' then
 end
 return fresh
 """
-
 
 class Lease:
     """The messages a worker thread is solving right now, and the means to keep them.
@@ -136,6 +144,7 @@ class _Message:
     round_id: str
     block: str
     body: bytes
+    attempt: int = 1
 
 
 @dataclass
@@ -192,8 +201,7 @@ class Worker:
     # ------------------------------------------------------------------ main loops
     def run(self) -> WorkerStats:
         """Run ``concurrency`` consumer threads and a heartbeat until stopped."""
-        for stream in self.streams:
-            ensure_group(self.redis, stream)
+        self._ensure_groups()
         threads = [threading.Thread(target=self._consume, name=f"{self.name}-{i}", args=(f"{self.name}-{i}",),
                                     daemon=True) for i in range(self.concurrency)]
         for thread in threads:
@@ -208,24 +216,43 @@ class Worker:
             self._stop.set()
             for thread in threads:
                 thread.join()
-            self.redis.zrem(self.keys.workers, self.name)
-            self.redis.delete(self.keys.worker(self.name))
+            try:
+                self.redis.zrem(self.keys.workers, self.name)
+                self.redis.delete(self.keys.worker(self.name))
+            except redis.RedisError as error:  # the entry is pruned by others once it is stale
+                log.warning("could not remove this worker's heartbeat (%s)", error)
         return self.stats
 
+    def _ensure_groups(self) -> None:
+        """Create every served stream's consumer group (again, after Redis lost its data)."""
+        for stream in self.streams:
+            ensure_group(self.redis, stream)
+
     def _heartbeat(self) -> None:
+        """Beat at most every HEARTBEAT_SECONDS; an outage only delays it (never raises), and
+        workers silent for DEAD_WORKER_SECONDS are pruned from the set on the way."""
         now = time.time()
         if now - getattr(self, "_last_beat", 0.0) < HEARTBEAT_SECONDS:
             return
-        self._last_beat = now
         info = {"name": self.name, "pid": os.getpid(), "backends": self.backends, "solved": self.stats.solved,
                 "failed": self.stats.failed, "concurrency": self.concurrency}
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.zadd(self.keys.workers, {self.name: now})
-        pipe.set(self.keys.worker(self.name), json.dumps(info), ex=int(HEARTBEAT_SECONDS * 6))
-        pipe.execute()
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zadd(self.keys.workers, {self.name: now})
+            pipe.set(self.keys.worker(self.name), json.dumps(info), ex=int(HEARTBEAT_SECONDS * 6))
+            pipe.zremrangebyscore(self.keys.workers, "-inf", now - DEAD_WORKER_SECONDS)
+            pipe.execute()
+            self._last_beat = now
+        except redis.RedisError as error:
+            log.warning("heartbeat failed (%s); retrying", error)
 
     def _consume(self, consumer: str) -> None:
+        """The consumer loop. Nothing but ``stop()`` ends it: Redis being away is retried with a
+        bounded backoff (a batch in hand stays pending and is reclaimed, never lost), a lost
+        consumer group (NOGROUP: Redis restarted without its data) is re-created, and any
+        other error is logged and the loop goes on."""
         last_reclaim = 0.0
+        failures = 0
         while not self._stop.is_set():
             try:
                 messages: list[_Message] = []
@@ -236,8 +263,23 @@ class Worker:
                     messages = self._read(consumer)
                 if messages:
                     self.process(messages, consumer)
-            except redis.ConnectionError as error:
+                failures = 0
+            except redis.ResponseError as error:
+                if "NOGROUP" in str(error):
+                    log.warning("consumer group missing (Redis lost its data?); re-creating it")
+                    try:
+                        self._ensure_groups()
+                    except redis.RedisError:
+                        pass
+                else:
+                    log.exception("Redis refused a command; going on")
+                    self._stop.wait(1.0)
+            except redis.RedisError as error:
+                failures += 1
                 log.warning("Redis unreachable (%s); retrying", error)
+                self._stop.wait(min(5.0, 0.1 * 2 ** min(failures, 6)))
+            except Exception:  # a bug must not end the worker; the batch is reclaimed and retried
+                log.exception("unexpected error in the consumer loop; going on")
                 self._stop.wait(1.0)
 
     def _read(self, consumer: str) -> list[_Message]:
@@ -254,6 +296,7 @@ class Worker:
             entries = reply[1] if len(reply) > 1 else []
             if entries:
                 log.info("reclaimed %d message(s) from %s", len(entries), stream)
+                self.redis.hincrby(self.keys.stats, "messages_reclaimed", len(entries))
             messages.extend(self._parse(stream, entries))
             if messages:
                 break
@@ -277,22 +320,23 @@ class Worker:
             if cache_key in self._round_cache:
                 return self._round_cache[cache_key]
         values = self.redis.hgetall(self.keys.round(job, round_id))
-        info = None
-        if values:
-            info = (values[b"solver"].decode(), json.loads(values[b"params"]))
+        if not values:  # not cached: a round Redis lost comes back when the orchestrator re-sends it
+            return None
+        info = (values[b"solver"].decode(), json.loads(values[b"params"]))
         with self._lock:
             if len(self._round_cache) > 1024:
                 self._round_cache.clear()
             self._round_cache[cache_key] = info
         return info
 
-    def _finish(self, message: _Message, result: bytes, pipe: Any = None) -> None:
-        """Publish and acknowledge atomically; with ``pipe``, queued for one round trip per batch."""
+    def _finish(self, message: _Message, result: bytes, pipe: Any = None, counter: str = "blocks_solved") -> None:
+        """Publish and acknowledge atomically; with ``pipe``, queued for one round trip per batch.
+        ``counter`` (a field of the stats hash) is bumped only by the first answer to a block."""
         keys = self.keys
         self._publish(
             keys=[keys.results(message.job, message.round_id), keys.note(message.job, message.round_id),
-                  message.stream, keys.attempts],
-            args=[message.block, result, message.message_id, GROUP, ROUND_TTL_SECONDS],
+                  message.stream, keys.attempts, keys.round(message.job, message.round_id), keys.stats],
+            args=[message.block, result, message.message_id, GROUP, ROUND_TTL_SECONDS, counter],
             client=pipe,
         )
 
@@ -307,11 +351,10 @@ class Worker:
         if dead:
             self.redis.xadd(self.keys.dead, {"job": message.job, "round": message.round_id, "block": message.block,
                                              "message": message.message_id, "reason": reason, "worker": self.name},
-                            maxlen=10000, approximate=True)
+                            maxlen=DEAD_LETTERS_KEPT, approximate=True)
             self.stats.dead += 1
         self.stats.failed += 1
-        self.redis.hincrby(self.keys.stats, "blocks_dead" if dead else "blocks_failed", 1)
-        self._finish(message, encode_result(None, reason))
+        self._finish(message, encode_result(None, reason), counter="blocks_dead" if dead else "blocks_failed")
 
     def count_attempts(self, messages: list[_Message]) -> list[int]:
         """Record one more delivery of each message; returns the new counts."""
@@ -323,9 +366,10 @@ class Worker:
     def process(self, messages: list[_Message], consumer: str) -> None:
         """Solve a batch: drop cancelled jobs' blocks, dead-letter over-tried ones, group the rest."""
         attempts = self.count_attempts(messages)
-        cancelled = {job for job in {m.job for m in messages} if self.redis.sismember(self.keys.cancelled, job)}
+        cancelled = {job for job in {m.job for m in messages} if self.redis.exists(self.keys.cancelled(job))}
         groups: dict[tuple[str, str, str], list[tuple[_Message, BlockProblem]]] = {}
         for message, attempt in zip(messages, attempts):
+            message.attempt = attempt
             if message.job in cancelled:
                 self.stats.dropped += 1
                 self._drop(message)
@@ -371,9 +415,8 @@ class Worker:
             if solution is None:
                 self._fail(message, reason)
             else:
-                meta = dict(solution.metadata, worker=self.name)
+                meta = dict(solution.metadata, worker=self.name, attempt=message.attempt)
                 solution = dataclasses.replace(solution, metadata=meta)
                 self._finish(message, encode_result(solution), pipe)
                 self.stats.solved += 1
-        pipe.hincrby(self.keys.stats, "blocks_solved", sum(s is not None for s in solutions))
         pipe.execute()

@@ -19,13 +19,24 @@ Every key starts with the settings' prefix, so tests and tenants never collide:
                                never enqueues a block twice
 ``{p}:attempts``               hash message id -> deliveries; past ``max_attempts``
                                a message goes to ``{p}:dead`` and its block fails
-``{p}:cancelled``              set of cancelled job ids; workers drop their blocks
-``{p}:workers``                sorted set worker name -> last heartbeat (unix s);
-                               ``{p}:worker:{name}`` holds the worker's own description
+``{p}:cancelled:{job}``        present while a job is cancelled; workers drop its blocks
+                               (TTL a day; a purge deletes it at once)
+``{p}:workers``                sorted set worker name -> last heartbeat (unix s); entries
+                               older than :data:`DEAD_WORKER_SECONDS` are pruned by every
+                               live worker's heartbeat and by the orchestrator;
+                               ``{p}:worker:{name}`` holds the worker's own description (TTL 30 s)
 ``{p}:remote:{message}``       what a backend recorded about a remote task of a message
 ``{p}:budget:{job}``           hash of what a job's remote blocks have spent (blocks sent,
                                QPU seconds, cost), shared by every worker of the job
-``{p}:stats``                  hash of counters for ``/metrics``
+``{p}:stats``                  hash of counters for ``/metrics`` (one per prefix, bounded)
+``{p}:dead``                   stream of dead letters, capped at :data:`DEAD_LETTERS_KEPT`
+``{p}:attempts``               (above) an entry lives until its message is answered or dropped
+
+Who deletes what: the orchestrator deletes a round's keys when it collects the round and
+every job's keys when the job is purged (or expires after the retention time); a worker's
+answer never re-creates the keys of a finished round (the publish script checks the round
+is still open). Every per-round key also carries a TTL of :data:`ROUND_TTL_SECONDS`, so
+nothing outlives a vanished orchestrator for more than a day.
 """
 
 from __future__ import annotations
@@ -36,6 +47,10 @@ import redis
 GROUP = "workers"
 #: Round keys (and a backend's remote records) expire after this long even if their orchestrator vanished.
 ROUND_TTL_SECONDS = 24 * 3600
+#: A worker silent this long is removed from ``{p}:workers``.
+DEAD_WORKER_SECONDS = 300
+#: The dead-letter stream keeps about this many entries.
+DEAD_LETTERS_KEPT = 10000
 
 
 class Keys:
@@ -73,9 +88,8 @@ class Keys:
     def dead(self) -> str:
         return f"{self.prefix}:dead"
 
-    @property
-    def cancelled(self) -> str:
-        return f"{self.prefix}:cancelled"
+    def cancelled(self, job: str) -> str:
+        return f"{self.prefix}:cancelled:{job}"
 
     @property
     def workers(self) -> str:
@@ -93,6 +107,14 @@ class Keys:
     @property
     def stats(self) -> str:
         return f"{self.prefix}:stats"
+
+
+def job_keys(client: redis.Redis, keys: Keys, job: str) -> list[str]:
+    """Every queue key of one job (its rounds' keys, cancel flag and budget), for a purge."""
+    found = [keys.cancelled(job), keys.budget(job)]
+    for pattern in ("round", "blob", "blobs", "res", "note", "sent"):
+        found.extend(key.decode() for key in client.scan_iter(match=f"{keys.prefix}:{pattern}:{job}:*", count=1000))
+    return found
 
 
 def ensure_group(client: redis.Redis, stream: str) -> None:

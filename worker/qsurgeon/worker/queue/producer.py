@@ -35,6 +35,14 @@ class RoundAborted(QsurgeonError):
     """The round was interrupted (job cancelled or orchestrator stopping); nothing was applied."""
 
 
+class NoWorker(QsurgeonError):
+    """No live worker served the round's solver for ``no_worker_timeout`` seconds."""
+
+
+#: the reason a worker gives a dead-lettered block (consumer.Worker.process)
+DEAD_REASON = "gave up after"
+
+
 def _digest(array: np.ndarray) -> str:
     hasher = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
     hasher.update(memoryview(np.ascontiguousarray(array)).cast("B"))
@@ -95,8 +103,10 @@ class RedisQueue:
         if len(set(ids)) != len(ids) or any(not block_id for block_id in ids):
             raise UsageError("every problem of a round needs a unique, non-empty id")
         failures = self._enqueue(request, problems)
-        self._wait(request, problems, failures)
-        return self._collect(request, problems, failures)
+        resent = self._wait(request, problems, failures)
+        result = self._collect(request, problems, failures)
+        result.resent = resent
+        return result
 
     def _enqueue(self, request: RoundRequest, problems: list[BlockProblem]) -> dict[str, str]:
         keys, settings = self.keys, self.settings
@@ -129,29 +139,65 @@ class RedisQueue:
             pipe.xadd(stream, {"job": job, "round": round_id, "block": problem.id, "body": envelope})
             pipe.sadd(keys.sent(job, round_id), problem.id)
             queued += 1
-            if queued % 256 == 0:
+            if queued % 256 == 0:  # each chunk carries its own TTL and count: a crash mid-round leaves both right
+                pipe.expire(keys.sent(job, round_id), ttl)
+                pipe.hincrby(keys.stats, "blocks_queued", 256)
                 pipe.execute()
         pipe.expire(keys.sent(job, round_id), ttl)
-        pipe.hincrby(keys.stats, "blocks_queued", queued)
+        pipe.hincrby(keys.stats, "blocks_queued", queued % 256)
         pipe.execute()
         return failures
 
-    def _wait(self, request: RoundRequest, problems: list[BlockProblem], failures: dict[str, str]) -> None:
+    def _wait(self, request: RoundRequest, problems: list[BlockProblem], failures: dict[str, str]) -> int:
+        """Block until every sent problem has an answer; returns how many blocks were re-sent.
+
+        The round's hash exists from enqueue to collection; if it vanishes, Redis lost its
+        data (restarted without persistence): the unanswered blocks are sent again (answers
+        are keyed by block, so none is applied twice). With ``no_worker_timeout``, a round
+        that sees no live worker for its solver that long raises :class:`NoWorker`.
+        """
         results_key = self.keys.results(request.job_id, request.round_id)
         note_key = self.keys.note(request.job_id, request.round_id)
+        round_key = self.keys.round(request.job_id, request.round_id)
         expected = len(problems) - len(failures)
         deadline = None if self.settings.round_timeout is None else time.monotonic() + self.settings.round_timeout
+        resent = 0
+        worker_seen = time.monotonic()
+        next_worker_check = 0.0
         while True:
-            answered = self.redis.hlen(results_key)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hlen(results_key)
+            pipe.exists(round_key)
+            answered, open_round = pipe.execute()
             if answered >= expected:
-                return
+                return resent
+            if not open_round:
+                log.warning("round %s of job %s vanished from Redis; sending its unanswered blocks again",
+                            request.round_id, request.job_id)
+                before = int(self.redis.hlen(results_key))
+                self._enqueue(request, problems)
+                resent += expected - before
+                continue
             if self.should_stop is not None and self.should_stop():
                 raise RoundAborted(f"round {request.round_id} of job {request.job_id} was interrupted")
             if deadline is not None and time.monotonic() > deadline:
                 log.warning("round %s timed out with %d of %d answers", request.round_id, answered, expected)
-                return
+                return resent
+            limit = self.settings.no_worker_timeout
+            if limit is not None and time.monotonic() >= next_worker_check:
+                next_worker_check = time.monotonic() + min(2.0, limit / 4)
+                if self._served(request.solver):
+                    worker_seen = time.monotonic()
+                elif time.monotonic() - worker_seen > limit:
+                    raise NoWorker(f"no worker serves solver {request.solver!r}: none was seen for {limit:g} s "
+                                   f"(start `qsurgeon worker --backends {request.solver}`)")
             # the list only wakes us up; the hash is the truth, so a lost wake-up costs ≤ 0.5 s
             self.redis.blpop([note_key], timeout=0.5)
+
+    def _served(self, solver: str) -> bool:
+        from qsurgeon.worker.queue.control import QueueControl
+
+        return QueueControl(self.redis, self.settings).workers_by_solver().get(solver, 0) > 0
 
     def _collect(self, request: RoundRequest, problems: list[BlockProblem], failures: dict[str, str]) -> RoundResult:
         keys = self.keys
@@ -176,6 +222,9 @@ class RedisQueue:
             result.solutions.append(solution)
             if solution is None:
                 result.failures[problem.id] = reason
+                result.dead += reason.startswith(DEAD_REASON)
+            elif int(solution.metadata.get("attempt", 1) or 1) > 1:
+                result.retried += 1
         self._cleanup(job, round_id)
         return result
 

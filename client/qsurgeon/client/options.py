@@ -203,6 +203,9 @@ class PruneOptions(UsageChecked):
                              max_length=MAX_TEXT)
     time_limit: float | None = option(None, "stop iCBS after the round running at S seconds (the masks stay valid)",
                                       metavar="S", gt=0.0, le=30 * 24 * 3600.0)
+    max_failed_fraction: float = option(0.0, "a service job fails when more than this fraction of its blocks got "
+                                        "no answer in every attempt (0: any such block fails the job)",
+                                        metavar="F", ge=0.0, le=1.0)
     refit: bool = option(False, "refit kept weights by least squares after masking",
                          presets={"fast": False, "quality": True})
     damp: float = option(0.01, "damping of the refit and SparseGPT, a fraction of mean(diag H)", ge=0.0, le=10.0,
@@ -253,7 +256,7 @@ class PruneOptions(UsageChecked):
     def identity(self) -> dict[str, Any]:
         """The options that decide the masks (a checkpoint must match these to be resumed)."""
         return self.model_dump(mode="json", exclude={"out", "time_limit", "export_blocks", "batch_size", "preset",
-                                                          "device"})
+                                                          "device", "max_failed_fraction"})
 
 
 def field_extra(name: str) -> dict[str, Any]:

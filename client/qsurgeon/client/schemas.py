@@ -7,9 +7,10 @@ both sides always agree on field names and types.
 
 from __future__ import annotations
 
+import math
 import re
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -22,8 +23,11 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class JobState(str, Enum):
+    """``cancelling``: cancel was asked and the job's thread has not stopped yet."""
+
     queued = "queued"
     running = "running"
+    cancelling = "cancelling"
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
@@ -80,7 +84,10 @@ class Progress(BaseModel):
     stage: str | None = None
     blocks_solved: int = 0
     blocks_accepted: int = 0
-    blocks_failed: int = 0
+    blocks_failed: int = 0  # blocks with no usable answer (they keep their current assignment)
+    blocks_retried: int = 0  # blocks answered on a second or later delivery
+    blocks_dead: int = 0  # blocks dead-lettered after too many deliveries (counted in blocks_failed too)
+    blocks_resent: int = 0  # blocks sent again because Redis lost a round
     energy: float | None = None
     message: str | None = None
     model_config = ConfigDict(extra="allow")
@@ -100,6 +107,7 @@ class Job(BaseModel):
     error: str | None = None
     artifacts: list[str] = Field(default_factory=list)
     resumed: int = 0  # how many times an orchestrator restart resumed this job
+    deadline: float | None = None  # unix time by which the job must finish, or it fails
 
 
 class JobList(BaseModel):
@@ -114,31 +122,69 @@ class JobEvent(BaseModel):
     data: dict[str, Any] = Field(default_factory=dict)
 
 
+#: the largest block a raw request may describe, and the bounds of its integers and numbers
+MAX_SOLVE_VARIABLES = 1 << 16
+_Count = Annotated[int, Field(ge=0, le=MAX_SOLVE_VARIABLES)]
+_Label = Annotated[int, Field(ge=0, le=MAX_SOLVE_VARIABLES)]
+_Bit = Annotated[int, Field(ge=0, le=1)]
+_Real = Annotated[float, Field(allow_inf_nan=False)]
+_PARAM_VALUE = {"anyOf": [{"type": "number"}, {"type": "string", "maxLength": 200}, {"type": "boolean"}]}
+
+
+def _no_explicit_null(value: Any) -> Any:
+    if value is None:
+        raise ValueError("leave the field out instead of sending null")
+    return value
+
+
 class SolveRequest(_Strict):
     """One raw block problem: ``Q`` (B×B) or ``F`` (r×B) with optional ``c``; ``k`` or
-    ``groups`` (a label per variable) with ``counts``."""
+    ``groups`` (a label per variable) with ``counts`` (how many ones per label)."""
 
-    Q: list[list[float]] | None = None
-    F: list[list[float]] | None = None
-    c: list[float] | None = None
-    k: int | None = None
-    groups: list[int] | None = None
-    counts: list[int] | None = None
-    x0: list[int] | None = None
-    offset: float = 0.0
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "allOf": [
+                {"oneOf": [{"required": ["Q"]}, {"required": ["F"]}]},
+                {"oneOf": [{"required": ["k"]}, {"required": ["groups", "counts"]}]},
+            ],
+            "dependentRequired": {"c": ["F"], "groups": ["counts"], "counts": ["groups"]},
+        },
+    )
+
+    Q: list[list[_Real]] = Field(None, max_length=MAX_SOLVE_VARIABLES, description="B×B matrix")
+    F: list[list[_Real]] = Field(None, max_length=MAX_SOLVE_VARIABLES, description="r×B factor (Q = FᵀF + diag c)")
+    c: list[_Real] = Field(None, max_length=MAX_SOLVE_VARIABLES)
+    k: _Count = Field(None, description="ones in the answer (or give groups and counts)")
+    groups: list[_Label] = Field(None, max_length=MAX_SOLVE_VARIABLES, description="a group label per variable")
+    counts: list[_Count] = Field(None, max_length=MAX_SOLVE_VARIABLES, description="ones per group label")
+    x0: list[_Bit] = Field(None, max_length=MAX_SOLVE_VARIABLES, description="a start assignment")
+    offset: _Real = 0.0
     solver: str = Field("sa", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict, max_length=64,
+                                   json_schema_extra={"additionalProperties": _PARAM_VALUE})
     id: str = Field("", max_length=200)
+
+    _not_null = field_validator("Q", "F", "c", "k", "groups", "counts", "x0", mode="before")(
+        classmethod(lambda cls, value: _no_explicit_null(value)))
 
     @model_validator(mode="after")
     def _one_matrix(self) -> "SolveRequest":
         if (self.Q is None) == (self.F is None):
             raise ValueError("give exactly one of Q or F")
+        if self.c is not None and self.F is None:
+            raise ValueError("c goes with F only")
+        if (self.k is None) == (self.groups is None and self.counts is None):
+            raise ValueError("give k, or groups with counts (not both)")
         if self.k is None and (self.groups is None or self.counts is None):
-            raise ValueError("give k, or groups with counts")
+            raise ValueError("groups and counts go together")
         for name, value in self.params.items():
+            if isinstance(value, str) and len(value) > 200:
+                raise ValueError(f"params.{name} is longer than 200 characters")
             if not isinstance(value, (int, float, str, bool)) or value is None:
                 raise ValueError(f"params.{name} must be a number, string or boolean")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"params.{name} must be finite")
         return self
 
     @property
@@ -190,7 +236,9 @@ class Readiness(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    detail: Any
+    """Every error answer: what is wrong, in one sentence."""
+
+    detail: str
 
 
 __all__ = [

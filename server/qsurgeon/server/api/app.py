@@ -15,30 +15,38 @@ from fastapi import Depends, FastAPI
 
 from qsurgeon.server.api.config import ServiceConfig
 from qsurgeon.server.api.dependencies import Services, require_api_key
-from qsurgeon.server.api.errors import install_error_handlers
+from qsurgeon.server.api.errors import CatchAllMiddleware, install_error_handlers
 from qsurgeon.server.api.jobs.manager import JobManager
 from qsurgeon.server.api.jobs.store import JobStore
 from qsurgeon.server.api.limits import BodyLimitMiddleware
-from qsurgeon.server.api.metrics import metrics_registry
+from qsurgeon.server.api.metrics import add_service_collector, metrics_registry
 from qsurgeon.server.api.openapi import document_job_body, service_version
 from qsurgeon.server.api.routers import PROBES, V1_ROUTERS
-from qsurgeon.worker.queue.settings import connect
+from qsurgeon.worker.queue.control import QueueControl
+from qsurgeon.worker.queue.settings import RETRY_SECONDS_API, connect
 
 log = logging.getLogger(__name__)
 
 
 def create_app(config: ServiceConfig, *, resume: bool = True) -> FastAPI:
     """Build the app; on start-up it resumes unfinished jobs (``resume``), on shutdown it
-    stops its job threads without finishing their rounds (they resume next time)."""
-    client = connect(config.redis_url)
-    store = JobStore(client, config.queue.prefix)
-    manager = JobManager(config, client, store)
-    services = Services(config=config, redis=client, store=store, manager=manager, control=manager.control,
-                        metrics=metrics_registry(store, manager.control, manager))
+    stops its job threads without finishing their rounds (they resume next time).
+
+    Two Redis clients: the job threads' retries ride out a Redis restart; the API's give up
+    after about a second, and the request is answered 503 (the client retries)."""
+    client = connect(config.redis_url, retry_seconds=RETRY_SECONDS_API)
+    store = JobStore(client, config.queue.prefix, retention=config.retention_seconds)
+    registry, instruments = metrics_registry()
+    job_client = connect(config.redis_url)
+    manager = JobManager(config, job_client, JobStore(job_client, config.queue.prefix,
+                                                      retention=config.retention_seconds), instruments)
+    control = QueueControl(client, config.queue)
+    services = Services(config=config, redis=client, store=store, manager=manager, control=control,
+                        metrics=add_service_collector(registry, store, control, manager))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        if not config.api_keys:
+        if not config.all_keys:
             log.warning("no API keys configured: every route is open (set QSURGEON_API_KEYS)")
         if resume:
             manager.start()
@@ -52,6 +60,7 @@ def create_app(config: ServiceConfig, *, resume: bool = True) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.services = services
+    app.add_middleware(CatchAllMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_upload_bytes=config.max_upload_bytes,
                        max_json_bytes=config.max_json_bytes)
     for router in V1_ROUTERS:

@@ -45,6 +45,11 @@ class ServiceConfig:
     sync_solve_timeout: float = 60.0
     max_running_jobs: int = 2
     lock_ttl: float = 6.0  # seconds an orchestrator's claim on a running job lasts unrenewed
+    admin_keys: frozenset[str] = frozenset()  # keys that see and cancel every key's jobs
+    retention_seconds: float = 7 * 24 * 3600.0  # finished jobs (records, events, files) are deleted after
+    job_deadline_seconds: float = 48 * 3600.0  # a job still unfinished this long after submission fails
+    no_worker_timeout: float = 600.0  # a round with no live worker for its solver this long fails its job
+    supervise_interval: float = 5.0  # how often orphaned jobs, deadlines and retention are checked
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -53,6 +58,13 @@ class ServiceConfig:
             if not self.models_dir.is_dir():
                 raise UsageError(f"models folder {str(self.models_dir)!r} does not exist")
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if min(self.retention_seconds, self.job_deadline_seconds, self.no_worker_timeout,
+               self.supervise_interval) <= 0:
+            raise UsageError("retention, job deadline, no-worker timeout and supervise interval must be positive")
+
+    @property
+    def all_keys(self) -> frozenset[str]:
+        return self.api_keys | self.admin_keys
 
     @property
     def jobs_dir(self) -> Path:

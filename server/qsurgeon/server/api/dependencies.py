@@ -11,6 +11,7 @@ laptop, never for a shared network.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from dataclasses import dataclass
 from typing import Annotated
@@ -74,26 +75,49 @@ Control = Annotated[QueueControl, Depends(get_queue_control)]
 MetricsRegistry = Annotated[CollectorRegistry, Depends(get_metrics_registry)]
 
 
-def existing_job(job_id: str, store: Store) -> Job:
-    """The job named by the path's ``job_id``; 404 when there is none (or the id is malformed)."""
-    job = store.get(job_id)
-    if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job with id {job_id!r}")
-    return job
+@dataclass(frozen=True)
+class Caller:
+    """Who sent the request: ``owner`` names the key (a digest, never the key itself);
+    ``admin`` sees and cancels every key's jobs. An open server (no keys) treats everyone as
+    one admin."""
+
+    owner: str
+    admin: bool
+
+    def may_see(self, owner: str) -> bool:
+        return self.admin or hmac.compare_digest(self.owner, owner)
 
 
-ExistingJob = Annotated[Job, Depends(existing_job)]
+def owner_of(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
-def require_api_key(request: Request, config: Config) -> None:
-    """401 without a key, 403 with a wrong one; nothing when the server has no keys."""
-    if not config.api_keys:
-        return
+def require_api_key(request: Request, config: Config) -> Caller:
+    """401 without a key, 403 with a wrong one; an open server lets everyone in as admin."""
+    if not config.all_keys:
+        return Caller(owner="", admin=True)
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing API key: send 'Authorization: Bearer <key>'",
                             headers={"WWW-Authenticate": "Bearer"})
     presented = token.strip().encode()
-    if not any(hmac.compare_digest(presented, key.encode()) for key in config.api_keys):
+    admin = any(hmac.compare_digest(presented, key.encode()) for key in config.admin_keys)
+    if not admin and not any(hmac.compare_digest(presented, key.encode()) for key in config.api_keys):
         raise HTTPException(status.HTTP_403_FORBIDDEN, "invalid API key")
+    return Caller(owner=owner_of(token.strip()), admin=admin)
+
+
+CurrentCaller = Annotated[Caller, Depends(require_api_key)]
+
+
+def existing_job(job_id: str, store: Store, caller: CurrentCaller) -> Job:
+    """The job named by the path's ``job_id``; 404 when there is none, the id is malformed, or
+    it belongs to another key (a key cannot even learn that another key's job exists)."""
+    job = store.get(job_id)
+    if job is None or not caller.may_see(store.owner(job_id)):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job with id {job_id!r}")
+    return job
+
+
+ExistingJob = Annotated[Job, Depends(existing_job)]

@@ -1,21 +1,36 @@
 """How errors become answers: every error body is ``{"detail": "<what is wrong>"}``.
 
 400 malformed JSON (:class:`~qsurgeon.server.api.jobs.submit.MalformedRequest` or FastAPI's
-``json_invalid``), 422 a wrong value (:class:`UsageError`, or pydantic's errors with one
-``location: message`` part per field, e.g. ``options.block_size: Input should be ...``).
+``json_invalid``), 409 a conflict (purging a running job, an Idempotency-Key reused with
+another body), 422 a wrong value (:class:`UsageError`, or pydantic's errors with one
+``location: message`` part per field, e.g. ``options.block_size: Input should be ...``),
+405 with an ``Allow`` header naming every method of the path, 503 while Redis is
+unreachable (never naming its address). Anything else is a bug: :class:`CatchAllMiddleware`
+logs it and answers a JSON 500 without a traceback, keeping the connection alive.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import json
+import logging
+from typing import Any, Callable, Iterable
 
+import redis
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.server.api.jobs.submit import MalformedRequest
+from qsurgeon.server.api.jobs.manager import JobStillRunning
+from qsurgeon.server.api.jobs.submit import Conflict, MalformedRequest
+
+log = logging.getLogger(__name__)
+
+#: what a client is told while Redis is away (no host, port or library message)
+UNAVAILABLE = "the job store is unreachable; retry in a few seconds"
 
 
 def validation_message(errors: Iterable[dict[str, Any]]) -> str:
@@ -56,9 +71,76 @@ async def _request_invalid(_: Request, error: RequestValidationError) -> JSONRes
     return _detail(validation_message(errors), status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
+async def _conflict(_: Request, error: UsageError) -> JSONResponse:
+    return _detail(str(error), status.HTTP_409_CONFLICT)
+
+
+async def _redis_down(_: Request, error: redis.RedisError) -> JSONResponse:
+    log.warning("Redis error answered 503: %s", error)
+    return JSONResponse({"detail": UNAVAILABLE}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+                        headers={"Retry-After": "5"})
+
+
+async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """Starlette's HTTP errors as ``{"detail": ...}``; a 405 lists every method of the path
+    (Starlette would name only those of the first route that matched it)."""
+    headers = dict(getattr(error, "headers", None) or {})
+    if error.status_code == status.HTTP_405_METHOD_NOT_ALLOWED:
+        methods: set[str] = set()
+        for route in request.app.router.routes:
+            match, _ = route.matches({**request.scope, "method": "GET"}) if hasattr(route, "methods") else (None, None)
+            if match in (Match.FULL, Match.PARTIAL) and getattr(route, "methods", None):
+                methods |= set(route.methods)
+        if methods:
+            headers["Allow"] = ", ".join(sorted(methods))
+    detail = error.detail if isinstance(error.detail, str) else json.dumps(error.detail)
+    return JSONResponse({"detail": detail}, status_code=error.status_code, headers=headers or None)
+
+
+class CatchAllMiddleware:
+    """The last line: an exception no handler answered becomes a logged JSON 500 (no
+    traceback to the client) instead of a dropped connection; a Redis error becomes 503."""
+
+    def __init__(self, app: Callable) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as error:
+            if started:  # a stream that broke half-way: nothing more can be said
+                log.warning("response stream ended by %s: %s", type(error).__name__, error)
+                return
+            if isinstance(error, redis.RedisError):
+                code, detail = 503, UNAVAILABLE
+            else:
+                log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+                code, detail = 500, "internal error; the server log has the details"
+            body = json.dumps({"detail": detail}).encode()
+            await send({"type": "http.response.start", "status": code,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Answer the project's own errors and pydantic's with ``{"detail": ...}``; Starlette picks
     the handler of the nearest class, so a MalformedRequest (a UsageError) is answered 400."""
+    app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(redis.RedisError, _redis_down)
+    app.add_exception_handler(JobStillRunning, _conflict)
+    app.add_exception_handler(Conflict, _conflict)
     app.add_exception_handler(MalformedRequest, _malformed)
     app.add_exception_handler(UsageError, _usage)
     app.add_exception_handler(ValidationError, _invalid)

@@ -11,9 +11,9 @@ queue-wide totals. ``prometheus_client`` writes the numbers (``repr`` digits, so
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Sequence
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -28,7 +28,31 @@ QUEUE_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("qsurgeon_blocks_failed_total", "blocks_failed", "Block problems that failed (bad problem or solver error)."),
     ("qsurgeon_blocks_dead_total", "blocks_dead", "Block problems dead-lettered after too many attempts."),
     ("qsurgeon_solve_seconds_total", "solve_seconds", "Seconds workers spent solving."),
+    ("qsurgeon_messages_reclaimed_total", "messages_reclaimed",
+     "Messages taken over from a dead or stalled worker after the visibility timeout."),
 )
+
+#: bucket bounds (s) of one block's solve time and of one round's wall time
+BLOCK_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0)
+ROUND_BUCKETS = (0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0)
+
+
+class Instruments:
+    """What this orchestrator measures itself (prometheus_client histograms, exact by
+    construction): each block's solve seconds as its worker reported them, and each round's
+    wall time from enqueue to collection. Registered on one app's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.block_seconds = Histogram("qsurgeon_block_solve_seconds", "Seconds a worker spent on one block.",
+                                       buckets=BLOCK_BUCKETS, registry=registry)
+        self.round_seconds = Histogram("qsurgeon_round_seconds", "Seconds from a round's enqueue to its collection.",
+                                       buckets=ROUND_BUCKETS, registry=registry)
+
+    def observe_round(self, seconds: float, solutions: Sequence) -> None:
+        self.round_seconds.observe(seconds)
+        for solution in solutions:
+            if solution is not None:
+                self.block_seconds.observe(float(getattr(solution, "seconds", 0.0) or 0.0))
 
 
 class ServiceCollector(Collector):
@@ -49,12 +73,39 @@ class ServiceCollector(Collector):
             yield CounterMetricFamily(name, help_text, value=stats.get(field, 0))
         yield GaugeMetricFamily("qsurgeon_workers", "Workers with a heartbeat in the last 30 s.",
                                 value=len(self.control.live_workers()))
+        by_solver = GaugeMetricFamily("qsurgeon_workers_by_solver", "Live workers serving each solver.",
+                                      labels=["solver"])
+        for solver, count in sorted(self.control.workers_by_solver().items()):
+            by_solver.add_metric([solver], count)
+        yield by_solver
+        depth = GaugeMetricFamily("qsurgeon_queue_messages", "Messages in a solver's stream.", labels=["solver"])
+        pending = GaugeMetricFamily("qsurgeon_queue_pending", "Messages delivered to a worker, not yet answered.",
+                                    labels=["solver"])
+        lag = GaugeMetricFamily("qsurgeon_queue_lag", "Messages no worker has taken yet (consumer lag).",
+                                labels=["solver"])
+        for solver in self.control.streams():
+            numbers = self.control.queue_depth(solver)
+            depth.add_metric([solver], numbers["length"])
+            pending.add_metric([solver], numbers["pending"])
+            lag.add_metric([solver], numbers["lag"])
+        yield depth
+        yield pending
+        yield lag
+        yield GaugeMetricFamily("qsurgeon_dead_letters", "Entries in the dead-letter stream.",
+                                value=self.control.dead_letter_count())
         yield GaugeMetricFamily("qsurgeon_jobs_running_here", "Job threads of this orchestrator.",
                                 value=self.manager.running())
 
 
-def metrics_registry(store: JobStore, control: QueueControl, manager: JobManager) -> CollectorRegistry:
-    """A registry of one app's metrics (not described at registration: that would read Redis)."""
+def metrics_registry() -> tuple[CollectorRegistry, Instruments]:
+    """A registry of one app's metrics and its histograms; :func:`add_service_collector`
+    adds what is read from Redis at scrape time (not described at registration: that would
+    read Redis)."""
     registry = CollectorRegistry(auto_describe=False)
+    return registry, Instruments(registry)
+
+
+def add_service_collector(registry: CollectorRegistry, store: JobStore, control: QueueControl,
+                          manager: JobManager) -> CollectorRegistry:
     registry.register(ServiceCollector(store, control, manager))
     return registry

@@ -14,7 +14,29 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from qsurgeon.client.schemas import JobCreate
+from qsurgeon.client.schemas import ErrorBody, JobCreate
+
+#: what each error status means on this API (the description in /openapi.json)
+ERROR_MEANINGS = {
+    400: "Malformed request (bad JSON, nested too deep, or not an object)",
+    401: "Missing API key",
+    403: "Invalid API key",
+    404: "No such job or artifact (or it belongs to another key)",
+    405: "Method not allowed on this path",
+    409: "Conflict: the job is still running, or the Idempotency-Key was used with another request",
+    413: "Request body larger than the limit",
+    415: "Unsupported content type",
+    422: "Invalid fields, options, archive, model or solver",
+    503: "Redis unreachable, or no worker for a synchronous solve",
+    504: "A synchronous solve timed out",
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for these error codes, each a JSON ``ErrorBody``; every ``/v1``
+    route also gets 401, 403 and 503 (the key check and Redis come before the route)."""
+    every = sorted(set(codes) | {401, 403, 503})
+    return {code: {"model": ErrorBody, "description": ERROR_MEANINGS[code]} for code in every}
 
 
 def service_version() -> str:

@@ -125,3 +125,18 @@ def run_solve_job(spec: dict[str, Any], job_dir: Path, *, queue: Queue,
     (job_dir / "solution.json").write_text(json.dumps(solution.to_dict()))
     progress({"fraction": 1.0, "energy": solution.energy, "blocks_solved": 1})
     return {"energy": solution.energy, "seconds": time.perf_counter() - started}, list_artifacts(job_dir)
+
+
+def add_service_counts(job_dir: Path, counts: dict[str, int]) -> None:
+    """Record what the queue did to the job's blocks (sent, failed, retried, dead-lettered,
+    re-sent) in its ``report.json`` under ``service``, beside the engine's own counts."""
+    report_path = job_dir / OUTPUT_FOLDER / "report.json"
+    if not report_path.is_file():
+        return
+    try:
+        report = json.loads(report_path.read_text())
+    except ValueError:
+        return
+    if isinstance(report, dict):
+        report["service"] = {"blocks": dict(counts)}
+        report_path.write_text(json.dumps(report, indent=2))

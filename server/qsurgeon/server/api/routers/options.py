@@ -11,6 +11,8 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from qsurgeon.server.api.openapi import errors
+
 from qsurgeon.client.options import JobOptions
 
 router = APIRouter(tags=["options"])
@@ -40,6 +42,6 @@ def option_catalogue() -> dict[str, dict[str, Any]]:
 
 
 @router.get("/options", response_model=dict[str, dict[str, Any]],
-            summary="Prune options a job may set, with their defaults and bounds")
+            responses=errors(), summary="Prune options a job may set, with their defaults and bounds")
 def prune_options() -> dict[str, dict[str, Any]]:
     return option_catalogue()

@@ -11,7 +11,10 @@ from fastapi.responses import JSONResponse
 
 from qsurgeon.client.errors import UsageError
 from qsurgeon.client.schemas import JobKind, SolveAccepted, SolveRequest, SolveResult
-from qsurgeon.server.api.dependencies import Config, Control, Manager, Redis, Store
+import time
+
+from qsurgeon.server.api.dependencies import Config, Control, CurrentCaller, Manager, Redis, Store
+from qsurgeon.server.api.openapi import errors
 from qsurgeon.worker.block.problem import BlockProblem
 from qsurgeon.worker.queue.base import RoundRequest
 from qsurgeon.worker.queue.producer import RedisQueue
@@ -35,9 +38,10 @@ def build_problem(body: SolveRequest) -> BlockProblem:
 
 
 @router.post("/solve", response_model=SolveResult | SolveAccepted, summary="Solve one raw block problem",
-             responses={202: {"model": SolveAccepted}})
+             responses={202: {"model": SolveAccepted, "description": "A large problem, run as a job"},
+                        **errors(400, 413, 422, 504)})
 def solve_block(body: SolveRequest, config: Config, store: Store, manager: Manager, control: Control,
-                client: Redis):
+                client: Redis, caller: CurrentCaller):
     if body.solver not in solver_names():
         raise UsageError(f"unknown solver {body.solver!r}; choose one of: {', '.join(solver_names())}")
     try:
@@ -45,8 +49,8 @@ def solve_block(body: SolveRequest, config: Config, store: Store, manager: Manag
         if ragged:
             raise UsageError("Q must be a square matrix (every row as long as there are rows)")
         problem = build_problem(body)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    except (ValueError, TypeError, OverflowError, IndexError) as error:
+        raise UsageError(f"not a valid block problem: {error}") from None
     if problem.num_variables > config.sync_solve_max_variables:
         job_id = uuid.uuid4().hex
         job_dir = config.jobs_dir / job_id
@@ -54,7 +58,7 @@ def solve_block(body: SolveRequest, config: Config, store: Store, manager: Manag
         problem.save_npz(job_dir / "problem.npz")
         job = store.create(JobKind.solve, {"job_id": job_id, "solver": body.solver, "params": body.params},
                            model=None, options={"solver": body.solver, "variables": problem.num_variables},
-                           job_id=job_id)
+                           job_id=job_id, owner=caller.owner, deadline=time.time() + config.job_deadline_seconds)
         manager.launch(job_id)
         return JSONResponse(SolveAccepted(job=job).model_dump(mode="json"), status_code=status.HTTP_202_ACCEPTED)
     if not control.live_workers():

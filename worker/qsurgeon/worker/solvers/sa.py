@@ -46,7 +46,7 @@ DEFAULT_BETA_RANGE_RANDOM = (20.0, 300.0)
 #: with outlier input channels make a few swaps 10²× costlier than the rest, and at a random
 #: state those inflate every ΔE (through h = Qx), so the median there made the whole schedule
 #: hot. Values tuned on the benchmark families (docs/solvers.md, "Robust starts").
-DEFAULT_BETA_RANGE_GREEDY = (5.0, 300.0)
+DEFAULT_BETA_RANGE_GREEDY = (2.0, 100.0)
 GREEDY_SCALE_QUANTILE = 0.25
 DEFAULT_RESTARTS = 4
 DEFAULT_SWEEPS = 1000

@@ -25,11 +25,22 @@ HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (run benchmarks/gpu_scale.sh on a GPU)")
 
 
+def byte_bpe_tokenizer(vocab_size: int = 300):
+    """A small byte-level BPE trained on built-in text: a real tokenizer, no download, no MiniLM package."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from qsurgeon.server.models.calibration import builtin_texts
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(builtin_texts(60, "calibration"), vocab_size=vocab_size, special_tokens=["<|endoftext|>"])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", model_max_length=4096)
+
+
 def tiny_family(folder: Path, family: str, seed: int = 0) -> Path:
     """A 2-block random-init decoder of ``family`` with grouped-query attention and a gated MLP."""
     import transformers
-
-    from test_evaluate import byte_bpe_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = byte_bpe_tokenizer()

@@ -182,6 +182,17 @@ class PruneOptions(UsageChecked):
     solver_params: dict[str, int | float | str | bool] = option(
         {}, "parameters of the block solver, checked against the solver's declared parameters",
         metavar="NAME=VALUE", max_length=MAX_ITEMS)
+    reference: str | None = option(
+        None, "also solve every block with this classical solver (a shadow run): the better answer is merged "
+        "(see --merge) and experiment.jsonl records both, block by block (docs/quantum.md)", metavar="SOLVER",
+        pattern=SOLVER_NAME)
+    merge: Literal["best", "quantum"] = option(
+        "best", "with --reference: best merges the lower-energy answer; quantum merges --solver's answer alone "
+        "(a pure-hardware run; the reference only measures it)")
+    route: str | None = option(
+        None, "send to --solver only the blocks this rule takes, the rest to --reference (or sa): all, size<=N, "
+        "tensor=GLOB, fraction=F, comma-separated, all must hold (docs/quantum.md)", metavar="RULE",
+        min_length=1, max_length=256)
     block_size: int = option(128, "weights per iCBS block (B)", ge=2, le=4096,
                              presets={"quality@causal-lm": 8})
     epochs: int = option(1, "iCBS epochs", ge=0, le=1000, presets={"fast": 1, "quality": 1})
@@ -215,7 +226,13 @@ class PruneOptions(UsageChecked):
     exclude: list[str] = option(["lm_head"], "never prune tensors matching this glob (repeatable; default lm_head)",
                                 metavar="PAT", max_length=MAX_ITEMS)
     export_blocks: str | None = option(None, "also write every solved block QUBO to DIR (re-solve with qsurgeon "
-                                       "solve DIR)", server_owned=True, metavar="DIR", max_length=MAX_TEXT)
+                                       "solve DIR); the estimated size is printed first", server_owned=True,
+                                       metavar="DIR", max_length=MAX_TEXT)
+    export_sample: int | None = option(None, "with --export-blocks: write at most N blocks of each round (or of "
+                                       "each tensor, --export-sample-per tensor), drawn with the seed",
+                                       server_owned=True, metavar="N", ge=1, le=10_000_000)
+    export_sample_per: Literal["round", "tensor"] = option("round", "what --export-sample counts per",
+                                                          server_owned=True)
     # how iCBS searches: docs/icbs.md §3 (selection) and §6 (schedule)
     k: int | None = option(None, "pruned weights per block (default block-size / 2)", group="search", ge=1, le=4095)
     selection: Selection = option("score", "block selection", group="search")
@@ -256,7 +273,8 @@ class PruneOptions(UsageChecked):
     def identity(self) -> dict[str, Any]:
         """The options that decide the masks (a checkpoint must match these to be resumed)."""
         return self.model_dump(mode="json", exclude={"out", "time_limit", "export_blocks", "batch_size", "preset",
-                                                          "device", "max_failed_fraction"})
+                                                          "device", "max_failed_fraction",
+                                                          "export_sample", "export_sample_per"})
 
 
 def field_extra(name: str) -> dict[str, Any]:

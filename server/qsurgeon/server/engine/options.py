@@ -22,6 +22,7 @@ from qsurgeon.server.pruning.sparsity import Sparsity
 ICBS_FIELDS: tuple[str, ...] = (
     "block_size", "k", "epochs", "steps_per_epoch", "coverage", "selection", "tabu_size", "fixed_pruned",
     "fixed_kept", "objective", "fisher_weight", "gamma", "ridge", "solver", "solver_params", "seed",
+    "reference", "merge", "route",
 )
 #: Solver parameters iCBS uses when ``solver_params`` leaves them out (benchmarks/icbs_layer.py):
 #: thousands of small blocks per round, each started from the current mask, want short runs.
@@ -47,6 +48,19 @@ class _ICBSSettings(UsageChecked):
     def params(self) -> dict[str, Any]:
         """The solver's parameters for iCBS blocks: iCBS's defaults under the user's."""
         return {**ICBS_SOLVER_DEFAULTS.get(self.solver, {}), **self.solver_params}  # type: ignore[attr-defined]
+
+    def solver_request(self, seed: int) -> tuple[str, dict[str, Any]]:
+        """The solver name and parameters of a round: the solver itself, or, with ``reference`` or
+        ``route``, the ``shadow`` composite wrapping it (docs/quantum.md); the reference gets
+        iCBS's defaults for it, like the solver does."""
+        if self.reference is None and self.route is None:  # type: ignore[attr-defined]
+            return self.solver, {**self.params(), "seed": seed}  # type: ignore[attr-defined]
+        from qsurgeon.worker.solvers.shadow import DEFAULT_CLASSICAL, shadow_params
+
+        classical = self.reference or DEFAULT_CLASSICAL  # type: ignore[attr-defined]
+        return "shadow", shadow_params(self.solver, self.params(), reference=self.reference,  # type: ignore[attr-defined]
+                                       merge=self.merge, route=self.route,  # type: ignore[attr-defined]
+                                       reference_params=ICBS_SOLVER_DEFAULTS.get(classical, {}), seed=seed)
 
 
 #: How the iCBS loop searches: the PruneOptions fields of :data:`ICBS_FIELDS`, declared there,
@@ -77,7 +91,7 @@ def check_engine_options(options: PruneOptions) -> None:
         return
     from qsurgeon.worker.solvers.registry import check_solver_params
 
-    check_solver_params(options.solver, icbs_config(options).params())
+    check_solver_params(*icbs_config(options).solver_request(options.seed))
 
 
 __all__ = ["ICBSConfig", "ICBS_FIELDS", "ICBS_SOLVER_DEFAULTS", "check_engine_options", "icbs_config", "sparsity_of"]

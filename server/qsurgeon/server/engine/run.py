@@ -35,6 +35,7 @@ from qsurgeon.server.engine.methods import METHODS, BlockContext, Progress
 from qsurgeon.server.engine.options import check_engine_options, sparsity_of
 from qsurgeon.server.engine.placement import BlockPlacement, DeviceQueue, resolve_device, solver_device, tensor_bytes
 from qsurgeon.server.engine.outputs import check_out_folder, write_result
+from qsurgeon.server.experiment.record import announce_export, prune_experiment
 from qsurgeon.server.engine.report import PHASES, PhaseTimer, prune_report, report_text, tensor_report
 from qsurgeon.server.models.base import ModelAdapter, TargetLayer
 from qsurgeon.server.models.loading import load_adapter
@@ -107,9 +108,13 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
     timings = dict.fromkeys(PHASES, 0.0)
     queue = queue or InProcessQueue()
     if options.export_blocks is not None:
-        queue = ExportingQueue(queue, options.export_blocks)
+        queue = ExportingQueue(queue, options.export_blocks, sample=options.export_sample,
+                               per=options.export_sample_per, seed=options.seed)
     if solver_device(options.device) is not None:
         queue = DeviceQueue(queue, solver_device(options.device))
+    experiment = prune_experiment(options, emit, append=checkpoint is not None)  # experiment.jsonl
+    if experiment is not None:
+        queue = experiment.wrap(queue)
 
     with PhaseTimer(timings, "load"):
         if adapter is None:
@@ -118,6 +123,7 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
             dtype = {} if placement.on_host else {"dtype": "auto"}
             adapter = load_adapter(options.model, include=options.include, exclude=options.exclude, **dtype)
         _check_shapes(adapter, sparsity)
+        announce_export(options, adapter)  # how much --export-blocks will write, before it writes
         check_fisher_memory(options, adapter)
     with PhaseTimer(timings, "calibrate"):
         if calibration is None:
@@ -195,6 +201,8 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
 
     report = prune_report(options, sparsity, calibration, tensor_reports, block_reports, timings, completed)
     report["placement"] = placement.facts()
+    if experiment is not None:
+        report["experiment"] = experiment.summary()
     out_path = None
     if options.out is not None:
         with PhaseTimer(timings, "save"):
@@ -203,6 +211,8 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
         report["seconds"]["total"] = time.perf_counter() - started
         report["cpu_seconds"] = time.process_time() - cpu_started
         (out_path / "report.json").write_text(report_text(report))
+        if experiment is not None:
+            experiment.finish(out_path)  # experiment.jsonl, one line per block
     report["seconds"]["total"] = time.perf_counter() - started
     report["cpu_seconds"] = time.process_time() - cpu_started
     emit({"event": "done", "seconds": report["seconds"]["total"]})

@@ -10,6 +10,13 @@ answer the run used.
 
 File names are a running number plus sanitised round and problem ids, never the raw
 ids (which come from the engine or a request and could hold path separators).
+
+At hardware scale a full export is large (every block of MiniLM at B = 128 is 27,648
+problems, about 2 GB), so the queue can keep a sample: ``sample=N`` blocks of each round
+(``per="round"``), or N blocks of each tensor over the run (``per="tensor"``: the first
+rounds that hold a tensor fill its quota), drawn at random from a generator keyed by
+(seed, job, round) so the same run exports the same blocks. The manifest says what was
+sampled. Every round still goes to the inner queue whole.
 """
 
 from __future__ import annotations
@@ -17,16 +24,22 @@ from __future__ import annotations
 import json
 import os
 import re
+import zlib
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from qsurgeon.client.errors import UsageError
 from qsurgeon.worker.block.problem import BlockProblem, BlockSolution
 from qsurgeon.worker.queue.base import Queue, RoundRequest, RoundResult
+from qsurgeon.worker.solvers.shadow import block_identity
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "qsurgeon-blocks"
 MANIFEST_VERSION = 1
+
+SAMPLE_UNITS = ("round", "tensor")
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -71,12 +84,24 @@ class ExportingQueue:
     can stand in for it anywhere. An existing export in the directory is extended.
     """
 
-    def __init__(self, inner: Queue, directory: str | Path) -> None:
+    def __init__(self, inner: Queue, directory: str | Path, *, sample: int | None = None, per: str = "round",
+                 seed: int = 0) -> None:
+        if sample is not None and (isinstance(sample, bool) or not isinstance(sample, int) or sample < 1):
+            raise UsageError(f"export sample must be a positive number of blocks, got {sample!r}")
+        if per not in SAMPLE_UNITS:
+            raise UsageError(f"export sample per must be one of {', '.join(SAMPLE_UNITS)}, got {per!r}")
         self.inner = inner
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         manifest_path = self.directory / MANIFEST_NAME
-        self.entries: list[dict[str, Any]] = read_manifest(self.directory)["blocks"] if manifest_path.exists() else []
+        previous = read_manifest(self.directory) if manifest_path.exists() else {}
+        self.entries: list[dict[str, Any]] = previous.get("blocks", [])
+        self.sample, self.per, self.seed = sample, per, seed
+        self.seen = int(previous.get("blocks_seen", len(self.entries)))
+        self.taken: dict[str, int] = {}  # per tensor, with per="tensor"
+        for entry in self.entries:
+            tensor = entry.get("tensor") or ""
+            self.taken[tensor] = self.taken.get(tensor, 0) + 1
 
     def __getattr__(self, name: str) -> Any:
         if name == "inner":  # not yet set (e.g. during copying): never recurse
@@ -85,10 +110,30 @@ class ExportingQueue:
 
     def run_round(self, request: RoundRequest) -> RoundResult:
         result = self.inner.run_round(request)
-        for problem, solution in zip(request.problems, result.solutions):
+        kept = self._sampled(request)
+        for index in kept:
+            problem, solution = request.problems[index], result.solutions[index]
             self.entries.append(self._export(request, problem, solution, result.failures.get(problem.id)))
+        self.seen += len(request.problems)
         self._write_manifest()
         return result
+
+    def _sampled(self, request: RoundRequest) -> list[int]:
+        """Indices of the round's blocks to write, in order (all of them without a sample)."""
+        count = len(request.problems)
+        if self.sample is None:
+            return list(range(count))
+        key = zlib.crc32(repr(("export", int(self.seed), request.job_id, request.round_id)).encode())
+        order = np.random.default_rng(key).permutation(count)
+        if self.per == "round":
+            return sorted(int(i) for i in order[:self.sample])
+        chosen = []
+        for index in order:
+            tensor = block_identity(request.problems[int(index)].id)[0] or ""
+            if self.taken.get(tensor, 0) < self.sample:
+                self.taken[tensor] = self.taken.get(tensor, 0) + 1
+                chosen.append(int(index))
+        return sorted(chosen)
 
     def _export(
         self, request: RoundRequest, problem: BlockProblem, solution: BlockSolution | None, failure: str | None
@@ -100,12 +145,15 @@ class ExportingQueue:
         if solution is not None:
             solution_name = f"{stem}.solution.npz"
             solution.save_npz(self.directory / solution_name)
+        tensor, row, block_round = block_identity(problem.id)
         return {
             "file": problem_name,
             "solution_file": solution_name,
             "job": request.job_id,
             "round": request.round_id,
             "problem_id": problem.id,
+            "tensor": tensor,
+            "row": row,
             "B": problem.num_variables,
             "k": problem.k,
             "groups": problem.num_groups,
@@ -118,9 +166,13 @@ class ExportingQueue:
         }
 
     def _write_manifest(self) -> None:
-        manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "blocks": self.entries}
+        """The whole manifest, one block entry per line (compact: it is rewritten after every round)."""
+        head = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "blocks_seen": self.seen,
+                "sample": None if self.sample is None else {"n": self.sample, "per": self.per, "seed": self.seed}}
+        entries = ",\n".join(json.dumps(entry, separators=(",", ":")) for entry in self.entries)
+        text = json.dumps(head, separators=(",", ":"))[:-1] + ',"blocks":[\n' + entries + "\n]}\n"
         temporary = self.directory / f".{MANIFEST_NAME}.tmp"
-        temporary.write_text(json.dumps(manifest, indent=1))
+        temporary.write_text(text)
         os.replace(temporary, self.directory / MANIFEST_NAME)  # readers never see half a manifest
 
 

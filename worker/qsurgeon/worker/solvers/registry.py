@@ -52,6 +52,8 @@ BUILTIN_SOLVERS: dict[str, _BuiltinSpec] = {
                                 "dimod ExactSolver (tiny problems), penalty + repair"),
     "qaoa": _BuiltinSpec("qsurgeon.worker.solvers.qaoa", "QAOASolver", "quantum",
                          "QAOA through qiskit-optimization on a local simulator"),
+    "shadow": _BuiltinSpec("qsurgeon.worker.solvers.shadow", "ShadowSolver", "worker",
+                           "composite: a quantum solver shadowed by a classical reference, with routing"),
     # Cloud services (docs/quantum.md): each in its own extra; remote, budgeted, with a classical fallback.
     "dwave-qpu": _BuiltinSpec("qsurgeon.worker.solvers.cloud.dwave", "DWaveQPUSolver", "dwave",
                               "D-Wave QPU (Leap) on a clique embedding, penalty + repair"),

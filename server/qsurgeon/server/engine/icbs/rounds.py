@@ -61,8 +61,8 @@ def run_round(contexts: list[TensorContext], state: ICBSState, steps: list[tuple
     problems = [problem for item in pending for problem in item.problems]
     solve_start = time.perf_counter()
     if problems:
-        params = {**config.params(), "seed": round_seed(config.seed, round_index)}
-        result = queue.run_round(RoundRequest(job_id, f"r{round_index}", problems, config.solver, params))
+        solver, params = config.solver_request(round_seed(config.seed, round_index))
+        result = queue.run_round(RoundRequest(job_id, f"r{round_index}", problems, solver, params))
         solutions = list(result.solutions)
         if len(solutions) != len(problems):
             raise RuntimeError(f"queue returned {len(solutions)} answers for {len(problems)} blocks")

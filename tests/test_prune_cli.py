@@ -33,10 +33,13 @@ def test_prune_json_report_and_outputs(bert, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["options"]["density"] == 0.3 and report["options"]["method"] == "icbs"
     assert report["summary"]["density"] == pytest.approx(0.3, abs=0.02)
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["config.json", "model.safetensors", "masks.safetensors", "report.json", "tokenizer.json",
-         "tokenizer_config.json"]
-    )
+    written = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "masks.safetensors", "report.json", "tokenizer.json",
+            "tokenizer_config.json", "README.md"} <= written
+    companions = {p.name for p in bert.iterdir() if not p.name.endswith(".safetensors")}
+    assert written == companions | {"model.safetensors", "masks.safetensors", "report.json", "README.md",
+                                    "tokenizer.json", "tokenizer_config.json"}  # the original's other files too
+    assert "method: icbs" in (out / "README.md").read_text()
     assert json.loads((out / "report.json").read_text())["summary"] == report["summary"]
     masks = load_masks(out / "masks.safetensors")
     assert all(mask.dtype == torch.bool for mask in masks.values())

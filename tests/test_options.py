@@ -125,7 +125,7 @@ def test_literal_choices_are_the_engines_registries():
     from qsurgeon.server.pruning.masks import SCORE_METHODS
 
     init = set(typing.get_args(PruneOptions.model_fields["init"].annotation))
-    assert init == {*SCORE_METHODS, "sparsegpt"}
+    assert init == {*SCORE_METHODS, "sparsegpt", "alps"}
 
 
 def test_report_records_the_preset_and_every_effective_option(tmp_path):

@@ -27,10 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from qsurgeon.client.errors import UsageError
 
-Method = Literal["icbs", "wanda", "magnitude", "sparsegpt"]
+Method = Literal["icbs", "wanda", "magnitude", "sparsegpt", "alps"]
 Granularity = Literal["row", "column", "tensor"]
 Objective = Literal["layerwise", "fisher", "layerwise+fisher"]
-Init = Literal["wanda", "magnitude", "gradient", "random", "sparsegpt"]
+Init = Literal["wanda", "magnitude", "gradient", "random", "sparsegpt", "alps"]
 Selection = Literal["score", "random"]
 Preset = Literal["fast", "quality"]
 PRESET_NAMES: tuple[str, ...] = ("fast", "quality")
@@ -176,6 +176,9 @@ class PruneOptions(UsageChecked):
                                  metavar="N:M", max_length=7)
     granularity: Granularity = option("row", "where the density holds")
     objective: Objective = option("layerwise", "what iCBS minimises (docs/icbs.md §4, §5)")
+    block_output: bool = option(False, "judge iCBS's masks by the transformer block's output error on calibration "
+                                "inputs: per tensor keep iCBS's mask or the initial one, whichever the block's "
+                                "output prefers (with --refit, each with its refit weights; docs/icbs.md)")
     init: Init = option("wanda", "initial mask for iCBS", presets={"fast": "wanda", "quality": "sparsegpt",
                                                                    "quality@causal-lm": "wanda"})
     solver: str = option("sa", "block solver (see qsurgeon solvers)", pattern=SOLVER_NAME)

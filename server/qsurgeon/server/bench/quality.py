@@ -42,9 +42,14 @@ BENCH_METHODS: dict[str, dict[str, Any]] = {
     "wanda": {"method": "wanda"},
     "sparsegpt": {"method": "sparsegpt"},
     "wanda+refit": {"method": "wanda", "refit": True},
+    "alps": {"method": "alps"},
     "icbs": {"method": "icbs", "init": "wanda", "epochs": ICBS_EPOCHS},
     "icbs+refit": {"method": "icbs", "init": "wanda", "epochs": ICBS_EPOCHS, "refit": True},
     "icbs-quality": dict(PRESETS["quality"]),
+    # the levers of issue #16, measured beside the preset: its search from ALPS's mask (then the
+    # refit: ALPS's own weights for that support), and its masks judged by the block output
+    "icbs-quality-from-alps": {**PRESETS["quality"], "init": "alps"},
+    "icbs-quality+block-output": {**PRESETS["quality"], "block_output": True},
 }
 
 
@@ -52,6 +57,9 @@ def bench_overrides(method: str, kind: str) -> dict[str, Any]:
     """A benchmark method's PruneOptions overrides for a model of ``kind``."""
     if method == "icbs-quality":  # exactly what ``--preset quality`` runs on this model
         return preset_values("quality", kind)
+    if method.startswith("icbs-quality"):  # the preset for this kind, with one lever changed
+        changed = {key: value for key, value in BENCH_METHODS[method].items() if PRESETS["quality"].get(key) != value}
+        return {**preset_values("quality", kind), **changed}
     return dict(BENCH_METHODS[method])
 
 

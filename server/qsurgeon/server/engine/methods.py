@@ -45,6 +45,8 @@ class BlockContext:
     gradients: Callable[[], dict[str, torch.Tensor]] | None = None  # per-sample grads at the current weights
     save_state: Callable[[dict[str, Any]], None] = lambda state: None
     info: dict[str, Any] = field(default_factory=dict)  # per-block facts for the report
+    block: Any = None  # the transformer block module (the block-output objective runs it)
+    inputs: Any = None  # its calibration inputs (BlockInputs), those the Grams came from
 
 
 @dataclass
@@ -54,6 +56,7 @@ class BlockOutcome:
     masks: dict[str, torch.Tensor]
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     initial: dict[str, torch.Tensor] | None = None  # the one-shot masks a search started from
+    refitted: bool = False  # ``weights`` already hold the --refit weights of ``masks``
 
 
 PruneMethod = Callable[[BlockContext], BlockOutcome]
@@ -67,6 +70,11 @@ def initial_masks(context: BlockContext, score: str | None = None) -> tuple[dict
 
         return sparsegpt_initial_masks(context.weights0, {n: s.gram for n, s in context.stats.items()},
                                        context.sparsity, context.options.damp)
+    if score == "alps":  # ALPS's masks (alps.py), Wanda's scores to pick iCBS blocks
+        masks = {name: alps_outcome(context, name, refit=False)[1] for name in context.weights0}
+        scores = {name: score_weights(weight0, "wanda", input_norms=context.stats[name].input_norms().float())
+                  for name, weight0 in context.weights0.items()}
+        return scores, masks
     scores, masks = {}, {}
     mean_gradients: dict[str, torch.Tensor] = {}
     if score == "gradient":
@@ -150,7 +158,48 @@ def icbs_method(context: BlockContext) -> BlockOutcome:
         "surrogate_final": state.surrogate,
         "icbs_counters": {name: dict(c) for name, c in state.counters.items()},
     })
-    return BlockOutcome({name: state.masks[name].clone() for name in context.weights0}, initial=masks)
+    outcome = BlockOutcome({name: state.masks[name].clone() for name in context.weights0}, initial=masks)
+    if options.block_output and context.block is not None and context.inputs is not None:
+        with PhaseTimer(context.timings, "icbs"):
+            outcome = _block_output_choice(context, outcome)
+    return outcome
+
+
+def _block_output_choice(context: BlockContext, outcome: BlockOutcome) -> BlockOutcome:
+    """``--block-output``: per tensor, iCBS's mask or the initial one, whichever gives the lower
+    block-output error (engine/icbs/block_output.py); with ``--refit`` each candidate is judged
+    with its refit weights, which are then kept."""
+    from qsurgeon.server.engine.icbs.block_output import BlockOutputError, choose_by_block_output
+    from qsurgeon.server.pruning.refit import refit_rows
+
+    options = context.options
+    layers = {layer.parameter_name: layer for layer in context.targets}
+
+    def weight_of(name: str, mask: torch.Tensor) -> torch.Tensor:
+        if options.refit:
+            return refit_rows(context.weights0[name], context.stats[name].gram, mask, options.damp)
+        return context.weights0[name] * ~mask
+
+    candidates: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for name in context.weights0:
+        searched = outcome.masks[name]
+        options_of = [(searched, weight_of(name, searched))]
+        first = outcome.initial[name] if outcome.initial is not None else searched
+        if not torch.equal(first, searched):
+            options_of.append((first, weight_of(name, first)))
+        candidates[name] = options_of
+    error = BlockOutputError(context.block, context.inputs, context.weights0,
+                             lambda name, weight: layers[name].set_weight(weight))
+    choice, history = choose_by_block_output(error, list(context.weights0), candidates)
+    context.info.update({
+        "block_output_error_icbs": history[0],
+        "block_output_error_final": min(history),
+        "block_output_initial_masks": sorted(name for name, index in choice.items() if index == 1),
+    })
+    return BlockOutcome(masks={name: candidates[name][index][0] for name, index in choice.items()},
+                        weights={name: candidates[name][index][1] for name, index in choice.items()}
+                        if options.refit else {},
+                        initial=outcome.initial, refitted=options.refit)
 
 
 def sparsegpt_method(context: BlockContext) -> BlockOutcome:
@@ -166,16 +215,36 @@ def sparsegpt_method(context: BlockContext) -> BlockOutcome:
     return outcome
 
 
+def alps_outcome(context: BlockContext, name: str, refit: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """ALPS for one tensor of the block (ADMM, then the refit on its support): ``(weight, mask)``.
+    ``--method alps`` keeps both; ``--init alps`` uses the mask."""
+    from qsurgeon.server.pruning.alps import alps_prune
+
+    return alps_prune(context.weights0[name], context.stats[name].gram, context.sparsity,
+                      damp=max(context.options.damp, 1e-6), refit=refit)
+
+
+def alps_method(context: BlockContext) -> BlockOutcome:
+    """ALPS (ADMM on the ℓ0-constrained layer reconstruction, then a PCG refit on the support;
+    pruning/alps.py) on every tensor of the block."""
+    outcome = BlockOutcome(masks={})
+    with PhaseTimer(context.timings, "init"):
+        for name in context.weights0:
+            outcome.weights[name], outcome.masks[name] = alps_outcome(context, name)
+    return outcome
+
+
 #: method name -> per-block pruning function; the names are :data:`qsurgeon.client.options.Method`'s
 METHODS: dict[str, PruneMethod] = {
     "icbs": icbs_method,
     "wanda": _one_shot("wanda"),
     "magnitude": _one_shot("magnitude"),
     "sparsegpt": sparsegpt_method,
+    "alps": alps_method,
 }
 
 
 __all__ = [
-    "BlockContext", "BlockOutcome", "METHODS", "Progress", "PruneMethod", "fisher_terms", "icbs_method",
-    "initial_masks", "sparsegpt_method",
+    "BlockContext", "BlockOutcome", "METHODS", "Progress", "PruneMethod", "alps_method", "fisher_terms",
+    "icbs_method", "initial_masks", "sparsegpt_method",
 ]

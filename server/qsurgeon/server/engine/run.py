@@ -176,6 +176,7 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
                 resume=saved["in_block"] if saved and saved.get("in_block") and index == resume_index else None,
                 save_state=save_checkpoint,
                 gradients=None if gradient_source is None else (lambda targets=targets: gradient_source(targets)),
+                block=block, inputs=inputs,
             )
             entry = _prune_block(context, targets, on_device)
             if checkpoint is None:  # the new weights are in the model now; only a checkpoint needs copies
@@ -252,7 +253,7 @@ def _prune_block(context: BlockContext, targets: list[TargetLayer], device: torc
     options, sparsity = context.options, context.sparsity
     outcome = METHODS[options.method](context)
     weights = dict(outcome.weights)
-    if options.refit:
+    if options.refit and not outcome.refitted:
         with PhaseTimer(context.timings, "refit"):
             for name, weight0 in context.weights0.items():
                 if device is None:

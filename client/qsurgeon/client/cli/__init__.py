@@ -23,6 +23,7 @@ COMMAND_MODULES: list[tuple[str, tuple[str, ...], str]] = [
     ("qsurgeon.server.cli.evaluate", ("evaluate",), "engine"),
     ("qsurgeon.server.cli.plan", ("plan",), "engine"),
     ("qsurgeon.server.cli.bench", ("bench",), "engine"),
+    ("qsurgeon.server.cli.experiment", ("experiment",), "engine"),
     ("qsurgeon.worker.cli.solve", ("solve", "solvers"), "worker"),
     ("qsurgeon.worker.cli.worker", ("worker",), "worker"),
     ("qsurgeon.server.cli.serve", ("serve",), "server"),

@@ -290,7 +290,7 @@ def test_hostile_archives_are_refused_and_leave_nothing(api, config):
 
 def test_valid_upload_is_extracted_into_the_job(config, tmp_path):
     archive = tmp_path / "m.zip"
-    archive.write_bytes(zip_bytes({"mini/config.json": b"{}", "mini/model.safetensors": b"weights",
+    archive.write_bytes(zip_bytes({"mini/config.json": b"{}", "mini/model.safetensors": tiny_safetensors(),
                                    "mini/tokenizer.json": b"{}", "mini/.gitattributes": b"x",
                                    "mini/.cache/evil.bin": b"pickle"}))
     store = JobStore(connect(REDIS_URL), config.queue.prefix)
@@ -345,7 +345,7 @@ def test_options_lists_what_a_job_may_set_with_bounds(api):
     options = api.get("/v1/options", headers=AUTH).json()
     assert set(options) == set(JobOptions.model_fields)
     assert not {"model", "out", "calibration", "export_blocks"} & set(options)
-    assert options["epochs"]["default"] == 1 and options["solver"]["default"] == "sa"
+    assert options["epochs"]["default"] == 1 and options["solver"]["default"] == "auto"
     assert options["block_size"] | {"default": 128, "type": "integer", "minimum": 2, "maximum": 4096} == \
         options["block_size"]
     density = options["density"]  # optional: the bounds of its number, and nullable
@@ -462,3 +462,11 @@ def zip_bytes(files: dict[str, bytes]) -> bytes:
         for name, data in files.items():
             archive.writestr(name, data)
     return buffer.getvalue()
+
+
+def tiny_safetensors() -> bytes:
+    """A valid safetensors file holding one 2×2 float32 tensor."""
+    import struct
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}).encode()
+    return struct.pack("<Q", len(header)) + header + bytes(16)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any, Callable, Iterable
 
 import redis
@@ -21,7 +22,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 from qsurgeon.client.errors import UsageError
 from qsurgeon.server.api.jobs.manager import JobStillRunning
@@ -86,15 +86,21 @@ async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse
     (Starlette would name only those of the first route that matched it)."""
     headers = dict(getattr(error, "headers", None) or {})
     if error.status_code == status.HTTP_405_METHOD_NOT_ALLOWED:
-        methods: set[str] = set()
-        for route in request.app.router.routes:
-            match, _ = route.matches({**request.scope, "method": "GET"}) if hasattr(route, "methods") else (None, None)
-            if match in (Match.FULL, Match.PARTIAL) and getattr(route, "methods", None):
-                methods |= set(route.methods)
+        methods = allowed_methods(request.app, request.url.path)
         if methods:
-            headers["Allow"] = ", ".join(sorted(methods))
+            headers["Allow"] = ", ".join(methods)
     detail = error.detail if isinstance(error.detail, str) else json.dumps(error.detail)
     return JSONResponse({"detail": detail}, status_code=error.status_code, headers=headers or None)
+
+
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """Every method the OpenAPI document lists for the template ``path`` matches."""
+    found: set[str] = set()
+    for template, operations in app.openapi().get("paths", {}).items():
+        pattern = "^" + re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)) + "$"
+        if re.match(pattern, path):
+            found |= {method.upper() for method in operations if method.isalpha()}
+    return sorted(found)
 
 
 class CatchAllMiddleware:

@@ -32,11 +32,18 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot reach Redis at {args.redis}: {error}") from None
     if args.max_upload_mb <= 0:
         raise UsageError("--max-upload-mb must be positive")
+    if min(args.retention_days, args.job_deadline_hours, args.no_worker_timeout) <= 0:
+        raise UsageError("--retention-days, --job-deadline-hours and --no-worker-timeout must be positive")
+    admin_keys = load_api_keys(args.admin_keys_file, env=os.environ.get("QSURGEON_ADMIN_KEYS", ""))
     config = ServiceConfig(
         data_dir=args.data,
         redis_url=args.redis,
         models_dir=args.models,
         api_keys=load_api_keys(args.api_keys_file),
+        admin_keys=admin_keys,
+        retention_seconds=args.retention_days * 24 * 3600,
+        job_deadline_seconds=args.job_deadline_hours * 3600,
+        no_worker_timeout=args.no_worker_timeout,
         queue=QueueSettings(prefix=args.prefix, visibility_timeout=args.visibility_timeout,
                             max_attempts=args.max_attempts),
         max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
@@ -63,5 +70,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-attempts", type=int, default=3)
     serve.add_argument("--max-upload-mb", type=float, default=512.0, help="largest request body")
     serve.add_argument("--max-jobs", type=int, default=2, help="jobs run at once; more wait queued")
+    serve.add_argument("--admin-keys-file",
+                       help="file of admin keys, which see and cancel every key's jobs (also: $QSURGEON_ADMIN_KEYS)")
+    serve.add_argument("--retention-days", type=float, default=7.0,
+                       help="finished jobs (records, events, files) are deleted after this many days (default 7)")
+    serve.add_argument("--job-deadline-hours", type=float, default=48.0,
+                       help="a job not finished this long after submission fails (default 48)")
+    serve.add_argument("--no-worker-timeout", type=float, default=600.0,
+                       help="seconds a job waits with no live worker for its solver before it fails (default 600)")
     serve.add_argument("--verbose", action="store_true")
     serve.set_defaults(func=run_serve)

@@ -4,7 +4,8 @@ The commands live beside the code they drive: the service commands here in the c
 ``solve``/``solvers``/``worker`` in the worker portion, ``prune``/``serve``/``evaluate``/
 ``bench`` in the server portion. Each of those modules has ``register(subparsers)``.
 A portion whose optional dependencies are missing still shows its commands, and running
-one says which extra to install. Expected errors print one line and exit with code 2.
+one says which extra to install. Expected errors print one line and exit with code 2; a
+closed stdout (``qsurgeon … | head``) ends the command quietly with code 0.
 """
 
 from __future__ import annotations
@@ -66,6 +67,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout_open() -> bool:
+    """Whether stdout still has a reader: tells a closed ``| head`` from another broken pipe (a socket).
+
+    A failed write empties Python's buffer, so a second flush would succeed either way; the
+    pipe itself says it: its write end polls POLLERR once no reader is left.
+    """
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return not any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows) or no descriptor: take it as ours
+        return False
+
+
+def _stdout_closed() -> int:
+    """The reader of our output went away (``qsurgeon plan … | head``): stop quietly, exit 0.
+
+    What was printed was all the reader wanted; a traceback would be noise. stdout is
+    pointed at /dev/null so the interpreter's final flush cannot raise again.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout without a file descriptor (captured): nothing to flush
+        pass
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see docs/solvers.md
     parser = build_parser()
@@ -73,7 +105,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown and not getattr(args, "accepts_any_arguments", False):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        if _stdout_open():  # another pipe broke (a socket): a real error
+            raise
+        return _stdout_closed()
     except QsurgeonError as error:
         print(f"qsurgeon {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -98,6 +98,7 @@ def test_icbs_two_four_with_refit_on_llama(tmp_path, capsys):
     report = _prune(capsys, model, tmp_path / "out", "--pattern", "2:4", "--block-size", "16", "--steps-per-epoch",
                     "40", "--refit", "--device", "cpu")
     assert report["summary"]["completed"] is not False
+    assert report["seconds"]["report"] > 0  # the per-tensor error report is timed as a phase of its own
     from safetensors.torch import load_file
 
     for name, mask in load_file(str(tmp_path / "out" / "masks.safetensors")).items():
@@ -230,7 +231,7 @@ def test_plan_of_config_only_folders_json():
         assert out.returncode == 0, out.stderr
         (plan,) = json.loads(out.stdout)
         assert abs(plan["parameters"] - params) / params < 0.01
-        assert [p["phase"] for p in plan["phases"]] == ["load", "calibrate", "init", "icbs", "refit", "save"]
+        assert [p["phase"] for p in plan["phases"]] == ["load", "calibrate", "init", "icbs", "refit", "report", "save"]
         assert 0 < plan["peak_device_bytes"] < 80 * (1 << 30)  # one block on the device, not the model
         assert plan["peak_host_bytes"] > 2 * params  # bf16 weights stay in host memory
 
@@ -254,6 +255,63 @@ def test_plan_block_shape_of_families():
     shape = model_shape(config)
     assert dict((n, (o, i)) for n, o, i in shape.targets)["k_proj"] == (1024, 4096)  # 8 KV heads of 128
     assert shape.block_params == 218_103_808 and shape.dtype_bytes == 2
+
+
+def test_tensor_report_in_float32_agrees_with_float64():
+    """The report's products run in float32 (twice the float64 rate on a CPU); its errors must not move.
+
+    Inputs with outlier features and a low-rank correlated part, as language models' are,
+    and a refit whose residual error is tiny: the case where rounding would show first.
+    """
+    from qsurgeon.server.engine.report import tensor_report
+    from qsurgeon.server.models.capture import relative_error, weight_error
+    from qsurgeon.server.pruning.refit import refit_rows
+
+    generator = torch.Generator().manual_seed(0)
+    width, rows, tokens = 256, 96, 1024
+    inputs = torch.randn(tokens, 8, generator=generator) @ torch.randn(8, width, generator=generator) \
+        + 0.3 * torch.randn(tokens, width, generator=generator) + 2.0
+    inputs[:, :3] *= 50  # outlier features
+    gram = inputs.double().T @ inputs.double()
+    weight0 = torch.randn(rows, width, generator=generator)
+    scores = weight0.abs() * gram.diagonal().sqrt().float()
+    initial = scores < scores.median(dim=1, keepdim=True).values
+    final = initial.clone()
+    final[:, :4] = ~final[:, :4]
+    refit = refit_rows(weight0, gram, final, 0.01)
+    entry = tensor_report(weight0, gram, initial, final, refit)
+    error_initial, reference = relative_error(weight0, initial, gram)
+    error_final, _ = relative_error(weight0, final, gram)
+    assert entry["error_dense_norm"] == pytest.approx(reference, rel=1e-4)
+    assert entry["error_initial"] == pytest.approx(error_initial / reference, rel=1e-4)
+    assert entry["error_final"] == pytest.approx(error_final / reference, rel=1e-4)
+    assert entry["error_weights"] == pytest.approx(weight_error(weight0, refit, gram) / reference, rel=1e-4)
+    assert entry["error_weights"] < 1e-2 * entry["error_final"]  # the refit case is in the test: small residual
+    same = tensor_report(weight0, gram, final, final, None)  # equal masks are computed once, reported twice
+    assert same["error_initial"] == same["error_final"] == pytest.approx(error_final / reference, rel=1e-4)
+
+
+def test_plan_times_the_report_phase():
+    from qsurgeon.server.engine.plan import GPU_CLASSES, estimate, model_shape
+
+    shape = model_shape(json.loads((CONFIGS / "llama-3-8b" / "config.json").read_text()))
+    with_refit = estimate(shape, PruneOptions(model="m", density=0.5, refit=True), gpu=GPU_CLASSES["h100"])
+    without = estimate(shape, PruneOptions(model="m", density=0.5, refit=False), gpu=GPU_CLASSES["h100"])
+    seconds = [next(p.seconds for p in plan.phases if p.phase == "report") for plan in (with_refit, without)]
+    assert seconds[0] > seconds[1] > 0  # the refit's error is one quadratic form more
+
+
+# ====================================================================== a closed stdout
+@pytest.mark.parametrize("command", [["solvers"], ["plan", str(CONFIGS / "llama-3-8b"), "--gpu", "h100",
+                                                    "--no-probe"]])
+def test_closed_stdout_ends_quietly(command):
+    """``qsurgeon … | head``: the reader goes away before the output is written; exit 0, no traceback."""
+    process = subprocess.Popen([sys.executable, "-m", "qsurgeon.client.cli", *command], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, cwd=ROOT)
+    process.stdout.close()  # closed before the interpreter has even imported the command
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr.decode()
+    assert b"Traceback" not in stderr and b"BrokenPipeError" not in stderr
 
 
 # ====================================================================== perplexity as reported

@@ -24,7 +24,7 @@ def register(subparsers: Any) -> None:
         "plan",
         help="estimate memory and time of a prune, per phase, before running it",
         description="The capacity plan of `qsurgeon prune MODEL [options]`: per phase (load, calibrate, init, "
-        "icbs, refit, save) the peak host and device memory and the time on this machine (short measured "
+        "icbs, refit, report, save) the peak host and device memory and the time on this machine (short measured "
         "probe) and on a named GPU class. Reads only config.json: no weights needed.",
     )
     plan.add_argument("model", metavar="MODEL", help="a model folder (config.json is enough) or builtin:minilm")
@@ -60,7 +60,8 @@ def run_plan_command(args: argparse.Namespace) -> int:
             from qsurgeon.server.engine.placement import resolve_device
 
             resolve_device(options.device)  # refused here as prune would refuse it
-        plans.append(estimate(shape, options, probe=measure_probe(options.block_size, options), model=args.model))
+        plans.append(estimate(shape, options, probe=measure_probe(options.block_size, options, shape.model_type),
+                                    model=args.model))
     for name in args.gpu or ():
         plans.append(estimate(shape, options, gpu=GPU_CLASSES[name], model=args.model))
     if args.json:

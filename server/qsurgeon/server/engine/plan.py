@@ -30,7 +30,7 @@ from typing import Any, Mapping
 
 from qsurgeon.client.errors import UsageError
 
-PHASES: tuple[str, ...] = ("load", "calibrate", "init", "icbs", "refit", "save")
+PHASES: tuple[str, ...] = ("load", "calibrate", "init", "icbs", "refit", "report", "save")
 #: model types whose MLP is gated (gate, up, down: three matrices); the rest have two
 GATED_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
                          "olmo", "olmo2", "cohere", "granite", "starcoder2_gated", "deepseek_v2", "internlm2"})
@@ -153,6 +153,9 @@ class Probe:
                        else (os.cpu_count() or 1))
     seconds: float = 0.0
     base_host_bytes: int = BASE_HOST_BYTES
+    #: a load's cost whatever the model's size: importing transformers' model code and building
+    #: a module of the type (several CPU seconds; measured, as it dominates small models' loads)
+    load_fixed_seconds: float = 0.0
 
 
 def _best_of(fn, repeats: int = 3) -> float:
@@ -164,12 +167,17 @@ def _best_of(fn, repeats: int = 3) -> float:
     return best
 
 
-def measure_probe(block_size: int = 128, options: Any = None) -> Probe:
-    """Measure this machine: matrix products, memory and disk rates, an iCBS pass, a refit."""
+def measure_probe(block_size: int = 128, options: Any = None, model_type: str = "llama") -> Probe:
+    """Measure this machine: matrix products, memory and disk rates, an iCBS pass, a refit, a load's fixed cost.
+
+    Run it in the process that plans, not the one that prunes: the load probe imports the
+    model code, which a later load in the same process would then not pay again.
+    """
     import numpy as np
     import torch
 
     started = time.perf_counter()
+    load_fixed = _probe_load(model_type)
     n = 768
     a32 = torch.randn(n, n)
     a64 = a32.double()
@@ -189,10 +197,39 @@ def measure_probe(block_size: int = 128, options: Any = None) -> Probe:
         path.read_bytes()
         read = len(payload) / max(time.perf_counter() - start, 1e-6)
     icbs_seconds, refit_flops = _probe_search(block_size, options)
-    probe = Probe(fp32, fp64, copy, write, read, icbs_seconds, block_size, refit_flops)
+    probe = Probe(fp32, fp64, copy, write, read, icbs_seconds, block_size, refit_flops, load_fixed_seconds=load_fixed)
     probe.base_host_bytes = _rss_bytes() or BASE_HOST_BYTES
     probe.seconds = time.perf_counter() - started
     return probe
+
+
+def _probe_load(model_type: str) -> float:
+    """Seconds to import the model code of ``model_type`` and build a one-block model of it.
+
+    A load pays this whatever the model's size (``AutoConfig`` and ``AutoModelForCausalLM``
+    pull in most of transformers): 5–8 CPU seconds here, which the 0.6 s assumed before
+    under-counted 10-fold on the small models of benchmarks/scale.py.
+    """
+    start = time.perf_counter()
+    try:
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+        from transformers.utils import logging as transformers_logging
+
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()
+        try:
+            config = AutoConfig.for_model(model_type or "llama", hidden_size=64, intermediate_size=128,
+                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                          vocab_size=128, max_position_embeddings=64)
+            try:
+                AutoModelForCausalLM.from_config(config)
+            except ValueError:  # an encoder: AutoModel
+                AutoModel.from_config(config)
+        finally:
+            transformers_logging.set_verbosity(verbosity)
+    except Exception:  # noqa: BLE001 - a type transformers cannot build: the default fixed cost
+        return FIXED_SECONDS["load"]
+    return time.perf_counter() - start
 
 
 def _rss_bytes() -> int | None:
@@ -349,6 +386,10 @@ def estimate(shape: ModelShape, options: Any, probe: Probe | None = None, gpu: G
         if method == "sparsegpt" or options.init == "sparsegpt" else 0
     refit_flops = L * sum(2 * out * width * width * REFIT_ITERATIONS for _, out, width in shape.targets) \
         if options.refit else 0
+    # the per-tensor error report: one float32 out × in² product per quadratic form (the dense
+    # reference, the initial mask, the final one when iCBS changed it, the refit's weights)
+    forms = 2 + (1 if _icbs_blocks(shape, options) else 0) + (1 if options.refit else 0)
+    report_flops = L * sum(2 * out * width * width for _, out, width in shape.targets) * forms
     init_elements = L * P * 12  # scores, sorts and masks: elementwise work
     blocks = _icbs_blocks(shape, options)
     assumptions: list[str] = []
@@ -402,6 +443,9 @@ def estimate(shape: ModelShape, options: Any, probe: Probe | None = None, gpu: G
                       blocks * block_seconds, f"{blocks:,} blocks of {options.block_size}" if blocks else "not run"),
         PhaseEstimate("refit", host_model + masks + activations_host + grams + per_block_method + refit_extra,
                       dev(refit_extra), refit_flops / refit_rate, "least squares per row" if options.refit else "off"),
+        PhaseEstimate("report", host_model + masks + activations_host + grams + widest_in * widest_in * 4
+                      + widest * 4 * 3, dev(widest_in * widest_in * 4 + widest * 4 * 3), report_flops / gram_rate,
+                      "relative errors per tensor (float32 on the block's device)"),
         PhaseEstimate("save", host_model + masks + weights, 0,
                       FIXED_SECONDS["save"] + (weights + masks) / write_rate * EFFICIENCY["save"],
                       "model.safetensors and masks.safetensors"),

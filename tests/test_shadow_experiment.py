@@ -326,3 +326,32 @@ def test_solve_directory_with_a_reference_writes_the_record(tmp_path, capsys, mo
     with pytest.raises(SystemExit):
         main(["solve", str(blocks_dir), "--merge", "worst"])
     assert main(["solve", str(blocks_dir), "--solver", MOCK, "--route", "size<=x"]) == 2
+
+
+def test_the_service_forwards_experiment_events_without_touching_progress():
+    from qsurgeon.server.api.jobs.manager import ProgressSink
+
+    class Store:
+        def __init__(self):
+            self.events, self.progress = [], None
+
+        def get(self, job_id):
+            return None
+
+        def event(self, job_id, kind, data):
+            self.events.append((kind, data))
+
+        def update(self, job_id, progress):
+            self.progress = progress
+
+    store = Store()
+    sink = ProgressSink(store, "job", min_interval=0.0)
+    block = icbs_block("t", 0, 6, 0)
+    record = experiment_record(block, solve(block, "exhaustive"), round_id="r0")
+    sink({"event": "round", "epoch": 1, "energy": 1.0, "blocks": 1, "accepted": 1})
+    sink({"event": "experiment", "request_round": "r0", "records": [record]})
+    sink({"event": "round", "epoch": 1, "energy": 0.5, "blocks": 1, "accepted": 0})
+    assert store.progress["round"] == 2 and store.progress["blocks_solved"] == 2
+    kinds = [kind for kind, _ in store.events]
+    assert kinds == ["round", "experiment", "round"]
+    assert store.events[1][1]["records"][0]["problem_id"] == "t:0:0"

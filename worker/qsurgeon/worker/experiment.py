@@ -180,7 +180,7 @@ class RecordingQueue:
     """A Queue composite that records every block of every round it carries.
 
     ``writer`` receives the records of each round; ``emit`` (the engine's progress sink)
-    gets one ``{"event": "experiment", "round": ..., "records": [...]}`` per round, so a
+    gets one ``{"event": "experiment", "request_round": ..., "records": [...]}`` per round, so a
     service job's event stream carries the same records (one event per round keeps the
     stream's length bounded by rounds, not blocks).
     """
@@ -210,7 +210,7 @@ class RecordingQueue:
             self.writer.write(records)
         self.records += len(records)
         if self.emit is not None:
-            self.emit({"event": "experiment", "round": request.round_id, "records": records})
+            self.emit({"event": "experiment", "request_round": request.round_id, "records": records})
         return result
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from qsurgeon.client.errors import UsageError
+from qsurgeon.server.engine.icbs.schedule import ROUND_BYTES
 
 PHASES: tuple[str, ...] = ("load", "calibrate", "init", "icbs", "refit", "report", "save")
 #: model types whose MLP is gated (gate, up, down: three matrices); the rest have two
@@ -44,7 +45,7 @@ EFFICIENCY: dict[str, float] = {
     "save": 1.0,
 }
 #: seconds a load or a save costs whatever the size (config parsing, tokenizer, building the module)
-FIXED_SECONDS = {"load": 0.6, "save": 0.3}
+FIXED_SECONDS = {"load": 0.6, "save": 0.05}
 #: host memory of the process before any model: Python, torch, transformers (measured when planning)
 BASE_HOST_BYTES = 700 << 20
 
@@ -156,6 +157,13 @@ class Probe:
     #: a load's cost whatever the model's size: importing transformers' model code and building
     #: a module of the type (several CPU seconds; measured, as it dominates small models' loads)
     load_fixed_seconds: float = 0.0
+    #: resident memory once the model code is imported, before the probe's own work: what a
+    #: prune holds at the end of its load besides the weights (0: not measured, use base_host_bytes)
+    load_host_bytes: int = 0
+    #: CPU seconds per wall second over the probe: the cores this process really got. On a
+    #: shared machine wall time swings with the neighbours while CPU seconds per flop do not,
+    #: so the plan's ``cpu_seconds`` (its seconds × this) is what benchmarks/scale.py compares
+    cpu_per_wall: float = 0.0
 
 
 def _best_of(fn, repeats: int = 3) -> float:
@@ -176,8 +184,9 @@ def measure_probe(block_size: int = 128, options: Any = None, model_type: str = 
     import numpy as np
     import torch
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     load_fixed = _probe_load(model_type)
+    load_host = _rss_bytes() or 0
     n = 768
     a32 = torch.randn(n, n)
     a64 = a32.double()
@@ -197,9 +206,11 @@ def measure_probe(block_size: int = 128, options: Any = None, model_type: str = 
         path.read_bytes()
         read = len(payload) / max(time.perf_counter() - start, 1e-6)
     icbs_seconds, refit_flops = _probe_search(block_size, options)
-    probe = Probe(fp32, fp64, copy, write, read, icbs_seconds, block_size, refit_flops, load_fixed_seconds=load_fixed)
+    probe = Probe(fp32, fp64, copy, write, read, icbs_seconds, block_size, refit_flops, load_fixed_seconds=load_fixed,
+                  load_host_bytes=load_host)
     probe.base_host_bytes = _rss_bytes() or BASE_HOST_BYTES
     probe.seconds = time.perf_counter() - started
+    probe.cpu_per_wall = (time.process_time() - cpu_started) / max(probe.seconds, 1e-9)
     return probe
 
 
@@ -276,8 +287,9 @@ def _probe_search(block_size: int, options: Any) -> tuple[float, float]:
     return elapsed / blocks, 2.0 * rows * width * width * REFIT_ITERATIONS / max(refit_seconds, 1e-6)
 
 
-#: CG iterations the refit's cost model counts (the probe's effective flop/s absorbs the real count)
-REFIT_ITERATIONS = 40
+#: CG iterations the refit's cost model counts per tensor (benchmarks/scale.py: the measured refit
+#: seconds over the CG's float32 products, fitted across the sweep; docs/scale.md)
+REFIT_ITERATIONS = 25
 
 
 # ====================================================================== the estimate
@@ -288,6 +300,7 @@ class PhaseEstimate:
     device_bytes: int
     seconds: float
     note: str = ""
+    cpu_seconds: float | None = None  # on this machine: seconds × the probe's CPU per wall second
 
 
 @dataclass
@@ -374,7 +387,12 @@ def estimate(shape: ModelShape, options: Any, probe: Probe | None = None, gpu: G
     base = probe.base_host_bytes if probe is not None else BASE_HOST_BYTES
     method = options.method
     per_block_method = P * (4 + 4 + 1) + (widest_in * widest_in * 8 * 3 if method == "sparsegpt" else 0)
-    icbs_extra = (P * (8 + 8 + 1) + 3 * (256 << 20)) if method == "icbs" and options.epochs else 0
+    # iCBS holds float64 weights and row errors per tensor and a round's QUBOs (float32 B × B each,
+    # with the solver's copy and answers: 3×); a round is at most ROUND_BYTES of QUBOs and at most
+    # the blocks an epoch has per transformer block: 500 steps of B = 128 are 33 MB, not 256 MB
+    # (the fixed 3 × 256 MB counted before made the plan 2× the measured peak on small models)
+    round_bytes = min(ROUND_BYTES, max(1, _icbs_blocks(shape, options) // max(1, L)) * 4 * options.block_size ** 2)
+    icbs_extra = (P * (8 + 8 + 1) + 3 * round_bytes) if method == "icbs" and options.epochs else 0
     refit_extra = (widest_in * widest_in * 8 * 3 + widest * 8 * 4) if options.refit else 0
     if options.objective != "layerwise" and method == "icbs":
         icbs_extra += fisher_block_bytes(options.samples, P)
@@ -384,7 +402,11 @@ def estimate(shape: ModelShape, options: Any, probe: Probe | None = None, gpu: G
     gram_flops = L * sum(2 * width * width * tokens for width in shape.gram_inputs)
     sparsegpt_flops = L * sum(width ** 3 + 2 * out * width * width for _, out, width in shape.targets) \
         if method == "sparsegpt" or options.init == "sparsegpt" else 0
-    refit_flops = L * sum(2 * out * width * width * REFIT_ITERATIONS for _, out, width in shape.targets) \
+    # the refit per tensor: Cholesky and inverse of the Gram (7/3 in³) and the right-hand side
+    # (2 out in²) in float64, then CG iterations of two float32 out × in² products each
+    refit_f64 = L * sum(7 / 3 * width ** 3 + 2 * out * width * width for _, out, width in shape.targets) \
+        if options.refit else 0
+    refit_f32 = L * sum(4 * out * width * width * REFIT_ITERATIONS for _, out, width in shape.targets) \
         if options.refit else 0
     # the per-tensor error report: one float32 out × in² product per quadratic form (the dense
     # reference, the initial mask, the final one when iCBS changed it, the refit's weights)
@@ -401,7 +423,8 @@ def estimate(shape: ModelShape, options: Any, probe: Probe | None = None, gpu: G
         f64_rate, elem_rate = probe.fp64_flops * 0.5, probe.copy_bytes_per_s / 4
         read_rate, write_rate = probe.read_bytes_per_s, probe.write_bytes_per_s
         block_seconds = probe.icbs_block_seconds * (options.block_size / probe.block_size) ** 2
-        refit_rate = probe.refit_flops
+        refit_f64_rate, refit_f32_rate = probe.fp64_flops, probe.fp32_flops
+        load_fixed = probe.load_fixed_seconds or FIXED_SECONDS["load"]
         assumptions.append(f"probe ({probe.seconds:.1f} s, {probe.cores} cores): float32 "
                            f"{probe.fp32_flops / 1e9:.0f} GFLOP/s, float64 {probe.fp64_flops / 1e9:.0f} GFLOP/s, "
                            f"copy {probe.copy_bytes_per_s / 1e9:.1f} GB/s, disk write {probe.write_bytes_per_s / 1e9:.1f}"
@@ -416,7 +439,8 @@ def estimate(shape: ModelShape, options: Any, probe: Probe | None = None, gpu: G
         # iCBS: QUBOs built on the host CPU, solved by sa on whichever device is faster for
         # small blocks (the CPU kernel, docs/solvers.md); scaled from B = 128
         block_seconds = gpu.icbs_block_seconds * (options.block_size / 128) ** 2
-        refit_rate = gpu.fp32_tflops * 1e12 * gpu.derate * 0.5
+        refit_f64_rate, refit_f32_rate = f64_rate, gram_rate
+        load_fixed = FIXED_SECONDS["load"] + 5.0  # importing transformers' model code on a fast host
         assumptions.append(f"{gpu.name}: bf16 {gpu.bf16_tflops:g} / fp32 {gpu.fp32_tflops:g} / fp64 "
                            f"{gpu.fp64_tflops:g} TFLOP/s, HBM {gpu.hbm_tbs:g} TB/s (datasheet), derated to "
                            f"{gpu.derate:.0%}; NVMe {gpu.host_read_gbs:g} GB/s read; iCBS "
@@ -431,8 +455,8 @@ def estimate(shape: ModelShape, options: Any, probe: Probe | None = None, gpu: G
     host_model = base + weights
     activations_host = 0 if on_gpu else activations
     phases = [
-        PhaseEstimate("load", host_model, 0,
-                      FIXED_SECONDS["load"] + weights / read_rate * EFFICIENCY["load"],
+        PhaseEstimate("load", (probe.load_host_bytes if probe is not None and probe.load_host_bytes else base) + weights,
+                      0, load_fixed + weights / read_rate * EFFICIENCY["load"],
                       "safetensors read into host memory"),
         PhaseEstimate("calibrate", host_model + masks + activations_host + (0 if on_gpu else grams + transient),
                       dev(0), forward_flops / fwd_rate + gram_flops / gram_rate,
@@ -442,7 +466,7 @@ def estimate(shape: ModelShape, options: Any, probe: Probe | None = None, gpu: G
         PhaseEstimate("icbs", host_model + masks + activations_host + grams + per_block_method + icbs_extra, dev(0),
                       blocks * block_seconds, f"{blocks:,} blocks of {options.block_size}" if blocks else "not run"),
         PhaseEstimate("refit", host_model + masks + activations_host + grams + per_block_method + refit_extra,
-                      dev(refit_extra), refit_flops / refit_rate, "least squares per row" if options.refit else "off"),
+                      dev(refit_extra), refit_f64 / refit_f64_rate + refit_f32 / refit_f32_rate, "least squares per row" if options.refit else "off"),
         PhaseEstimate("report", host_model + masks + activations_host + grams + widest_in * widest_in * 4
                       + widest * 4 * 3, dev(widest_in * widest_in * 4 + widest * 4 * 3), report_flops / gram_rate,
                       "relative errors per tensor (float32 on the block's device)"),
@@ -450,6 +474,10 @@ def estimate(shape: ModelShape, options: Any, probe: Probe | None = None, gpu: G
                       FIXED_SECONDS["save"] + (weights + masks) / write_rate * EFFICIENCY["save"],
                       "model.safetensors and masks.safetensors"),
     ]
+    if probe is not None and probe.cpu_per_wall > 0:
+        for phase in phases:  # load and save run on one thread: at most one CPU second per second
+            share = min(1.0, probe.cpu_per_wall) if phase.phase in ("load", "save") else probe.cpu_per_wall
+            phase.cpu_seconds = phase.seconds * share
     if gpu is not None and device_block > gpu.memory_gib * (1 << 30):
         assumptions.append(f"does NOT fit: one block needs {format_bytes(device_block)} of device memory")
     return Plan(model=model, shape=shape, where=where, device=device, phases=phases, assumptions=assumptions)

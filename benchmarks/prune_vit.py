@@ -11,6 +11,8 @@ a Markdown table. Nothing here is specific to this model except the cache path: 
 ``--model/--calibration/--test`` to benchmark another image classifier.
 
 Run: ``.venv/bin/python benchmarks/prune_vit.py [--methods magnitude,wanda,sparsegpt,icbs]``.
+A method may name iCBS's block solver, ``icbs@auto`` or ``icbs+refit@sa`` (plain ``icbs``:
+the prune default), to compare solvers on the same calibration and test data.
 """
 
 from __future__ import annotations
@@ -58,11 +60,12 @@ def ensure_model() -> Path:
 def prune_once(model: str, method: str, setting: dict, calibration: str, out: Path, args) -> dict:
     from qsurgeon.server.engine.run import PruneOptions, run_prune
 
+    method, _, solver = method.partition("@")
     refit = method.endswith("+refit")
     options = PruneOptions(
         model=model, method=method.removesuffix("+refit"), calibration=calibration, samples=args.samples,
         block_size=args.block_size, epochs=args.epochs, seed=args.seed, out=str(out), refit=refit,
-        batch_size=32, **setting,
+        batch_size=32, **setting, **({"solver": solver} if solver else {}),
     )
     started = time.perf_counter()
     result = run_prune(options)
@@ -124,7 +127,7 @@ def main() -> None:
     model = args.model or str(cache / "model")
     calibration = args.calibration or f"npz:{cache / 'calibration.npz'}"
     test = args.test or str(cache / "test.npz")
-    methods = [m for m in args.methods.split(",") if m.removesuffix("+refit") in METHODS]
+    methods = [m for m in args.methods.split(",") if m.partition("@")[0].removesuffix("+refit") in METHODS]
     skipped = [m for m in args.methods.split(",") if m not in methods]
     if skipped:
         print(f"skipping unregistered method(s): {', '.join(skipped)}")
@@ -135,7 +138,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=OUT) as scratch:
         for label, setting in SETTINGS:
             for method in methods:
-                out = Path(scratch) / f"{method}-{label.replace(':', '_')}"
+                out = Path(scratch) / f"{method.replace('@', '_')}-{label.replace(':', '_')}"
                 pruned = prune_once(model, method, setting, calibration, out, args)
                 scores = evaluate_classification(model, out, test)
                 dense_top1 = scores["dense"]["top1"]
@@ -150,6 +153,12 @@ def main() -> None:
         cells = [f"{next(r['top1'] for r in rows if r['method'] == method and r['setting'] == label):.3f}" for label, _ in SETTINGS]
         lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(cells) + " |")
     lines.append(f"| dense | " + " | ".join(f"{dense_top1:.3f}" for _ in SETTINGS) + " |")
+    lines += ["", "relative layer-wise error on the calibration images:", "",
+              "| method | " + " | ".join(label for label, _ in SETTINGS) + " |", "|---" * (len(SETTINGS) + 1) + "|"]
+    for method in methods:
+        cells = [f"{next(r['relative_error'] for r in rows if r['method'] == method and r['setting'] == label):.4f}"
+                 for label, _ in SETTINGS]
+        lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(f"\nheld-out top-1 ({test}, calibration {calibration}, iCBS B={args.block_size}, {args.epochs} epochs)\n")
     print(table)

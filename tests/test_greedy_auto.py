@@ -96,3 +96,37 @@ def test_auto_routes_by_size_and_groups_and_checks_its_answers():
     alone = solve(single, "auto", seed=0, effort="short")
     assert np.array_equal(alone.x, answers[2].x)  # a block's answer does not depend on its batch
     assert auto.choose(factored_block(5000, 2, 1, k=10))[0] == "sa"  # beyond swap-tabu's limit
+
+
+def test_auto_takes_restarts_and_sweeps_in_the_chosen_solvers_terms():
+    nm = pruning_block(64, 2, groups=np.arange(64) // 8, counts=[4] * 8)
+    single = pruning_block(96, 3, k=40, with_x0=True)
+    small = pruning_block(12, 1, k=5)
+    answers = solve_batch([nm, single, small], "auto", seed=0, effort="short", restarts=3, sweeps=7)
+    assert answers[0].metadata["auto"] == {"solver": "sa", "effort": "short", "restarts": 3, "sweeps": 7}
+    assert answers[0].sweeps == 7 and answers[0].restarts == 3
+    assert answers[1].metadata["auto"] == {"solver": "swap-tabu", "effort": "short", "restarts": 3, "iterations": 7}
+    assert answers[2].metadata["auto"]["solver"] == "exhaustive"
+    same = solve(single, "swap-tabu", seed=0, start="auto", restarts=3, iterations=7)
+    assert np.array_equal(same.x, answers[1].x)
+
+
+def test_auto_is_the_default_of_prune_solve_and_the_service():
+    from qsurgeon.client.options import PruneOptions
+    from qsurgeon.client.schemas import SolveRequest
+
+    assert PruneOptions.model_fields["solver"].default == "auto"
+    assert SolveRequest.model_fields["solver"].default == "auto"
+
+
+def test_cli_solve_defaults_to_auto_and_passes_sweeps(tmp_path, capsys):
+    import json
+
+    from qsurgeon.client.cli import main
+
+    path = tmp_path / "a.npz"
+    problem = pruning_block(40, 1, k=17)
+    problem.save_npz(path)
+    assert main(["solve", str(path), "--json", "--seed", "4", "--sweeps", "20"]) == 0
+    record = json.loads(capsys.readouterr().out.strip())
+    assert record["solver"] == "auto" and record["metadata"]["auto"]["iterations"] == 20

@@ -173,7 +173,7 @@ def test_cli_solve_prints_json_lines_and_writes_solutions(tmp_path, capsys):
     first, second = tmp_path / "a.npz", tmp_path / "b.npz"
     pruning_block(12, 1, k=5).save_npz(first)
     factored_block(10, 3, 2, groups=np.arange(10) // 5, counts=[2, 3]).save_npz(second)
-    assert main(["solve", str(first), str(second), "--json", "--seed", "4", "--sweeps", "200"]) == 0
+    assert main(["solve", str(first), str(second), "--solver", "sa", "--json", "--seed", "4", "--sweeps", "200"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2
     for line, path in zip(lines, (first, second)):

@@ -181,7 +181,7 @@ class PruneOptions(UsageChecked):
                                 "output prefers (with --refit, each with its refit weights; docs/icbs.md)")
     init: Init = option("wanda", "initial mask for iCBS", presets={"fast": "wanda", "quality": "sparsegpt",
                                                                    "quality@causal-lm": "wanda"})
-    solver: str = option("sa", "block solver (see qsurgeon solvers)", pattern=SOLVER_NAME)
+    solver: str = option("auto", "block solver (see qsurgeon solvers; auto picks one per block)", pattern=SOLVER_NAME)
     solver_params: dict[str, int | float | str | bool] = option(
         {}, "parameters of the block solver, checked against the solver's declared parameters",
         metavar="NAME=VALUE", max_length=MAX_ITEMS)

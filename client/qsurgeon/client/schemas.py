@@ -160,7 +160,7 @@ class SolveRequest(_Strict):
     counts: list[_Count] = Field(None, max_length=MAX_SOLVE_VARIABLES, description="ones per group label")
     x0: list[_Bit] = Field(None, max_length=MAX_SOLVE_VARIABLES, description="a start assignment")
     offset: _Real = 0.0
-    solver: str = Field("sa", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    solver: str = Field("auto", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     params: dict[str, Any] = Field(default_factory=dict, max_length=64,
                                    json_schema_extra={"additionalProperties": _PARAM_VALUE})
     id: str = Field("", max_length=200)

@@ -321,7 +321,7 @@ class Client:
 
     # raw blocks and the service
     def solve(self, Q: Any = None, k: int | None = None, *, F: Any = None, c: Any = None, groups: Any = None,
-              counts: Any = None, x0: Any = None, offset: float = 0.0, solver: str = "sa",
+              counts: Any = None, x0: Any = None, offset: float = 0.0, solver: str = "auto",
               params: Mapping[str, Any] | None = None, problem_id: str = "") -> SolveResult | Job:
         """Solve one block problem; a large one comes back as a Job (its answer: artifact solution.json)."""
         body = _solve_body(Q, k, F=F, c=c, groups=groups, counts=counts, x0=x0, offset=offset, solver=solver,
@@ -427,7 +427,7 @@ class AsyncClient:
         return saved
 
     async def solve(self, Q: Any = None, k: int | None = None, *, F: Any = None, c: Any = None, groups: Any = None,
-                    counts: Any = None, x0: Any = None, offset: float = 0.0, solver: str = "sa",
+                    counts: Any = None, x0: Any = None, offset: float = 0.0, solver: str = "auto",
                     params: Mapping[str, Any] | None = None, problem_id: str = "") -> SolveResult | Job:
         body = _solve_body(Q, k, F=F, c=c, groups=groups, counts=counts, x0=x0, offset=offset, solver=solver,
                            params=params, problem_id=problem_id)

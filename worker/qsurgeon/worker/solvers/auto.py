@@ -16,6 +16,10 @@ Effort: ``effort="short"`` gives iCBS-sized budgets (the engine's tuned per-solv
 defaults (sa 4 × 4000 sweeps on N:M blocks), ``"long"`` 4× those. Each sub-batch is solved by
 the chosen solver's ``sample_batch``, so answers keep that solver's reproducibility
 (same seed, same answer alone or in any batch). The choice is in ``metadata.auto``.
+
+``restarts`` and ``sweeps``, when given, replace the chosen budget's (``sweeps`` is
+swap-tabu's iterations; enumeration ignores both): ``auto`` is the default solver of
+``qsurgeon solve``, whose ``--restarts``/``--sweeps`` flags must keep meaning something.
 """
 
 from __future__ import annotations
@@ -43,6 +47,10 @@ PARAMETERS = (
           "default", choices=EFFORTS),
     Param("start", "str", "passed to the chosen solver (auto: x0 where the problem has one, else greedy)",
           "auto", choices=("auto", "x0", "random", "greedy")),
+    Param("restarts", "int", "chains per block of the chosen solver (none: the effort's budget)", minimum=1,
+          maximum=4096),
+    Param("sweeps", "int", "sa sweeps / swap-tabu iterations per chain (none: the effort's budget)", minimum=0,
+          maximum=10**9),
     Param("time_limit", "float", "seconds for each sub-batch (one per chosen solver)", above=0.0),
     Param("seed", "int", "random seed (none: a fresh one, reported in the metadata)",
           minimum=-_SEED_BOUND, maximum=_SEED_BOUND - 1),
@@ -78,6 +86,19 @@ def choose(problem: BlockProblem, effort: str = "default") -> tuple[str, dict[st
     return "swap-tabu", dict(BUDGETS[("swap-tabu", effort)])
 
 
+def _override(name: str, budget: dict[str, Any], given: dict[str, int]) -> tuple[str, dict[str, Any]]:
+    """``budget`` with the caller's restarts / sweeps in the chosen solver's own terms."""
+    if name == "exhaustive" or not given:
+        return name, budget
+    budget = dict(budget)
+    if "restarts" in given:
+        budget["restarts"] = given["restarts"]
+    if "sweeps" in given:
+        budget.pop("iterations", None)
+        budget["iterations" if name == "swap-tabu" else "sweeps"] = given["sweeps"]
+    return name, budget
+
+
 class AutoSolver(Solver):
     """Routes every block to the solver the benchmark tables say suits it."""
 
@@ -101,7 +122,8 @@ class AutoSolver(Solver):
         seed = checked.get("seed")
         seed = secrets.randbits(63) if seed is None else seed
         extra = {} if checked.get("time_limit") is None else {"time_limit": checked["time_limit"]}
-        plans = [choose(problem, effort) for problem in problems]
+        given = {name: checked[name] for name in ("restarts", "sweeps") if checked.get(name) is not None}
+        plans = [_override(*choose(problem, effort), given) for problem in problems]
         groups: dict[tuple, list[int]] = {}
         for index, (name, budget) in enumerate(plans):
             groups.setdefault((name, tuple(sorted(budget.items()))), []).append(index)

@@ -128,6 +128,7 @@ _Count = Annotated[int, Field(ge=0, le=MAX_SOLVE_VARIABLES)]
 _Label = Annotated[int, Field(ge=0, le=MAX_SOLVE_VARIABLES)]
 _Bit = Annotated[int, Field(ge=0, le=1)]
 _Real = Annotated[float, Field(allow_inf_nan=False)]
+_Row = Annotated[list[_Real], Field(min_length=1, max_length=MAX_SOLVE_VARIABLES)]
 _PARAM_VALUE = {"anyOf": [{"type": "number"}, {"type": "string", "maxLength": 200}, {"type": "boolean"}]}
 
 
@@ -143,6 +144,7 @@ class SolveRequest(_Strict):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,  # a JSON false is not an offset, "3" is not a count: the schema's types, exactly
         json_schema_extra={
             "allOf": [
                 {"oneOf": [{"required": ["Q"]}, {"required": ["F"]}]},
@@ -152,13 +154,16 @@ class SolveRequest(_Strict):
         },
     )
 
-    Q: list[list[_Real]] = Field(None, max_length=MAX_SOLVE_VARIABLES, description="B×B matrix")
-    F: list[list[_Real]] = Field(None, max_length=MAX_SOLVE_VARIABLES, description="r×B factor (Q = FᵀF + diag c)")
-    c: list[_Real] = Field(None, max_length=MAX_SOLVE_VARIABLES)
+    Q: list[_Row] = Field(None, min_length=1, max_length=MAX_SOLVE_VARIABLES, description="B×B matrix")
+    F: list[_Row] = Field(None, min_length=1, max_length=MAX_SOLVE_VARIABLES,
+                          description="r×B factor (Q = FᵀF + diag c)")
+    c: list[_Real] = Field(None, min_length=1, max_length=MAX_SOLVE_VARIABLES)
     k: _Count = Field(None, description="ones in the answer (or give groups and counts)")
-    groups: list[_Label] = Field(None, max_length=MAX_SOLVE_VARIABLES, description="a group label per variable")
-    counts: list[_Count] = Field(None, max_length=MAX_SOLVE_VARIABLES, description="ones per group label")
-    x0: list[_Bit] = Field(None, max_length=MAX_SOLVE_VARIABLES, description="a start assignment")
+    groups: list[_Label] = Field(None, min_length=1, max_length=MAX_SOLVE_VARIABLES,
+                                 description="a group label per variable")
+    counts: list[_Count] = Field(None, min_length=1, max_length=MAX_SOLVE_VARIABLES,
+                                 description="ones per group label")
+    x0: list[_Bit] = Field(None, min_length=1, max_length=MAX_SOLVE_VARIABLES, description="a start assignment")
     offset: _Real = 0.0
     solver: str = Field("auto", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     params: dict[str, Any] = Field(default_factory=dict, max_length=64,

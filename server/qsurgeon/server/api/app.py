@@ -28,12 +28,28 @@ from qsurgeon.worker.queue.settings import RETRY_SECONDS_API, connect
 log = logging.getLogger(__name__)
 
 
+def use_threadsafe_numba() -> None:
+    """Job threads run the engine side by side, and numba's default threading layer
+    (workqueue) aborts the whole process when two threads launch parallel kernels at once;
+    ask for a thread-safe layer (OpenMP or TBB) unless the operator chose one."""
+    import os
+
+    if os.environ.get("NUMBA_THREADING_LAYER"):
+        return
+    try:
+        import numba
+    except ImportError:  # pragma: no cover - the [server] extra installs it
+        return
+    numba.config.THREADING_LAYER = "threadsafe"
+
+
 def create_app(config: ServiceConfig, *, resume: bool = True) -> FastAPI:
     """Build the app; on start-up it resumes unfinished jobs (``resume``), on shutdown it
     stops its job threads without finishing their rounds (they resume next time).
 
     Two Redis clients: the job threads' retries ride out a Redis restart; the API's give up
     after about a second, and the request is answered 503 (the client retries)."""
+    use_threadsafe_numba()
     client = connect(config.redis_url, retry_seconds=RETRY_SECONDS_API)
     store = JobStore(client, config.queue.prefix, retention=config.retention_seconds)
     registry, instruments = metrics_registry()

@@ -43,7 +43,7 @@ class ServiceConfig:
     max_extracted_bytes: int = 2 << 30  # an unpacked model archive
     sync_solve_max_variables: int = 1024  # larger /solve problems become jobs
     sync_solve_timeout: float = 60.0
-    max_running_jobs: int = 2
+    max_running_jobs: int = 2  # 0: an API-only orchestrator (another one runs the jobs)
     lock_ttl: float = 6.0  # seconds an orchestrator's claim on a running job lasts unrenewed
     admin_keys: frozenset[str] = frozenset()  # keys that see and cancel every key's jobs
     retention_seconds: float = 7 * 24 * 3600.0  # finished jobs (records, events, files) are deleted after

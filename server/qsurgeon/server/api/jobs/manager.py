@@ -146,6 +146,11 @@ class JobManager:
             thread.join(max(0.0, deadline - time.monotonic()))
 
     def launch(self, job_id: str) -> None:
+        """Run the job in a thread here, unless one runs it already or this orchestrator runs
+        no jobs (``max_running_jobs`` 0: an API-only replica; another orchestrator's
+        supervisor picks the job up)."""
+        if self.config.max_running_jobs == 0:
+            return
         with self._lock:
             thread = self._threads.get(job_id)
             if thread is not None and thread.is_alive():

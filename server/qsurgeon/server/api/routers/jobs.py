@@ -36,20 +36,23 @@ _JOB_BODY = {
         "required": True,
         "content": {
             "application/json": {"schema": {"$ref": "#/components/schemas/JobCreate"}},
-            "multipart/form-data": {"schema": {
-                "type": "object",
-                "required": ["spec"],
-                "additionalProperties": False,
-                "description": "at most 4 parts, 2 of them files; 'spec' at most 1 MiB",
-                "properties": {
-                    "spec": {"type": "string", "description": "JobCreate as JSON", "maxLength": 1 << 20,
-                             "contentMediaType": "application/json"},
-                    "model_archive": {"type": "string", "format": "binary",
-                                      "description": "tar/zip of a safetensors Hugging Face folder (model 'upload')"},
-                    "calibration": {"type": "string", "format": "binary",
-                                    "description": "UTF-8 text, one sample per line (calibration 'upload')"},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["spec"],
+                    "additionalProperties": False,
+                    "description": "at most 4 parts, 2 of them files; 'spec' at most 1 MiB",
+                    "properties": {
+                        "spec": {"$ref": "#/components/schemas/JobCreate"},
+                        "model_archive": {"type": "string", "format": "binary",
+                                          "description": "tar/zip of a safetensors Hugging Face folder "
+                                                         "(model 'upload')"},
+                        "calibration": {"type": "string", "format": "binary",
+                                        "description": "UTF-8 text, one sample per line (calibration 'upload')"},
+                    },
                 },
-            }},
+                "encoding": {"spec": {"contentType": "application/json"}},
+            },
         },
     }
 }
@@ -151,7 +154,9 @@ _STREAM_ID_PART_MAX = (1 << 64) - 1
 
 @router.get("/jobs/{job_id}/events", summary="Server-sent events: state, round, progress",
             response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+            responses={200: {"content": {"text/event-stream": {}},
+                             "description": "events: `id`, `event` (state, start, block, round, block_done, done, "
+                                            "log, unavailable, end) and `data` (a JSON object)"},
                        **errors(404, 422)})
 def job_events(request: Request, job: ExistingJob, store: Store,
                last_event_id: str | None = Query(None, max_length=41, pattern=r"^[0-9]{1,20}(-[0-9]{1,20})?$",

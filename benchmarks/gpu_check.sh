@@ -9,7 +9,7 @@
 # no models. On a machine without CUDA the CUDA parts are skipped with a message and the
 # rest still runs (that is how it is tested on CPU-only machines).
 #
-#   bash benchmarks/gpu_check.sh            # from the repository root; < 8 minutes on one H100
+#   bash benchmarks/gpu_check.sh            # from the repository root; about 4 minutes on one H100
 set -u
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
@@ -28,7 +28,7 @@ EOF
 
 echo "== CUDA tests (and the CPU/torch agreement tests) =="
 if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_sa.py -k "cuda or torch"
+  timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_sa.py -k "cuda or torch"
   tests_rc=$?
 else
   echo "no CUDA device: running the CPU/torch agreement tests only (the CUDA ones skip themselves)"
@@ -37,7 +37,7 @@ else
 fi
 
 echo "== throughput and a round end to end =="
-timeout 300 $PY benchmarks/gpu_check.py
+timeout 200 $PY benchmarks/gpu_check.py
 bench_rc=$?
 echo "tests exit status: $tests_rc; benchmark exit status: $bench_rc"
 exit $(( tests_rc != 0 || bench_rc != 0 ))

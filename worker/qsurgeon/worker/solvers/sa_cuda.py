@@ -22,12 +22,14 @@ of the tests) the same step runs eagerly.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from qsurgeon.worker.block.problem import BlockProblem
+from qsurgeon.worker.block.stack import flat_matrices
 from qsurgeon.worker.solvers.sa_cpu import ChainResults, next_chunk, override_scales
 from qsurgeon.worker.solvers.sa_rng import GAMMA, MAX_BETA_DELTA, MIX1, MIX2, SCALE_SAMPLES
 
@@ -108,6 +110,22 @@ def _pad_stack(arrays: list[np.ndarray], fill: int = 0) -> np.ndarray:
     return out
 
 
+def _device_matrices(chosen: list[BlockProblem], device: torch.device) -> torch.Tensor:
+    """The bucket's Q as one (P, B, B) float32 tensor on ``device``, in one host-to-device transfer.
+
+    Why: a round of 8192 B = 128 blocks is 512 MB of matrices; stacking them on the host
+    (np.stack, then astype) copied them twice before the transfer. :func:`flat_matrices`
+    reads a MatrixStack's views in place (block/stack.py), so the round goes to the device
+    straight from the builder's buffer. Never written to.
+    """
+    size = chosen[0].num_variables
+    flat = flat_matrices(chosen).reshape(len(chosen), size, size)
+    with warnings.catch_warnings():  # a read-only stack view: torch only reads it for the copy
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        host = torch.from_numpy(flat)
+    return host.to(device)
+
+
 def _bucket(problems: list[BlockProblem], indices: list[int], device: torch.device) -> _Bucket:
     chosen = [problems[i] for i in indices]
     sizes = [np.bincount(p.group_of, minlength=p.num_groups).astype(np.int64) for p in chosen]
@@ -118,6 +136,7 @@ def _bucket(problems: list[BlockProblem], indices: list[int], device: torch.devi
         return torch.as_tensor(np.ascontiguousarray(array), device=device, dtype=dtype)
 
     factored = chosen[0].is_factored
+    Q = None if factored else _device_matrices(chosen, device)
     return _Bucket(
         problems=indices,
         group=tensor(np.stack([p.group_of for p in chosen]).astype(np.int64)),
@@ -127,8 +146,8 @@ def _bucket(problems: list[BlockProblem], indices: list[int], device: torch.devi
         sw_groups=tensor(_pad_stack(swappable)),
         nsw=tensor(np.array([s.shape[0] for s in swappable], np.int64)),
         x0=tensor(np.stack([p.x0 if p.x0 is not None else np.zeros(p.num_variables, np.uint8) for p in chosen])),
-        Q=None if factored else tensor(np.stack([p.Q for p in chosen]).astype(np.float32)),
-        diag=None if factored else tensor(np.stack([np.diagonal(p.Q) for p in chosen]).astype(np.float64)),
+        Q=Q,
+        diag=None if factored else torch.diagonal(Q, dim1=1, dim2=2).to(torch.float64),
         FT=tensor(np.stack([p.F.T for p in chosen]).astype(np.float32)) if factored else None,
         c=tensor(np.stack([p.c for p in chosen]).astype(np.float64)) if factored else None,
     )
@@ -148,6 +167,7 @@ class _Chains:
             np.ascontiguousarray(keys[:, :, column].reshape(-1)).view(np.int64), device=device)
         self.key_start, self.key_scale, self.key_run = as_int64(0), as_int64(1), as_int64(2)
         self.use_x0 = torch.as_tensor(np.repeat(use_x0, restarts), device=device)
+        self.all_x0 = bool(np.all(use_x0))
         self.beta_row = torch.as_tensor(np.repeat(beta_rows, restarts).astype(np.int64), device=device)
         self.betas = torch.as_tensor(betas, device=device)
         self.nsw = bucket.nsw[self.pc]
@@ -173,10 +193,12 @@ class _Chains:
             r = draw(key[:, None], 3 * t)
             r_group = draw(key[:, None], 3 * t + 2)
             pc = pc[:, None]
-        nsw = bucket.nsw[pc]
+        nsw = bucket.nsw.take(pc)
         choice = _below(_shift_right(r_group, 32), nsw.clamp(min=1))
-        group = bucket.sw_groups[pc, choice]
-        start, size, ones = bucket.g_start[pc, group], bucket.g_size[pc, group], bucket.g_count[pc, group]
+        # flat takes rather than advanced indexing [pc, group]: the same entries, cheaper gathers
+        group = bucket.sw_groups.view(-1).take(pc * bucket.sw_groups.shape[1] + choice)
+        at = pc * bucket.g_start.shape[1] + group
+        start, size, ones = bucket.g_start.view(-1).take(at), bucket.g_size.view(-1).take(at), bucket.g_count.view(-1).take(at)
         a = start + _below(_shift_right(r, 32), ones)
         b = start + ones + _below(r & _MASK32, (size - ones).clamp(min=0))
         return a.clamp(max=self.n - 1), b.clamp(max=self.n - 1)
@@ -186,9 +208,13 @@ class _Chains:
         bucket = self.bucket
         pc = self.pc if i.dim() == 1 else self.pc[:, None]
         if bucket.Q is not None:
+            # flat torch.take instead of advanced indexing Q[pc, i, j]: same entries, one cheap gather
             h_i, h_j = self._gather(self.h, i), self._gather(self.h, j)
-            return (2.0 * h_i + bucket.diag[pc, i] - 2.0 * h_j + bucket.diag[pc, j]
-                    - 2.0 * bucket.Q[pc, i, j].to(torch.float64))
+            n = self.n
+            base_i, base_j = pc * n + i, pc * n + j
+            diag = bucket.diag.view(-1)
+            return (2.0 * h_i + diag.take(base_i) - 2.0 * h_j + diag.take(base_j)
+                    - 2.0 * bucket.Q.view(-1).take(base_i * n + j).to(torch.float64))
         d = bucket.FT[pc, i].to(torch.float64) - bucket.FT[pc, j].to(torch.float64)
         u = self.u if i.dim() == 1 else self.u[:, None, :]
         return _tree_sum(d * (2.0 * u + d)) + bucket.c[pc, i] - bucket.c[pc, j]
@@ -201,46 +227,63 @@ class _Chains:
 
     # -------------------------------------------------------------- start
     def start(self) -> None:
+        """Start states, fields, energies and energy scales of every chain.
+
+        Vectorised over chains; only the field sums loop over variables, because they must
+        be accumulated in the CPU kernel's order to follow its chains bit for bit. Each such
+        step is one fused multiply-add over (problems, restarts, B), broadcast over the
+        restarts instead of gathering every chain's copy of the matrix.
+        """
         bucket, pc, n = self.bucket, self.pc, self.n
+        problems, restarts = bucket.group.shape[0], self.restarts
         chains = pc.shape[0]
-        group = bucket.group[pc]
         variables = torch.arange(n, device=self.device)
-        composite = (group << 32) | _shift_right(draw(self.key_start[:, None], variables), 32)
-        order = torch.argsort(composite, dim=1, stable=True)
-        sorted_group = group.gather(1, order)
-        rank = torch.arange(n, device=self.device)[None, :] - bucket.g_start[pc[:, None], sorted_group]
-        random_x = torch.zeros((chains, n), dtype=torch.uint8, device=self.device)
-        random_x.scatter_(1, order, (rank < bucket.g_count[pc[:, None], sorted_group]).to(torch.uint8))
-        self.x = torch.where(self.use_x0[:, None], bucket.x0[pc], random_x)
+        group = bucket.group.repeat_interleave(restarts, dim=0)
+        if self.all_x0:  # iCBS: every chain starts from its problem's mask; no random state needed
+            self.x = bucket.x0.repeat_interleave(restarts, dim=0)
+        else:
+            composite = (group << 32) | _shift_right(draw(self.key_start[:, None], variables), 32)
+            order = torch.argsort(composite, dim=1, stable=True)
+            sorted_group = group.gather(1, order)
+            rank = variables[None, :] - bucket.g_start[pc[:, None], sorted_group]
+            random_x = torch.zeros((chains, n), dtype=torch.uint8, device=self.device)
+            random_x.scatter_(1, order, (rank < bucket.g_count[pc[:, None], sorted_group]).to(torch.uint8))
+            self.x = torch.where(self.use_x0[:, None], bucket.x0[pc], random_x)
         slot_key = group * (2 * n) + (1 - self.x.to(torch.int64)) * n + variables[None, :]
         self.slot = torch.argsort(slot_key, dim=1)
         x64 = self.x.to(torch.float64)
+        x3 = x64.view(problems, restarts, n)
+        energy = torch.zeros(chains, dtype=torch.float64, device=self.device)
         if bucket.Q is not None:
-            # accumulate in variable order, exactly as the CPU kernel does
-            self.h = torch.zeros((chains, n), dtype=torch.float64, device=self.device)
+            # h_v = Σ_u Q_vu x_u in the CPU kernel's order (u ascending). Q is symmetric (BlockProblem
+            # guarantees it), so column u is row u: a contiguous read, the same float32 values.
+            h3 = torch.zeros((problems, restarts, n), dtype=torch.float64, device=self.device)
+            symmetric = bool(torch.equal(bucket.Q, bucket.Q.transpose(1, 2)))
             for column in range(n):
-                self.h += x64[:, column : column + 1] * bucket.Q[pc, :, column].to(torch.float64)
-            energy = torch.zeros(chains, dtype=torch.float64, device=self.device)
+                line = bucket.Q[:, column, :] if symmetric else bucket.Q[:, :, column]
+                h3.addcmul_(x3[:, :, column : column + 1], line[:, None, :])  # float32 promoted: exact
+            self.h = h3.view(chains, n)
             for v in range(n):
                 energy += x64[:, v] * self.h[:, v]
         else:
             rank_r = bucket.FT.shape[2]
-            self.u = torch.zeros((chains, rank_r), dtype=torch.float64, device=self.device)
-            diagonal = torch.zeros(chains, dtype=torch.float64, device=self.device)
+            u3 = torch.zeros((problems, restarts, rank_r), dtype=torch.float64, device=self.device)
+            diagonal = torch.zeros((problems, restarts), dtype=torch.float64, device=self.device)
             for v in range(n):
-                self.u += x64[:, v : v + 1] * bucket.FT[pc, v].to(torch.float64)
-                diagonal += x64[:, v] * bucket.c[pc, v]
-            energy = torch.zeros(chains, dtype=torch.float64, device=self.device)
+                u3.addcmul_(x3[:, :, v : v + 1], bucket.FT[:, None, v].to(torch.float64))
+                diagonal += x3[:, :, v] * bucket.c[:, None, v]
+            self.u = u3.view(chains, rank_r)
             for k in range(rank_r):
                 energy += self.u[:, k] * self.u[:, k]
-            energy += diagonal
+            energy += diagonal.view(chains)
         self.energy = energy
         self.best_energy = energy.clone()
         self.best_x = self.x.clone()
         self.accepted = torch.zeros(chains, dtype=torch.int64, device=self.device)
         pieces = []
-        for first in range(0, SCALE_SAMPLES, _SCALE_PIECE):  # bounded memory: (C, piece, r) for factored
-            samples = torch.arange(first, first + _SCALE_PIECE, device=self.device)
+        piece = SCALE_SAMPLES if bucket.Q is not None else _SCALE_PIECE  # dense: (C, 256) at once
+        for first in range(0, SCALE_SAMPLES, piece):  # bounded memory: (C, piece, r) for factored
+            samples = torch.arange(first, first + piece, device=self.device)
             a, b = self._pick(self.key_scale, samples[None, :].expand(chains, -1))
             pieces.append(self._delta(self.slot.gather(1, b), self.slot.gather(1, a)).abs())
         ordered = torch.cat(pieces, dim=1).sort(dim=1).values

@@ -220,3 +220,53 @@ def test_cli_solve_and_solvers(tmp_path, capsys):
     assert main(["solvers", "--json"]) == 0
     listed = capsys.readouterr().out
     assert SOLVER in listed
+
+
+# ---------------------------------------------------------------------- kicks
+@pytest.mark.parametrize("groups, counts", [(None, None), (np.arange(24) // 4, [1, 2, 3, 2, 1, 2])])
+def test_kicks_keep_counts_never_lose_the_best_and_reach_the_optimum(groups, counts):
+    """Kicks (a few random swaps from the best state after `stall` idle iterations) on small blocks."""
+    for seed in range(4):
+        size = 16 if groups is None else 24
+        problem = pruning_block(size, 80 + seed, k=None if groups is not None else 7,
+                                groups=groups, counts=counts, with_x0=True)
+        exact = solve(problem, "exhaustive").energy
+        answer = solve(problem, SOLVER, seed=seed, iterations=400, stall=3, kick=3)
+        assert np.array_equal(problem.group_sums(answer.x), problem.counts)
+        assert answer.energy == pytest.approx(direct_energy(problem, answer.x), rel=1e-9)
+        assert answer.energy <= problem.energy(problem.x0) + 1e-15
+        assert answer.energy == pytest.approx(exact, rel=1e-9)
+        assert answer.metadata["stall"] == 3 and answer.metadata["kick"] == 3
+
+
+def test_kicked_runs_are_reproducible_and_cut_by_chunks_the_same():
+    from qsurgeon.worker.solvers import swap_tabu, swap_tabu_cpu
+
+    problem = pruning_block(64, 7, groups=np.arange(64) // 8, counts=[4] * 8)
+    first = solve(problem, SOLVER, seed=5, iterations=300, stall=10, kick=4)
+    alone = solve(problem, SOLVER, seed=5, iterations=300, stall=10, kick=4)
+    in_batch = solve_batch([pruning_block(40, 1, k=13), problem], SOLVER, seed=5, iterations=300, stall=10, kick=4)[1]
+    assert np.array_equal(first.x, alone.x) and np.array_equal(first.x, in_batch.x)
+    # the same run cut into chunks (as a time limit does) takes the same path
+    options = swap_tabu.TabuParams.parse({"seed": 5, "iterations": 300, "stall": 10, "kick": 4})
+    start = problem.with_x0(swap_tabu.greedy_start(problem))
+    kernel = swap_tabu_cpu.kernel_problem(swap_tabu.dense_kernel_Q(start), start.group_of, start.counts, start.x0,
+                                          (2, 2, 2), (10, 4))
+    keys = swap_tabu._keys(start, swap_tabu.dense_kernel_Q(start), 5, options.restarts)[None]
+    whole = swap_tabu_cpu.run_batch([kernel], keys, np.array([True]), 300, None)[0]
+    original_next_chunk = swap_tabu_cpu.next_chunk
+    try:
+        swap_tabu_cpu.next_chunk = lambda left, *rest: min(left, 7)
+        cut = swap_tabu_cpu._run_part([kernel], keys, np.array([True]), 300, deadline=time.perf_counter() + 1e6)[0]
+    finally:
+        swap_tabu_cpu.next_chunk = original_next_chunk
+    assert np.array_equal(whole.best_x, cut.best_x) and np.array_equal(whole.moves, cut.moves)
+
+
+def test_runs_shorter_than_the_stall_are_unchanged_by_kicks():
+    """iCBS's 1 × 50 iterations from x0 never kick: same answers as without kicks."""
+    for seed in range(3):
+        problem = pruning_block(128, seed, k=64, with_x0=True)
+        kicked = solve(problem, SOLVER, seed=seed, restarts=1, iterations=50, start="x0")
+        plain = solve(problem, SOLVER, seed=seed, restarts=1, iterations=50, start="x0", stall=0)
+        assert np.array_equal(kicked.x, plain.x)

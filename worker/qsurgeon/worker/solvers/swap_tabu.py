@@ -49,6 +49,15 @@ DEFAULT_TENURE = 2
 #: descends too slowly there. At B = 1024 (both families, 3 blocks each) ``sa`` then 1000 iterations
 #: beat ``sa`` alone and the search from x0 (docs/solvers.md); at B = 256 the search alone is best.
 AUTO_ANNEAL_ABOVE = 512
+#: Kicks (iterated tabu search, swap_tabu_cpu._kick): after DEFAULT_STALL iterations without a
+#: new best state, go back to the best one and make B // KICK_DIVISOR (at least 2) random swaps.
+#: Scanned on the five benchmark families at B = 256 from scratch (benchmarks/tune_kicks.py,
+#: docs/solvers.md): stall 100 / 16 swaps took outlier rows from 1.8 % to 0.04 % mean gap and
+#: N:M from 6.7 % to 1.7 %, layer-wise / Fisher / causal stayed at the best known; weaker kicks
+#: (2–6 swaps) re-entered the same valley, later ones (stall 250–400) kicked too rarely. A run
+#: shorter than the stall (iCBS: 1 × 50 iterations from x0) never kicks: its answers are unchanged.
+DEFAULT_STALL = 100
+KICK_DIVISOR = 16
 DEFAULT_ANNEAL_SWEEPS = 1000
 _STARTS = ("auto", "x0", "random", "greedy")
 _MAX_ITERATIONS = 10**9
@@ -62,6 +71,10 @@ PARAMETERS = (
     Param("sweeps", "int", "another name for iterations", minimum=0, maximum=_MAX_ITERATIONS),
     Param("tenure", "int", "a moved variable is tabu for tenure + U[0, tenure] iterations", DEFAULT_TENURE,
           minimum=0, maximum=1_000_000),
+    Param("stall", "int", "iterations without a new best state before a kick (0: never kick)", DEFAULT_STALL,
+          minimum=0, maximum=_MAX_ITERATIONS),
+    Param("kick", "int", f"random swaps of a kick, made from the best state seen (none: B/{KICK_DIVISOR}, "
+          "at least 2)", minimum=1, maximum=1_000_000),
     Param("anneal_sweeps", "int", f"sa sweeps first (none: {DEFAULT_ANNEAL_SWEEPS} when a group has more than "
           f"{AUTO_ANNEAL_ABOVE} variables, else 0)", minimum=0, maximum=_MAX_ITERATIONS),
     Param("time_limit", "float", "seconds for the whole call, checked between chunks of iterations", above=0.0),
@@ -79,6 +92,8 @@ class TabuParams:
     restarts: int
     iterations: int
     tenure: int
+    stall: int
+    kick: int | None  # None: by size (kick_swaps)
     anneal_sweeps: int | None  # > 0: ``sa`` with this many sweeps first; None: by size (sweeps_to_anneal)
     time_limit: float | None
     start: str
@@ -94,8 +109,14 @@ class TabuParams:
         value = functools.partial(declared_value, PARAMETERS, checked)
         seed = value("seed")
         return cls(restarts=value("restarts"), iterations=value("iterations"), tenure=value("tenure"),
-                   anneal_sweeps=value("anneal_sweeps"), time_limit=value("time_limit"), start=value("start"),
+                   stall=value("stall"), kick=value("kick"), anneal_sweeps=value("anneal_sweeps"),
+                   time_limit=value("time_limit"), start=value("start"),
                    seed=secrets.randbits(63) if seed is None else seed)
+
+
+def kick_swaps(problem: BlockProblem, kick: int | None) -> int:
+    """Random swaps of one kick: as asked, or B / KICK_DIVISOR (at least 2)."""
+    return kick if kick is not None else max(2, problem.num_variables // KICK_DIVISOR)
 
 
 def sweeps_to_anneal(problem: BlockProblem, anneal_sweeps: int | None) -> int:
@@ -195,7 +216,8 @@ class SwapTabuSolver(Solver):
             Q = dense_kernel_Q(problem)
             keys.append(_keys(problem, Q, options.seed, options.restarts))
             kernel_problems.append(swap_tabu_cpu.kernel_problem(
-                Q, problem.group_of, problem.counts, problem.x0, (options.tenure, options.tenure, options.tenure)))
+                Q, problem.group_of, problem.counts, problem.x0, (options.tenure, options.tenure, options.tenure),
+                (options.stall, kick_swaps(problem, options.kick))))
         # the time limit covers forming the dense matrices too (seconds at B = 4096)
         time_limit = None if deadline is None else max(deadline - time.perf_counter(), 1e-6)
         return swap_tabu_cpu.run_batch(kernel_problems, np.stack(keys), use_x0, options.iterations, time_limit)
@@ -209,6 +231,8 @@ class SwapTabuSolver(Solver):
             "seed": options.seed,
             "start": ("sa" if annealed is not None else kind),
             "tenure": options.tenure,
+            "stall": options.stall,
+            "kick": kick_swaps(problem, options.kick),
             "iterations": result.iterations_done,
             "iterations_requested": options.iterations,
             "moves": int(result.moves.sum()),

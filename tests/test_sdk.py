@@ -156,6 +156,9 @@ def test_service_cli_commands(service, tmp_path, capsys):
     assert (tmp_path / "d" / "solution.json").is_file()
     assert cli_main(["cancel", job.id, *common]) == 0  # finished: cancel changes nothing
     assert "succeeded" in capsys.readouterr().out
+    assert cli_main(["purge", job.id, *common]) == 0  # finished: its records and files go
+    assert "purged (succeeded)" in capsys.readouterr().out
+    assert cli_main(["status", job.id, *common]) == 2 and "404" in capsys.readouterr().err
     assert cli_main(["status", "0" * 32, *common]) == 2
     assert "404" in capsys.readouterr().err
     assert cli_main(["submit", "builtin:minilm", "--density", "1.5", *common]) == 2

@@ -19,6 +19,7 @@ import json
 import os
 import tarfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Mapping
 
@@ -89,6 +90,16 @@ def _raise_for(response: httpx.Response) -> None:
     if status in (503, 504):
         raise ServiceUnavailableError(status, detail)
     raise ServerError(status, detail)
+
+
+#: submit retries: a request that may not have arrived (no answer, 503) is sent again with the
+#: same Idempotency-Key, so the server makes the job once however often it is sent
+SUBMIT_ATTEMPTS = 4
+SUBMIT_BACKOFF = 0.5
+
+
+def _submit_retryable(error: Exception) -> bool:
+    return isinstance(error, ServiceUnavailableError) and error.status in (0, 503)
 
 
 def _job_id(job: JobRef) -> str:
@@ -264,11 +275,25 @@ class Client:
                      **options: Any) -> Job:
         """Submit a prune job; ``options`` are ``qsurgeon prune`` options (density=0.5, epochs=1, ...)."""
         spec, files = _job_request(model, calibration, options)
-        if files:
-            response = self._request("POST", f"{API_PREFIX}/jobs", data={"spec": json.dumps(spec)}, files=files)
-        else:
-            response = self._request("POST", f"{API_PREFIX}/jobs", json=spec)
-        return Job.model_validate(response.json())
+        headers = {"Idempotency-Key": uuid.uuid4().hex}
+        for attempt in range(SUBMIT_ATTEMPTS):
+            try:
+                if files:
+                    response = self._request("POST", f"{API_PREFIX}/jobs", data={"spec": json.dumps(spec)},
+                                             files=files, headers=headers)
+                else:
+                    response = self._request("POST", f"{API_PREFIX}/jobs", json=spec, headers=headers)
+                return Job.model_validate(response.json())
+            except ServiceUnavailableError as error:
+                if not _submit_retryable(error) or attempt == SUBMIT_ATTEMPTS - 1:
+                    raise
+                time.sleep(SUBMIT_BACKOFF * 2 ** attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def purge(self, job: JobRef) -> Job:
+        """Delete a finished job's records, events and files on the server; returns its last record."""
+        return Job.model_validate(self._request("DELETE", f"{API_PREFIX}/jobs/{_job_id(job)}",
+                                                params={"purge": "true"}).json())
 
     def get(self, job: JobRef) -> Job:
         return Job.model_validate(self._request("GET", f"{API_PREFIX}/jobs/{_job_id(job)}").json())
@@ -375,11 +400,26 @@ class AsyncClient:
 
     async def submit_prune(self, model: str | os.PathLike = "builtin:minilm", *,
                            calibration: str | os.PathLike = "builtin", **options: Any) -> Job:
+        import asyncio
+
         spec, files = _job_request(model, calibration, options)
-        if files:
-            response = await self._request("POST", f"{API_PREFIX}/jobs", data={"spec": json.dumps(spec)}, files=files)
-        else:
-            response = await self._request("POST", f"{API_PREFIX}/jobs", json=spec)
+        headers = {"Idempotency-Key": uuid.uuid4().hex}
+        for attempt in range(SUBMIT_ATTEMPTS):
+            try:
+                if files:
+                    response = await self._request("POST", f"{API_PREFIX}/jobs", data={"spec": json.dumps(spec)},
+                                                   files=files, headers=headers)
+                else:
+                    response = await self._request("POST", f"{API_PREFIX}/jobs", json=spec, headers=headers)
+                return Job.model_validate(response.json())
+            except ServiceUnavailableError as error:
+                if not _submit_retryable(error) or attempt == SUBMIT_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(SUBMIT_BACKOFF * 2 ** attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def purge(self, job: JobRef) -> Job:
+        response = await self._request("DELETE", f"{API_PREFIX}/jobs/{_job_id(job)}", params={"purge": "true"})
         return Job.model_validate(response.json())
 
     async def get(self, job: JobRef) -> Job:

@@ -28,7 +28,7 @@ COMMAND_MODULES: list[tuple[str, tuple[str, ...], str]] = [
     ("qsurgeon.worker.cli.solve", ("solve", "solvers"), "worker"),
     ("qsurgeon.worker.cli.worker", ("worker",), "worker"),
     ("qsurgeon.server.cli.serve", ("serve",), "server"),
-    ("qsurgeon.client.cli.jobs", ("submit", "status", "watch", "download", "cancel"), ""),
+    ("qsurgeon.client.cli.jobs", ("submit", "status", "watch", "download", "cancel", "purge"), ""),
 ]
 
 EXIT_USAGE = 2

@@ -1,4 +1,4 @@
-"""CLI for the service: ``qsurgeon submit|status|watch|download|cancel --url --api-key``.
+"""CLI for the service: ``qsurgeon submit|status|watch|download|cancel|purge --url --api-key``.
 
 Base install only: these commands talk HTTP through :mod:`qsurgeon.client.sdk`.
 """
@@ -83,6 +83,14 @@ def run_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_purge(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        for job_id in args.job:
+            job = client.purge(job_id)
+            print(f"{job.id}  purged ({job.state.value})")
+    return 0
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=os.environ.get("QSURGEON_URL", DEFAULT_URL),
                         help=f"server URL (default: $QSURGEON_URL or {DEFAULT_URL})")
@@ -121,3 +129,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cancel.add_argument("job")
     _common(cancel)
     cancel.set_defaults(func=run_cancel)
+
+    purge = subparsers.add_parser("purge", help="delete finished jobs' records, events and files on the server")
+    purge.add_argument("job", nargs="+")
+    _common(purge)
+    purge.set_defaults(func=run_purge)

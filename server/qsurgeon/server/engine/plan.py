@@ -39,8 +39,11 @@ DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2,
 
 #: fitted on benchmarks/scale.py (docs/scale.md): the share of the probe's throughput each phase reaches
 EFFICIENCY: dict[str, float] = {
-    "forward": 0.45,  # the block forward passes (small matrices, attention, norms)
-    "gram": 0.6,  # the float32 Gram products of the linears' inputs
+    "forward": 0.72,  # the block forward passes (small matrices, attention, norms)
+    "gram": 0.96,  # the float32 Gram products of the linears' inputs
+    # iCBS blocks in a run (500 steps spread over seven tensors, rounds cut short by their
+    # independence rule) cost ~3× the probe's block, which runs one tensor in full rounds
+    "icbs": 0.36,
     "load": 1.0,  # bytes of weights over the probe's read rate, plus transformers' fixed cost
     "save": 1.0,
 }
@@ -289,7 +292,7 @@ def _probe_search(block_size: int, options: Any) -> tuple[float, float]:
 
 #: CG iterations the refit's cost model counts per tensor (benchmarks/scale.py: the measured refit
 #: seconds over the CG's float32 products, fitted across the sweep; docs/scale.md)
-REFIT_ITERATIONS = 25
+REFIT_ITERATIONS = 35
 
 
 # ====================================================================== the estimate
@@ -412,7 +415,10 @@ def estimate(shape: ModelShape, options: Any, probe: Probe | None = None, gpu: G
     # reference, the initial mask, the final one when iCBS changed it, the refit's weights)
     forms = 2 + (1 if _icbs_blocks(shape, options) else 0) + (1 if options.refit else 0)
     report_flops = L * sum(2 * out * width * width for _, out, width in shape.targets) * forms
-    init_elements = L * P * 12  # scores, sorts and masks: elementwise work
+    init_elements = L * P * 30  # scores, row sorts and masks: elementwise work (30: fitted, 12 was 2.5× under)
+    # iCBS's own float64 quadratic forms: every tensor's initial row errors, then one row per block
+    icbs_f64 = L * sum(2 * out * width * width for _, out, width in shape.targets) + \
+        _icbs_blocks(shape, options) * 2 * sum(width * width for _, _, width in shape.targets) / len(shape.targets)
     blocks = _icbs_blocks(shape, options)
     assumptions: list[str] = []
     if gpu is None:
@@ -422,7 +428,7 @@ def estimate(shape: ModelShape, options: Any, probe: Probe | None = None, gpu: G
         gram_rate = probe.fp32_flops * EFFICIENCY["gram"]
         f64_rate, elem_rate = probe.fp64_flops * 0.5, probe.copy_bytes_per_s / 4
         read_rate, write_rate = probe.read_bytes_per_s, probe.write_bytes_per_s
-        block_seconds = probe.icbs_block_seconds * (options.block_size / probe.block_size) ** 2
+        block_seconds = probe.icbs_block_seconds * (options.block_size / probe.block_size) ** 2 / EFFICIENCY["icbs"]
         refit_f64_rate, refit_f32_rate = probe.fp64_flops, probe.fp32_flops
         load_fixed = probe.load_fixed_seconds or FIXED_SECONDS["load"]
         assumptions.append(f"probe ({probe.seconds:.1f} s, {probe.cores} cores): float32 "
@@ -464,7 +470,8 @@ def estimate(shape: ModelShape, options: Any, probe: Probe | None = None, gpu: G
         PhaseEstimate("init", host_model + masks + activations_host + grams + per_block_method, dev(0),
                       init_elements / elem_rate + sparsegpt_flops / f64_rate, f"{options.init if method == 'icbs' else method} masks"),
         PhaseEstimate("icbs", host_model + masks + activations_host + grams + per_block_method + icbs_extra, dev(0),
-                      blocks * block_seconds, f"{blocks:,} blocks of {options.block_size}" if blocks else "not run"),
+                      (blocks * block_seconds + icbs_f64 / f64_rate) if blocks else 0.0,
+                      f"{blocks:,} blocks of {options.block_size}" if blocks else "not run"),
         PhaseEstimate("refit", host_model + masks + activations_host + grams + per_block_method + refit_extra,
                       dev(refit_extra), refit_f64 / refit_f64_rate + refit_f32 / refit_f32_rate, "least squares per row" if options.refit else "off"),
         PhaseEstimate("report", host_model + masks + activations_host + grams + widest_in * widest_in * 4

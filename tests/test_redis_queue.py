@@ -328,3 +328,61 @@ def test_worker_cli_heartbeats_and_exits_cleanly_on_sigterm(client, prefix):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_late_answers_never_recreate_a_collected_round(client, prefix):
+    rng = np.random.default_rng(31)
+    problem = random_problem(rng, 6, 2, "late")
+    settings = QueueSettings(prefix=prefix)
+    queue = RedisQueue(REDIS_URL, settings=settings)
+    request = RoundRequest(job_id="j31", round_id="r0", problems=[problem], solver="exhaustive")
+    queue._enqueue(request, [problem])
+    worker = Worker(connect(REDIS_URL), settings=settings, backends=["exhaustive"])
+    message = worker._read("w")[0]
+    worker._finish(message, encode_result(solve(problem, "exhaustive")))
+    queue._collect(request, [problem], {})  # collected: the round's keys are gone
+    worker._finish(message, encode_result(solve(problem, "exhaustive")))  # a reclaimed copy answers late
+    assert not list(client.scan_iter(match=f"{prefix}:res:*")) and not list(client.scan_iter(match=f"{prefix}:note:*"))
+    assert QueueControl(client, settings).stats()["blocks_solved"] == 1  # counted once
+
+
+def test_round_lost_with_redis_data_is_sent_again(tmp_path):
+    """A private redis-server is SIGKILLed mid-round and restarted empty: the worker re-creates
+    its group after NOGROUP, the orchestrator sees the round vanish and sends it again, and the
+    answers equal those of an undisturbed round."""
+    import shutil as _shutil
+
+    if _shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    from test_service_faults import PrivateRedis
+
+    server = PrivateRedis(tmp_path)
+    server.start(tmp_path / "a", appendonly=False)
+    settings = QueueSettings(prefix="lost", visibility_timeout=2)
+    rng = np.random.default_rng(32)
+    problems = [random_problem(rng, 48, 24, f"b{i}") for i in range(24)]
+    request = RoundRequest(job_id="j32", round_id="r0", problems=problems, solver="sa",
+                           params={"sweeps": 3000, "seed": 5})
+    want = InProcessQueue().run_round(request)
+    queue = RedisQueue(server.url, settings=settings)
+    answer: dict[str, Any] = {}
+    try:
+        with running(Worker(connect(server.url), settings=settings, backends=["sa"], batch_size=2)) as worker:
+            thread = threading.Thread(target=lambda: answer.setdefault("result", queue.run_round(request)))
+            thread.start()
+            watcher = connect(server.url)
+            deadline = time.monotonic() + 60
+            while watcher.hlen("lost:res:j32:r0") < 2:
+                assert time.monotonic() < deadline, "no answer came"
+                time.sleep(0.01)
+            server.kill()
+            server.start(tmp_path / "b", appendonly=False)  # an empty Redis on the same port
+            thread.join(timeout=120)
+            assert not thread.is_alive()
+            assert worker.stats.solved >= len(problems)
+    finally:
+        server.kill()
+    result = answer["result"]
+    assert result.resent > 0 and result.failures == {}
+    for got, expected in zip(result.solutions, want.solutions):
+        np.testing.assert_array_equal(got.x, expected.x)

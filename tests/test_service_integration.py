@@ -77,7 +77,7 @@ class Service:
                     time.sleep(0.2)
 
     def worker(self, name: str) -> subprocess.Popen:
-        return self._spawn(name, "worker", "--redis", REDIS_URL, "--prefix", self.prefix, "--backends", "sa",
+        return self._spawn(name, "worker", "--redis", REDIS_URL, "--prefix", self.prefix, "--backends", "sa,auto",
                            "--visibility-timeout", "3", "--batch-size", "16", "--name", name)
 
     def wait_workers(self, count: int) -> None:

@@ -64,14 +64,16 @@ def minilm_blocks(count: int, seed: int = 0):
         block_pruned = pruned[::-1][shift:shift + half]
         block_kept = kept[shift:shift + half]
         block = np.concatenate([block_pruned, block_kept])
-        fixed = np.setdiff1d(pruned, block_pruned)
+        fixed = np.zeros(w.size)  # the pruned weights outside the block, as a vector
+        fixed[pruned] = w[pruned]
+        fixed[block_pruned] = 0.0
+        coupled = gram @ fixed  # one product gives the linear term and the constant
         w_block = w[block]
         Q = w_block[:, None] * gram[np.ix_(block, block)] * w_block[None, :]
-        Q[np.diag_indices(BLOCK)] += 2 * w_block * (gram[np.ix_(block, fixed)] @ w[fixed])
+        Q[np.diag_indices(BLOCK)] += 2 * w_block * coupled[block]
         Q = ((Q + Q.T) / 2).astype(np.float32)
         x0 = np.concatenate([np.ones(half, np.uint8), np.zeros(half, np.uint8)])
-        offset = float(w[fixed] @ gram[np.ix_(fixed, fixed)] @ w[fixed])
-        yield BlockProblem.dense(Q, k=half, x0=x0, offset=offset,
+        yield BlockProblem.dense(Q, k=half, x0=x0, offset=float(fixed @ coupled),
                                  id=f"encoder.layer.{layer}.output.dense.weight:{row}:{index // NUM_LAYERS % 6}")
 
 
@@ -98,7 +100,10 @@ def solve(directory: Path, params: list[str], interrupt_after: float | None = No
                *[item for param in params for item in ("--param", param)]]
     started = time.perf_counter()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: a benchmark started in the background (nohup, &)
+    # inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     if interrupt_after is not None:
         try:
             process.wait(timeout=interrupt_after)

@@ -94,6 +94,17 @@ def generate(directory: Path, count: int) -> dict:
             "seconds": time.perf_counter() - started}
 
 
+def _peak_rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def solve(directory: Path, params: list[str], interrupt_after: float | None = None) -> dict:
     """Run ``qsurgeon solve DIR`` as a subprocess; SIGINT after ``interrupt_after`` seconds."""
     command = [sys.executable, "-m", "qsurgeon.client.cli", "solve", str(directory), "--solver", "sa", "--quiet",
@@ -104,18 +115,20 @@ def solve(directory: Path, params: list[str], interrupt_after: float | None = No
     # inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    if interrupt_after is not None:
-        try:
-            process.wait(timeout=interrupt_after)
-        except subprocess.TimeoutExpired:
+    peak = 0
+    deadline = None if interrupt_after is None else started + interrupt_after
+    while process.poll() is None:  # the child's own peak (VmHWM after exec), not the forked parent's
+        peak = max(peak, _peak_rss(process.pid))
+        if deadline is not None and time.perf_counter() >= deadline:
             process.send_signal(signal.SIGINT)
+            deadline = None
+        time.sleep(0.5)
     out, err = process.communicate()
     seconds = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    peak = after.ru_maxrss * 1024
     return {"seconds": seconds, "cpu_seconds": cpu, "returncode": process.returncode, "stdout": out.strip().splitlines()[-3:],
-            "stderr": err.strip().splitlines()[-2:], "peak_rss_bytes_so_far": peak}
+            "stderr": err.strip().splitlines()[-2:], "peak_rss_bytes": peak}
 
 
 def main() -> None:
@@ -154,7 +167,7 @@ def main() -> None:
     print(f"answers written: {answered} of {args.blocks}; solve wall seconds in all: {total:.1f} "
           f"({1000 * total / max(1, args.blocks):.1f} ms per block), CPU seconds {cpu:.1f} "
           f"({1000 * cpu / max(1, args.blocks):.1f} ms per block, {cpu / 2:.0f} s on 2 idle cores); peak RSS of a solve: "
-          f"{runs[-1][1]['peak_rss_bytes_so_far'] / 2**20:.0f} MiB; load average {os.getloadavg()[0]:.1f}")
+          f"{max(run['peak_rss_bytes'] for _, run in runs) / 2**20:.0f} MiB; load average {os.getloadavg()[0]:.1f}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"generated": generated, "params": args.param, "runs": dict(runs),
                                      "answered": answered, "cores": os.cpu_count(),

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from qsurgeon.worker.block.problem import MAX_VARIABLES, BlockProblem, BlockSolution
-from qsurgeon.worker.solvers.base import Capabilities, Param, Solver, check_params
+from qsurgeon.worker.solvers.base import BatchSolver, Capabilities, Param, check_params
 from qsurgeon.worker.solvers.registry import get_solver
 
 #: Blocks up to this many variables are enumerated (2^16 patterns: milliseconds).
@@ -99,7 +99,7 @@ def _override(name: str, budget: dict[str, Any], given: dict[str, int]) -> tuple
     return name, budget
 
 
-class AutoSolver(Solver):
+class AutoSolver(BatchSolver):
     """Routes every block to the solver the benchmark tables say suits it."""
 
     capabilities = Capabilities(
@@ -111,9 +111,6 @@ class AutoSolver(Solver):
         deterministic=True,
     )
     parameters = PARAMETERS
-
-    def sample(self, problem: BlockProblem, **params: Any) -> BlockSolution:
-        return self.sample_batch([problem], **params)[0]
 
     def sample_batch(self, problems: Sequence[BlockProblem], **params: Any) -> list[BlockSolution]:
         checked = check_params(PARAMETERS, params, self.name)

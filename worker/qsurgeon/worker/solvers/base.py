@@ -218,6 +218,18 @@ class Solver(ABC):
         return [self.sample(problem, **params) for problem in problems]
 
 
+class BatchSolver(Solver):
+    """A solver whose native form is a batch (one kernel call over many problems):
+    subclasses implement :meth:`sample_batch`, and one problem is a batch of one."""
+
+    def sample(self, problem: BlockProblem, **params: Any) -> BlockSolution:
+        return self.sample_batch([problem], **params)[0]
+
+    @abstractmethod
+    def sample_batch(self, problems: Sequence[BlockProblem], **params: Any) -> list[BlockSolution]:
+        """Answer many problems; each answer equals what the problem gets alone."""
+
+
 def starts_from_x0(problem: BlockProblem, start: str, solver: str) -> bool:
     """Whether a chain of ``solver`` starts from the problem's ``x0`` under its ``start`` parameter.
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from qsurgeon.client.errors import ProblemTooLargeError, UsageError
+from qsurgeon.client.errors import ProblemTooLargeError
 from qsurgeon.worker.block.problem import BlockProblem
 from qsurgeon.worker.solvers.base import parse_alpha
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from qsurgeon.client.errors import SolverUnavailableError, UsageError
 from qsurgeon.worker.block.problem import MAX_VARIABLES, BlockProblem, BlockSolution
-from qsurgeon.worker.solvers.base import Capabilities, Param, Solver, check_params, declared_value, starts_from_x0
+from qsurgeon.worker.solvers.base import BatchSolver, Capabilities, Param, check_params, declared_value, starts_from_x0
 from qsurgeon.worker.solvers.greedy import greedy_start, swap_deltas
 from qsurgeon.worker.solvers.sa_rng import chain_keys, problem_digest
 
@@ -189,7 +189,7 @@ def _random_state(problem: BlockProblem, key: np.uint64) -> np.ndarray:
     return x
 
 
-class SimulatedAnnealingSolver(Solver):
+class SimulatedAnnealingSolver(BatchSolver):
     """Swap-move annealing that never leaves the feasible set; vectorised over a batch."""
 
     capabilities = Capabilities(
@@ -201,9 +201,6 @@ class SimulatedAnnealingSolver(Solver):
         deterministic=True,
     )
     parameters = PARAMETERS
-
-    def sample(self, problem: BlockProblem, **params: Any) -> BlockSolution:
-        return self.sample_batch([problem], **params)[0]
 
     def sample_batch(self, problems: Sequence[BlockProblem], **params: Any) -> list[BlockSolution]:
         """Anneal every problem; parameters (all optional, declared in PARAMETERS):

@@ -39,7 +39,7 @@ from typing import Any, Mapping, Sequence
 
 from qsurgeon.client.errors import QsurgeonError, UsageError
 from qsurgeon.worker.block.problem import MAX_VARIABLES, BlockProblem, BlockSolution
-from qsurgeon.worker.solvers.base import Capabilities, Param, Solver, check_params
+from qsurgeon.worker.solvers.base import BatchSolver, Capabilities, Param, check_params
 
 MERGES = ("best", "quantum")
 #: the classical solver for blocks the route keeps off the quantum solver when no reference is named
@@ -128,7 +128,7 @@ def sample_point(problem: BlockProblem) -> float:
     return zlib.crc32(key) / 2**32
 
 
-class ShadowSolver(Solver):
+class ShadowSolver(BatchSolver):
     """The composite: see the module docstring."""
 
     parameters = PARAMETERS
@@ -164,9 +164,6 @@ class ShadowSolver(Solver):
         return checked
 
     # ------------------------------------------------------------------ solving
-    def sample(self, problem: BlockProblem, **params: Any) -> BlockSolution:
-        return self.sample_batch([problem], **params)[0]
-
     def sample_batch(self, problems: Sequence[BlockProblem], **params: Any) -> list[BlockSolution]:
         from qsurgeon.worker.solve import solve_each_on_failure
         from qsurgeon.worker.solvers.registry import get_solver

@@ -31,7 +31,7 @@ import numpy as np
 
 from qsurgeon.client.errors import UsageError
 from qsurgeon.worker.block.problem import BlockProblem, BlockSolution
-from qsurgeon.worker.solvers.base import Capabilities, Param, Solver, check_params, declared_value
+from qsurgeon.worker.solvers.base import BatchSolver, Capabilities, Param, check_params, declared_value
 from qsurgeon.worker.solvers.greedy import greedy_start
 from qsurgeon.worker.solvers.sa import start_kind
 from qsurgeon.worker.solvers.sa_rng import chain_keys, problem_digest
@@ -145,7 +145,7 @@ def _keys(problem: BlockProblem, Q: np.ndarray, seed: int, restarts: int) -> np.
     return chain_keys(b"swap-tabu" + digest, seed, restarts)
 
 
-class SwapTabuSolver(Solver):
+class SwapTabuSolver(BatchSolver):
     """Tabu search over best swaps inside groups; never leaves the feasible set."""
 
     capabilities = Capabilities(
@@ -157,9 +157,6 @@ class SwapTabuSolver(Solver):
         deterministic=True,
     )
     parameters = PARAMETERS
-
-    def sample(self, problem: BlockProblem, **params: Any) -> BlockSolution:
-        return self.sample_batch([problem], **params)[0]
 
     def sample_batch(self, problems: Sequence[BlockProblem], **params: Any) -> list[BlockSolution]:
         """Search every problem; parameters (all optional):

@@ -44,7 +44,7 @@ import numpy as np
 
 from qsurgeon.client.errors import QsurgeonError, UsageError
 from qsurgeon.worker.block.problem import BlockProblem, BlockSolution
-from qsurgeon.worker.solvers.base import Param, Solver, check_params
+from qsurgeon.worker.solvers.base import BatchSolver, Param, check_params
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def _remembered(solver: str, task_id: str) -> Any:
         return _HANDLES.get((solver, task_id))
 
 
-class RemoteSolver(Solver):
+class RemoteSolver(BatchSolver):
     """Base of the cloud backends: subclasses say how to prepare, submit, poll and collect.
 
     ``backend_parameters`` (the subclass's own, declared once) are followed by
@@ -243,9 +243,6 @@ class RemoteSolver(Solver):
         return ""
 
     # ------------------------------------------------------------------ the cycle
-    def sample(self, problem: BlockProblem, **params: Any) -> BlockSolution:
-        return self.sample_batch([problem], **params)[0]
-
     def sample_batch(self, problems: Sequence[BlockProblem], **params: Any) -> list[BlockSolution]:
         from qsurgeon.worker.queue.consumer import current_lease
 

@@ -274,3 +274,16 @@ def test_exhaustive_matches_brute_force_with_groups(seed):
     expected, _ = _brute_force(problem.dense_Q(), feasible)
     assert answer.energy == pytest.approx(expected, rel=1e-9, abs=1e-9)
     assert problem.is_feasible(answer.x)
+
+
+def test_npz_files_refuse_a_factored_problem_without_its_diagonal(tmp_path):
+    path = tmp_path / "f_only.npz"
+    np.savez(path, F=np.ones((2, 4)), k=np.int64(2))
+    with pytest.raises(InvalidProblemError, match="needs c beside F"):
+        BlockProblem.load_npz(path)
+    np.savez(path, F=np.ones((2, 4)), c=np.zeros(4), k=np.int64(2))  # explicit zeros are a choice
+    assert BlockProblem.load_npz(path).num_variables == 4
+    empty = tmp_path / "empty.npz"
+    np.savez(empty)
+    with pytest.raises(InvalidProblemError, match="neither Q nor F"):
+        BlockProblem.load_npz(empty)

@@ -338,7 +338,10 @@ class BlockProblem:
                     raise InvalidProblemError("give either Q or F (with optional c), not both")
                 return cls.dense(arrays["Q"], **common)
             if "F" in arrays:
-                return cls.factored(arrays["F"], arrays.get("c"), **common)
+                if "c" not in arrays:  # a file that lost its diagonal would solve a different problem
+                    raise InvalidProblemError("a factored problem needs c beside F (Q = FᵀF + diag(c); "
+                                              "write zeros if it has no diagonal part)")
+                return cls.factored(arrays["F"], arrays["c"], **common)
             raise InvalidProblemError("the file holds neither Q nor F")
         except InvalidProblemError as error:
             raise InvalidProblemError(f"{path}: {error}") from None

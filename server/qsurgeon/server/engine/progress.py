@@ -158,13 +158,11 @@ def kernel_compile_notice(method: str = "icbs", objective: str = "layerwise", so
     kernels: list[Any] = []
     if objective != "fisher":
         kernels.append(qubo._layerwise_kernel)  # builds the layer-wise QUBOs of a round
-    if solver in ("sa", "auto") and not torch.cuda.is_available():  # sa anneals with sa_cpu's kernels on the CPU
+    if solver == "sa" and not torch.cuda.is_available():  # sa anneals with sa_cpu's kernels on the CPU
         kernels += ([sa_cpu.init_factored, sa_cpu.anneal_factored] if objective == "fisher"
                     else [sa_cpu.init_dense, sa_cpu.anneal_dense])
-    if solver in ("swap-tabu", "auto"):  # auto answers most iCBS blocks with swap-tabu (docs/solvers.md)
-        from qsurgeon.worker.solvers import swap_tabu_cpu
-
-        kernels += [swap_tabu_cpu.init_chains, swap_tabu_cpu.search]
+    # auto and swap-tabu: which kernels run depends on the block sizes; the QUBO kernel above
+    # compiles on every first run, so the notice still shows when it matters
     if not kernels or _kernels_cached(kernels):
         return None
     return ("first run only: numba is compiling the iCBS kernels (QUBO construction, annealing) during the first "

@@ -125,6 +125,7 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
         _check_shapes(adapter, sparsity)
         announce_export(options, adapter)  # how much --export-blocks will write, before it writes
         check_fisher_memory(options, adapter)
+    emit({"event": "stage", "stage": "calibrate"})  # a service job can be cancelled here, between phases
     with PhaseTimer(timings, "calibrate"):
         if calibration is None:
             if adapter.kind == "image-classifier":  # images:DIR, npz:FILE or builtin digits (vision.py)

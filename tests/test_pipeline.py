@@ -122,7 +122,8 @@ def test_checkpoint_resume_gives_identical_masks(models, tmp_path, crash_block):
     resumed_events = []
     resumed = run_prune(_options(models["bert"], method="icbs", epochs=2, seed=1), checkpoint=checkpoint,
                         progress=resumed_events.append)
-    assert resumed_events[0]["resumed_blocks"] == crash_block
+    start = next(e for e in resumed_events if e["event"] == "start")
+    assert start["resumed_blocks"] == crash_block
     # finished blocks are not redone; blocks after the interrupted one start fresh
     assert not any(e["event"] == "round" and e["block"] < crash_block for e in resumed_events)
     for name, mask in reference.masks.items():

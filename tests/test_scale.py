@@ -392,7 +392,9 @@ def test_keep_masks_through_adamw_steps(tmp_path, capsys):
 @pytest.mark.slow
 def test_gpu_scale_script_runs_tiny_on_this_machine(tmp_path):
     out = subprocess.run(["bash", "benchmarks/gpu_scale.sh", "--tiny"], cwd=ROOT, capture_output=True, text=True,
-                         env={**__import__("os").environ, "OUT": str(tmp_path)}, timeout=600)
+                         env={**__import__("os").environ, "OUT": str(tmp_path),
+                              # the interpreter running the tests, not whatever `python` PATH finds
+                              "PYTHON": sys.executable}, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     record = json.loads((tmp_path / "gpu_scale.json").read_text())
     assert record["reloads"] and record["density_min"] == pytest.approx(0.5)

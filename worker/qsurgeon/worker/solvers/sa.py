@@ -9,7 +9,8 @@ swaps at the start state, because block energies range over orders of magnitude
 (1e-4…1e-2) and one absolute schedule cannot fit them all. A sweep is B proposals.
 
 All restarts of all problems of a batch run as independent chains of one vectorised
-kernel: numba on the CPU (:mod:`sa_cpu`), torch on CUDA (:mod:`sa_cuda`). A chain's
+kernel: numba on the CPU (:mod:`sa_cpu`); on CUDA a fused Triton kernel for dense blocks
+(:mod:`sa_triton`) or torch (:mod:`sa_cuda`), by ``cuda_kernel``. A chain's
 random numbers depend only on (seed, restart, problem content), so a problem gets the
 same answer alone or anywhere in any batch (on the same device). The answer is the best
 state any chain of the problem visited, re-scored in float64.
@@ -52,6 +53,7 @@ DEFAULT_RESTARTS = 4
 DEFAULT_SWEEPS = 1000
 _STARTS = ("auto", "x0", "random", "greedy")
 _DEVICES = ("auto", "cpu", "cuda")
+_CUDA_KERNELS = ("auto", "fused", "graph")
 _SEED_BOUND = 2**127
 #: Every parameter ``sa`` takes: the one declaration that parsing, checks and listings use.
 PARAMETERS = (
@@ -68,6 +70,9 @@ PARAMETERS = (
     Param("seed", "int", "random seed (none: a fresh one, reported in the metadata)",
           minimum=-_SEED_BOUND, maximum=_SEED_BOUND - 1),
     Param("device", "str", "auto: cuda when available, else cpu", "auto", choices=_DEVICES),
+    Param("cuda_kernel", "str", "on CUDA, fused: one Triton kernel per chunk of sweeps (dense blocks; needs triton), "
+          "graph: the torch step loop in CUDA graphs, auto: fused where triton is installed", "auto",
+          choices=_CUDA_KERNELS),
 )
 
 
@@ -83,6 +88,7 @@ class AnnealParams:
     start: str
     seed: int
     device: str  # resolved: "cpu" or "cuda"
+    cuda_kernel: str = "auto"  # "auto", "fused" or "graph" (sa_cuda.KERNELS); only read on CUDA
 
     @classmethod
     def parse(cls, params: dict[str, Any]) -> "AnnealParams":
@@ -91,7 +97,8 @@ class AnnealParams:
         seed = value("seed")
         return cls(restarts=value("restarts"), sweeps=value("sweeps"), beta_range=value("beta_range"),
                    scale_quantile=value("scale_quantile"), time_limit=value("time_limit"), start=value("start"),
-                   seed=secrets.randbits(63) if seed is None else seed, device=_resolve_device(value("device")))
+                   seed=secrets.randbits(63) if seed is None else seed, device=_resolve_device(value("device")),
+                   cuda_kernel=_resolve_cuda_kernel(value("cuda_kernel"), _resolve_device(value("device"))))
 
 
 def _cuda_available() -> bool:
@@ -110,6 +117,16 @@ def _resolve_device(device: str) -> str:
     if device == "cuda" and not _cuda_available():
         raise SolverUnavailableError("sa: device 'cuda' was asked for but no CUDA device is available")
     return device
+
+
+def _resolve_cuda_kernel(kernel: str, device: str) -> str:
+    """The ``cuda_kernel`` choice, refused early when "fused" is asked for on CUDA without triton."""
+    if kernel == "fused" and device == "cuda":
+        from qsurgeon.worker.solvers import sa_triton
+
+        if not sa_triton.available():
+            raise SolverUnavailableError("sa: cuda_kernel 'fused' was asked for but triton is not installed")
+    return kernel
 
 
 #: Row of the β table each kind of start follows.
@@ -212,7 +229,8 @@ class SimulatedAnnealingSolver(BatchSolver):
         start ("auto": x0 where the problem has one, else "greedy"; "x0"; "random"; "greedy":
         the construction + swap descent of :mod:`greedy`, from which the run can only improve),
         seed (None: a fresh random seed, reported in the metadata), device ("auto", "cpu",
-        "cuda").
+        "cuda"), cuda_kernel ("auto", "fused": the Triton kernel of :mod:`sa_triton` for dense
+        blocks, "graph": the torch step loop of :mod:`sa_cuda`; read on CUDA only).
         """
         options = AnnealParams.parse(params)
         problems = list(problems)
@@ -240,15 +258,19 @@ class SimulatedAnnealingSolver(BatchSolver):
             from qsurgeon.worker.solvers import sa_cuda
 
             results = sa_cuda.run_batch(kernel_problems, keys, use_x0, beta_rows, betas, options.time_limit,
-                                        device="cuda", scales=scales)
+                                        device="cuda", scales=scales, kernel=options.cuda_kernel)
         else:
             from qsurgeon.worker.solvers import sa_cpu
 
             results = sa_cpu.run_batch(kernel_problems, keys, use_x0, beta_rows, betas, options.time_limit,
                                        scales=scales)
         elapsed = time.perf_counter() - started
+        kernels: list[dict[str, str]] = [{} for _ in problems]  # metadata: which CUDA kernel annealed each
+        if options.device == "cuda":
+            kernels = [{"cuda_kernel": sa_cuda.bucket_kernel(options.cuda_kernel, p.num_variables, p.is_factored)}
+                       for p in kernel_problems]
         solutions = []
-        for problem, kernel_problem, result, kind in zip(problems, kernel_problems, results, starts):
+        for problem, kernel_problem, result, kind, kernel in zip(problems, kernel_problems, results, starts, kernels):
             energies = problem.energies(result.best_x)
             best = int(np.argmin(energies))
             proposals = result.sweeps_done * problem.num_variables * options.restarts
@@ -262,6 +284,7 @@ class SimulatedAnnealingSolver(BatchSolver):
                 problem_id=problem.id,
                 metadata={
                     "device": options.device,
+                    **kernel,
                     "kernel_form": "factored" if kernel_problem.is_factored else "dense",
                     "seed": options.seed,
                     "start": kind,

@@ -21,6 +21,7 @@ of the tests) the same step runs eagerly.
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from dataclasses import dataclass
@@ -397,8 +398,16 @@ def _graph_steps(n: int) -> int:
 
 def _run_bucket(bucket: _Bucket, keys: np.ndarray, use_x0: np.ndarray,
                 beta_rows: np.ndarray, betas: np.ndarray, deadline: float | None,
-                device: torch.device, scales: np.ndarray | None = None) -> list[ChainResults]:
+                device: torch.device, scales: np.ndarray | None = None, fused: bool = False) -> list[ChainResults]:
+    """Start and anneal one bucket; ``fused``: the sweeps run in the Triton kernel of :mod:`sa_triton`
+    (same start, same chunking, same state tensors), else in the step loop of :class:`_Chains`."""
     chains = _Chains(bucket, keys, use_x0, beta_rows, betas, device)
+    if fused:
+        from qsurgeon.worker.solvers import sa_triton
+
+        advance = functools.partial(sa_triton.anneal, chains)
+    else:
+        advance = chains.anneal
     chains.start()
     if scales is not None:
         scale = chains.scale.cpu().numpy()
@@ -411,7 +420,7 @@ def _run_bucket(bucket: _Bucket, keys: np.ndarray, use_x0: np.ndarray,
         if deadline is not None and done > 0 and time.perf_counter() >= deadline:
             break
         chunk = next_chunk(total - done, done, time.perf_counter() - started, deadline)
-        chains.anneal(done, done + chunk)
+        advance(done, done + chunk)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         done += chunk
@@ -424,10 +433,38 @@ def _run_bucket(bucket: _Bucket, keys: np.ndarray, use_x0: np.ndarray,
                          scale=scale[k].copy(), sweeps_done=done) for k in range(len(bucket.problems))]
 
 
+#: Values of ``sa``'s ``cuda_kernel`` parameter: "fused" (Triton, dense buckets), "graph" (the
+#: step loop of this module), "auto" (fused where triton is importable).
+KERNELS = ("auto", "fused", "graph")
+_fused_failure: str | None = None  # why the fused kernel failed in this process ("auto" then stops trying)
+
+
+def bucket_kernel(kernel: str, num_variables: int, factored: bool) -> str:
+    """"fused" or "graph": what runs a bucket of this shape under ``kernel``.
+
+    Factored buckets, blocks above sa_triton.MAX_FUSED_VARIABLES and, under "auto", a
+    machine without triton (or where the fused kernel already failed) keep the graph path.
+    """
+    if kernel == "graph":
+        return "graph"
+    from qsurgeon.worker.solvers import sa_triton
+
+    if not sa_triton.supports(num_variables, factored):
+        return "graph"
+    if kernel == "auto" and _fused_failure is not None:
+        return "graph"
+    return "fused"
+
+
 def run_batch(problems: list[BlockProblem], keys: np.ndarray, use_x0: np.ndarray, beta_rows: np.ndarray,
               betas: np.ndarray, time_limit: float | None, device: str | torch.device = "cuda",
-              scales: np.ndarray | None = None) -> list[ChainResults]:
-    """Same contract as :func:`sa_cpu.run_batch`, on a torch device (CUDA; the CPU for tests)."""
+              scales: np.ndarray | None = None, kernel: str = "graph") -> list[ChainResults]:
+    """Same contract as :func:`sa_cpu.run_batch`, on a torch device (CUDA; the CPU for tests).
+
+    kernel: one of KERNELS (see :func:`bucket_kernel`). Under "auto" a fused bucket that fails
+    (Triton cannot compile for this GPU, say) warns once and reruns on the graph path.
+    """
+    global _fused_failure
     device = torch.device(device)
     buckets: dict[tuple, list[int]] = {}
     for index, problem in enumerate(problems):
@@ -442,9 +479,20 @@ def run_batch(problems: list[BlockProblem], keys: np.ndarray, use_x0: np.ndarray
         if time_limit is not None:
             remaining = time_limit - (time.perf_counter() - started)
             deadline = time.perf_counter() + max(remaining, 0.0) * work[position] / max(sum(work[position:]), 1)
+        first = problems[part[0]]
+        fused = bucket_kernel(kernel, first.num_variables, first.is_factored) == "fused"
         bucket = _bucket(problems, part, device)
-        answers = _run_bucket(bucket, keys[part], use_x0[part], beta_rows[part], betas, deadline, device,
-                              None if scales is None else np.asarray(scales)[part])
+        arguments = (bucket, keys[part], use_x0[part], beta_rows[part], betas, deadline, device,
+                     None if scales is None else np.asarray(scales)[part])
+        try:
+            answers = _run_bucket(*arguments, fused=fused)
+        except Exception as error:  # noqa: BLE001 - any compile or launch failure of an optional kernel
+            if not fused or kernel != "auto":
+                raise
+            _fused_failure = f"{type(error).__name__}: {error}"
+            warnings.warn(f"sa: the fused Triton kernel failed ({_fused_failure}); using the CUDA graph path",
+                          RuntimeWarning, stacklevel=2)
+            answers = _run_bucket(*arguments, fused=False)
         for index, answer in zip(part, answers):
             results[index] = answer
     return results  # type: ignore[return-value]

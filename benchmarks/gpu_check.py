@@ -1,15 +1,19 @@
 """GPU check of the ``sa`` annealer (run by benchmarks/gpu_check.sh; see there for what it needs).
 
 1. Throughput: swap proposals per second over a whole round of blocks (B = 128, 2 restarts,
-   from x0, as iCBS solves them), on CUDA with the step loop in CUDA graphs and, for
-   comparison, with eager launches. The *marginal* rate comes from two runs of different
-   length (ΔP/Δt), so it excludes fixed costs (transfer, graph capture, key hashing); the
-   end-to-end rate includes them.
-2. A round's host-side setup alone (0 sweeps), then the round end to end: the same blocks, iCBS's default 2 × 32 sweeps, CUDA vs the CPU kernel
-   (numba, all cores), and the mean energy of each (same chains: the answers must agree on
-   dense blocks up to float rounding of the two paths' reductions).
+   from x0, as iCBS solves them), on CUDA with the fused Triton kernel (sa_triton) and, for
+   comparison, with the torch step loop in CUDA graphs. "kernel only" times the fused launch
+   alone on prepared chains (CUDA events; the figure to hold against the 10⁹ proposals/s
+   target); the *marginal* rate of the end-to-end rows comes from two runs of different
+   length (ΔP/Δt), so it excludes fixed costs (transfer, start states, compilation, key
+   hashing); the end-to-end rate includes them.
+2. A round's host-side setup alone (0 sweeps), then the round end to end: the same blocks,
+   iCBS's default 2 × 32 sweeps, CUDA (fused, then graphs) vs the CPU kernel (numba, all
+   cores), and the mean energy of each (same chains: the answers agree on dense blocks up
+   to float rounding, and for the fused kernel up to its float32 Metropolis exponential).
 
-Blocks are MiniLM-like synthetic layer-wise blocks (Q = diag(w)·XXᵀ/T·diag(w), correlated
+If the fused kernel fails (Triton cannot compile it for this GPU, say), the error is printed
+and the graph rows still run. Blocks are MiniLM-like synthetic layer-wise blocks (Q = diag(w)·XXᵀ/T·diag(w), correlated
 inputs, heavy-tailed weights, k = B/2, magnitude x0), built in numpy from fixed seeds: no
 model, no download. Prints one table; writes gpu_check.json to $OUT (or benchmarks/out/).
 Without CUDA the CUDA rows are skipped (said so) and the CPU rows run on a smaller round.
@@ -65,15 +69,43 @@ def round_of_blocks(count: int, size: int = B) -> list[BlockProblem]:
     return problems
 
 
-def timed_round(problems: list[BlockProblem], device: str, sweeps: int) -> tuple[float, list]:
+def timed_round(problems: list[BlockProblem], device: str, sweeps: int, kernel: str = "auto") -> tuple[float, list]:
     solver = SimulatedAnnealingSolver()
     started = time.perf_counter()
-    answers = solver.sample_batch(problems, device=device, sweeps=sweeps, restarts=RESTARTS, start="x0", seed=0)
+    answers = solver.sample_batch(problems, device=device, sweeps=sweeps, restarts=RESTARTS, start="x0", seed=0,
+                                  cuda_kernel=kernel)
     if device == "cuda":
         import torch
 
         torch.cuda.synchronize()
     return time.perf_counter() - started, answers
+
+
+def fused_kernel_seconds(problems: list[BlockProblem], sweeps: int) -> float:
+    """Seconds of the fused launch alone (CUDA events) for ``sweeps`` sweeps of every chain of a round.
+
+    Start states, fields and scales are prepared first, as sa does, and not timed.
+    """
+    import torch
+
+    from qsurgeon.worker.solvers import sa, sa_cuda, sa_triton
+    from qsurgeon.worker.solvers.sa_rng import chain_keys
+
+    options = sa.AnnealParams.parse({"sweeps": sweeps, "restarts": RESTARTS, "seed": 0, "device": "cuda"})
+    keys = np.stack([chain_keys(sa._digest(p), options.seed, RESTARTS) for p in problems])
+    betas, _ = sa._beta_table(options)
+    use_x0 = np.ones(len(problems), np.bool_)
+    device = torch.device("cuda")
+    chains = sa_cuda._Chains(sa_cuda._bucket(problems, list(range(len(problems))), device), keys, use_x0,
+                             np.full(len(problems), sa.BETA_ROW["x0"]), betas, device)
+    chains.start()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    begin.record()
+    sa_triton.anneal(chains, 0, sweeps)
+    end.record()
+    torch.cuda.synchronize()
+    return begin.elapsed_time(end) / 1e3
 
 
 def main() -> int:
@@ -84,7 +116,6 @@ def main() -> int:
         gpu = torch.cuda.get_device_name(0) if cuda else None
     except ImportError:
         cuda, gpu = False, None
-    from qsurgeon.worker.solvers import sa_cuda
 
     rows: list[dict] = []
 
@@ -96,31 +127,59 @@ def main() -> int:
               f"{row['seconds']:>9.3f}{(rate or 0) / 1e9:>10.3f}"
               f"{(marginal / 1e9) if marginal else float('nan'):>10.3f}  {row.get('note', '')}", flush=True)
 
-    print(f"device: {gpu or 'no CUDA device'}; python {platform.python_version()}; {os.cpu_count()} cpus")
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    versions = {"torch": getattr(sys.modules.get("torch"), "__version__", None), "triton": triton_version,
+                "cuda": getattr(getattr(sys.modules.get("torch"), "version", None), "cuda", None)}
+    print(f"device: {gpu or 'no CUDA device'}; python {platform.python_version()}; {os.cpu_count()} cpus; "
+          f"torch {versions['torch']} (CUDA {versions['cuda']}); triton {versions['triton'] or 'not installed'}")
     print(f"{'measurement':<44}{'blocks':>7}{'chains':>8}{'sweeps':>7}{'seconds':>9}{'Gprop/s':>10}{'marg.':>10}")
     timed_round(round_of_blocks(8), "cpu", 1)  # compile / load the CPU kernels outside the timings
+    fused_ok = False
     if cuda:
-        for blocks in (1024, 8192):  # 32768 dropped: its marginal rate was fixed-cost noise; keeps this < 4 min
-            problems = round_of_blocks(blocks)
-            for graphs in (True, False):
-                if not graphs and blocks > 1024:
-                    continue  # eager launches: the rate no longer depends on the chain count there
-                sa_cuda.USE_CUDA_GRAPHS = graphs
-                timed_round(problems[:8], "cuda", 1)  # warm-up: CUDA context, allocator
-                short, long_ = (4, 16) if graphs else (1, 3)
-                t_short, _ = timed_round(problems, "cuda", short)
-                t_long, _ = timed_round(problems, "cuda", long_)
-                proposals = lambda sweeps: blocks * RESTARTS * sweeps * B  # noqa: E731
-                report({"what": f"cuda {'graphs' if graphs else 'eager'} throughput", "blocks": blocks,
-                        "chains": blocks * RESTARTS, "sweeps": long_, "seconds": t_long,
-                        "proposals_per_s": proposals(long_) / t_long,
-                        "marginal_proposals_per_s": (proposals(long_) - proposals(short)) / max(t_long - t_short, 1e-9)})
-            sa_cuda.USE_CUDA_GRAPHS = True
         round_blocks = 8192
+        problems = round_of_blocks(round_blocks)
+        count = lambda blocks, sweeps: blocks * RESTARTS * sweeps * B  # noqa: E731 - proposals of a run
+        try:  # the fused kernel: compile (once per B), the launch alone, then end to end
+            started = time.perf_counter()
+            timed_round(problems[:8], "cuda", 1, "fused")
+            report({"what": "fused: compile + first call (8 blocks)", "blocks": 8, "chains": 8 * RESTARTS,
+                    "sweeps": 1, "seconds": time.perf_counter() - started})
+            for blocks, sweeps in ((1024, 256), (8192, 128), (8192, 512)):
+                seconds = fused_kernel_seconds(problems[:blocks], sweeps)
+                report({"what": "fused kernel only (launch, CUDA events)", "blocks": blocks,
+                        "chains": blocks * RESTARTS, "sweeps": sweeps, "seconds": seconds,
+                        "proposals_per_s": count(blocks, sweeps) / seconds})
+            short, long_ = 32, 512
+            t_short, _ = timed_round(problems, "cuda", short, "fused")
+            t_long, _ = timed_round(problems, "cuda", long_, "fused")
+            report({"what": "fused throughput, end to end", "blocks": round_blocks, "chains": round_blocks * RESTARTS,
+                    "sweeps": long_, "seconds": t_long, "proposals_per_s": count(round_blocks, long_) / t_long,
+                    "marginal_proposals_per_s": (count(round_blocks, long_) - count(round_blocks, short))
+                    / max(t_long - t_short, 1e-9)})
+            fused_ok = True
+        except Exception as error:  # noqa: BLE001 - report any compile/launch failure, keep the graph rows
+            import traceback
+
+            traceback.print_exc()
+            print(f"FUSED KERNEL FAILED: {type(error).__name__}: {error}", flush=True)
+            rows.append({"what": "fused kernel failed", "error": f"{type(error).__name__}: {error}"})
+        timed_round(problems[:8], "cuda", 1, "graph")  # warm-up: CUDA context, allocator
+        short, long_ = 4, 16
+        t_short, _ = timed_round(problems, "cuda", short, "graph")
+        t_long, _ = timed_round(problems, "cuda", long_, "graph")
+        report({"what": "cuda graphs throughput", "blocks": round_blocks, "chains": round_blocks * RESTARTS,
+                "sweeps": long_, "seconds": t_long, "proposals_per_s": count(round_blocks, long_) / t_long,
+                "marginal_proposals_per_s": (count(round_blocks, long_) - count(round_blocks, short))
+                / max(t_long - t_short, 1e-9)})
     else:
         print("(CUDA parts skipped: torch sees no CUDA device; the CPU kernel rows still run)")
         round_blocks = 512
-    problems = round_of_blocks(round_blocks)
+        problems = round_of_blocks(round_blocks)
     for device in ("cpu", "cuda") if cuda else ("cpu",):  # host-side setup alone: 0 sweeps
         t_setup, _ = timed_round(problems, device, 0)
         report({"what": f"round setup only, {device} (0 sweeps)", "blocks": round_blocks,
@@ -133,17 +192,20 @@ def main() -> int:
             "chains": round_blocks * RESTARTS, "sweeps": 32, "seconds": t_cpu, "proposals_per_s": proposals / t_cpu,
             "mean_energy": cpu_mean})
     if cuda:
-        t_gpu, gpu_answers = timed_round(problems, "cuda", 32)
-        gpu_mean = float(np.mean([a.energy for a in gpu_answers]))
-        same = float(np.mean([np.array_equal(a.x, b.x) for a, b in zip(cpu_answers, gpu_answers)]))
-        report({"what": "round end to end, cuda graphs (2 x 32 sweeps)", "blocks": round_blocks,
-                "chains": round_blocks * RESTARTS, "sweeps": 32, "seconds": t_gpu, "proposals_per_s": proposals / t_gpu,
-                "mean_energy": gpu_mean, "share_same_answer_as_cpu": same,
-                "note": f"speed-up {t_cpu / t_gpu:.1f}x; same answer as cpu on {same:.1%} of blocks; "
-                        f"mean energy {gpu_mean:.6e} vs {cpu_mean:.6e}"})
+        for kernel in ("fused", "graph") if fused_ok else ("graph",):
+            t_gpu, gpu_answers = timed_round(problems, "cuda", 32, kernel)
+            gpu_mean = float(np.mean([a.energy for a in gpu_answers]))
+            same = float(np.mean([np.array_equal(a.x, b.x) for a, b in zip(cpu_answers, gpu_answers)]))
+            used = sorted({a.metadata.get("cuda_kernel") for a in gpu_answers})
+            report({"what": f"round end to end, cuda {kernel} (2 x 32 sweeps)", "blocks": round_blocks,
+                    "chains": round_blocks * RESTARTS, "sweeps": 32, "seconds": t_gpu,
+                    "proposals_per_s": proposals / t_gpu, "mean_energy": gpu_mean, "share_same_answer_as_cpu": same,
+                    "kernels_used": used,
+                    "note": f"speed-up {t_cpu / t_gpu:.1f}x; same answer as cpu on {same:.1%} of blocks; "
+                            f"mean energy {gpu_mean:.6e} vs {cpu_mean:.6e}; ran {'/'.join(map(str, used))}"})
     out = Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "out")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps({"device": gpu, "cpus": os.cpu_count(), "B": B,
+    (out / "gpu_check.json").write_text(json.dumps({"device": gpu, "cpus": os.cpu_count(), "B": B, **versions,
                                                     "restarts": RESTARTS, "rows": rows}, indent=1))
     print(f"wrote {out / 'gpu_check.json'}")
     return 0

@@ -29,8 +29,6 @@ before triton is imported) on the CPU device; that is how the tests check it.
 
 from __future__ import annotations
 
-import torch
-
 from qsurgeon.worker.solvers.sa_rng import GAMMA, MAX_BETA_DELTA, MIX1, MIX2
 
 try:  # an optional dependency: without it the torch path runs

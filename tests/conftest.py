@@ -5,3 +5,22 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede any torch import
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def client():
+    """The test Redis (skips by hand, fails under CI, when none answers)."""
+    from redis_support import redis_client
+
+    return redis_client()
+
+
+@pytest.fixture
+def prefix(request):
+    """A fresh Redis key prefix named after the test module; its keys are deleted afterwards."""
+    from redis_support import key_prefix, redis_client
+
+    with key_prefix(redis_client(), request.module.__name__.removeprefix("test_")) as name:
+        yield name

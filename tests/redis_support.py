@@ -42,3 +42,30 @@ def key_prefix(client: redis.Redis, label: str) -> Iterator[str]:
         keys = list(client.scan_iter(match=f"{name}:*", count=1000))
         if keys:
             client.delete(*keys)
+
+
+@contextmanager
+def running_worker(worker, *, registered: bool = False, join_timeout: float = 20.0):
+    """``worker.run`` on a daemon thread for the ``with`` block; stopped and joined after it.
+
+    ``registered``: wait until the worker has announced itself in Redis (its heartbeat entry),
+    for tests whose first step needs a live worker (readiness, job runs). Leaving the block
+    asserts the thread ended, so a worker that ignores stop() fails the test that started it.
+    """
+    import threading
+    import time
+
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        if registered:
+            connection = connect(REDIS_URL)
+            deadline = time.monotonic() + 5
+            while not connection.zscore(f"{worker.settings.prefix}:workers", worker.name):
+                assert time.monotonic() < deadline, "the worker did not register"
+                time.sleep(0.05)
+        yield worker
+    finally:
+        worker.stop()
+        thread.join(timeout=join_timeout)
+        assert not thread.is_alive(), "the worker thread did not stop"

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import tarfile
-import threading
 import time
 import zipfile
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import get_args
 
 import numpy as np
 import pytest
-from redis_support import REDIS_URL, key_prefix, redis_client
+from redis_support import REDIS_URL, running_worker
 
 redis = pytest.importorskip("redis")
 pytest.importorskip("fastapi")
@@ -43,12 +42,6 @@ pytestmark = pytest.mark.redis
 
 
 @pytest.fixture
-def prefix():
-    with key_prefix(redis_client(), "qsapi") as name:
-        yield name
-
-
-@pytest.fixture
 def config(tmp_path, prefix) -> ServiceConfig:
     models = tmp_path / "models"
     models.mkdir()
@@ -59,16 +52,8 @@ def config(tmp_path, prefix) -> ServiceConfig:
 
 @pytest.fixture
 def worker(config):
-    instance = Worker(connect(REDIS_URL), settings=config.queue, backends=["exhaustive"])
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 5
-    while not connect(REDIS_URL).zscore(f"{config.queue.prefix}:workers", instance.name):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    yield instance
-    instance.stop()
-    thread.join(timeout=10)
+    with running_worker(Worker(connect(REDIS_URL), settings=config.queue, backends=["exhaustive"]), registered=True) as instance:
+        yield instance
 
 
 @pytest.fixture

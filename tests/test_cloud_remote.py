@@ -7,12 +7,11 @@ devices (MockDWaveSampler, Braket's LocalSimulator)."""
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
-from redis_support import REDIS_URL, key_prefix, redis_client
+from redis_support import REDIS_URL, running_worker
 
 pytest.importorskip("redis")
 pytest.importorskip("dwave.system")
@@ -33,31 +32,9 @@ from qsurgeon.worker.solvers.registry import register, unregister  # noqa: E402
 pytestmark = pytest.mark.redis
 
 
-@pytest.fixture
-def client():
-    return redis_client()
-
-
-@pytest.fixture
-def prefix(client) -> Iterator[str]:
-    with key_prefix(client, "qscloud") as name:
-        yield name
-
-
 def dense(size: int, k: int, seed: int, block_id: str) -> BlockProblem:
     A = np.random.default_rng(seed).normal(size=(size, size))
     return BlockProblem.dense(A + A.T, k=k, id=block_id)
-
-
-@contextmanager
-def running(worker: Worker) -> Iterator[Worker]:
-    thread = threading.Thread(target=worker.run, daemon=True)
-    thread.start()
-    try:
-        yield worker
-    finally:
-        worker.stop()
-        thread.join(timeout=20)
 
 
 def test_block_budget_is_shared_by_the_rounds_of_a_job(client, prefix):
@@ -67,7 +44,7 @@ def test_block_budget_is_shared_by_the_rounds_of_a_job(client, prefix):
         settings = QueueSettings(prefix=prefix)
         queue = RedisQueue(REDIS_URL, settings=settings)
         params = {"max_remote_blocks": 2, "num_reads": 20, "seed": 1}
-        with running(Worker(connect(REDIS_URL), settings=settings, backends=[solver.name], batch_size=8)):
+        with running_worker(Worker(connect(REDIS_URL), settings=settings, backends=[solver.name], batch_size=8)):
             first = queue.run_round(RoundRequest("job-a", "r0", [dense(8, 4, i, f"a{i}") for i in range(3)],
                                                  solver.name, params))
             second = queue.run_round(RoundRequest("job-a", "r1", [dense(8, 4, 9, "a9")], solver.name, params))
@@ -120,7 +97,7 @@ def test_restarted_worker_resumes_the_recorded_task_instead_of_paying_twice(clie
         assert solver.crashed and solver.submissions == 1 and doomed.stats.solved == 0
         recorded = [client.hgetall(key) for key in client.scan_iter(match=f"{prefix}:remote:*")]
         assert len(recorded) == 1 and recorded[0][b"task:blk"]
-        with running(Worker(connect(REDIS_URL), settings=settings, backends=[solver.name], name="heir")):
+        with running_worker(Worker(connect(REDIS_URL), settings=settings, backends=[solver.name], name="heir")):
             result = queue.run_round(request)
         answer = result.solutions[0]
         assert result.failures == {} and problem.is_feasible(answer.x)

@@ -8,12 +8,11 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
-from redis_support import REDIS_URL, key_prefix, redis_client
+from redis_support import REDIS_URL, running_worker
 
 redis = pytest.importorskip("redis")
 
@@ -33,17 +32,6 @@ from qsurgeon.worker.solvers.registry import register, unregister  # noqa: E402
 pytestmark = pytest.mark.redis
 
 
-@pytest.fixture
-def client():
-    return redis_client()
-
-
-@pytest.fixture
-def prefix(client) -> Iterator[str]:
-    with key_prefix(client, "qstest") as name:
-        yield name
-
-
 def random_problem(rng: np.random.Generator, size: int, k: int, block_id: str, *, factored: bool = False,
                    Q: np.ndarray | None = None) -> BlockProblem:
     x0 = np.zeros(size, np.uint8)
@@ -54,18 +42,6 @@ def random_problem(rng: np.random.Generator, size: int, k: int, block_id: str, *
         A = rng.normal(size=(size, size))
         Q = (A + A.T).astype(np.float32)
     return BlockProblem.dense(Q, k=k, x0=x0, id=block_id, meta={"row": block_id})
-
-
-@contextmanager
-def running(worker: Worker) -> Iterator[Worker]:
-    thread = threading.Thread(target=worker.run, daemon=True)
-    thread.start()
-    try:
-        yield worker
-    finally:
-        worker.stop()
-        thread.join(timeout=10)
-        assert not thread.is_alive()
 
 
 def brute_force(problem: BlockProblem) -> float:
@@ -83,7 +59,7 @@ def test_round_trip_matches_in_process_and_brute_force(client, prefix):
     problems = [random_problem(rng, 10, 4, f"b{i}", factored=i % 2 == 1) for i in range(12)]
     settings = QueueSettings(prefix=prefix)
     request = RoundRequest(job_id="j1", round_id="r0", problems=problems, solver="exhaustive")
-    with running(Worker(connect(REDIS_URL), settings=settings, backends=["exhaustive"], batch_size=5)) as worker:
+    with running_worker(Worker(connect(REDIS_URL), settings=settings, backends=["exhaustive"], batch_size=5)) as worker:
         result = RedisQueue(REDIS_URL, settings=settings).run_round(request)
     expected = InProcessQueue().run_round(request)
     assert result.failures == {}
@@ -166,7 +142,7 @@ def test_crashed_workers_messages_are_reclaimed(client, prefix):
     ghost.count_attempts(taken)
     assert len(taken) == 4 and QueueControl(client, settings).pending_count("exhaustive") == 4
     time.sleep(0.4)
-    with running(Worker(connect(REDIS_URL), settings=settings, backends=["exhaustive"])) as rescuer:
+    with running_worker(Worker(connect(REDIS_URL), settings=settings, backends=["exhaustive"])) as rescuer:
         result = queue.run_round(request)
     assert result.failures == {} and rescuer.stats.solved == 4
     for problem, solution in zip(problems, result.solutions):
@@ -187,7 +163,7 @@ def test_dead_letter_after_max_attempts(client, prefix):
         assert [m.block for m in taken] == ["poison"]
         ghost.count_attempts(taken)
     time.sleep(0.25)
-    with running(Worker(connect(REDIS_URL), settings=settings, backends=["exhaustive"])):
+    with running_worker(Worker(connect(REDIS_URL), settings=settings, backends=["exhaustive"])):
         result = queue.run_round(request)
     assert result.solutions[0] is None and "gave up after 2 attempts" in result.failures["poison"]
     assert result.solutions[1] is not None
@@ -231,7 +207,7 @@ def test_claim_renewal_keeps_slow_messages(client, prefix):
         request = RoundRequest(job_id="j6", round_id="r0", problems=[problem], solver=solver.name)
         first = Worker(connect(REDIS_URL), settings=settings, backends=[solver.name], name="first")
         second = Worker(connect(REDIS_URL), settings=settings, backends=[solver.name], name="second")
-        with running(first), running(second):
+        with running_worker(first), running_worker(second):
             result = queue.run_round(request)
         assert result.failures == {}
         assert solver.calls == 1  # nobody reclaimed it while it was being renewed
@@ -253,7 +229,7 @@ def test_cancelled_jobs_blocks_are_dropped(client, prefix):
     control = QueueControl(client, settings)
     control.cancel("j7")
     assert control.is_cancelled("j7") and not control.is_cancelled("j8")
-    with running(Worker(connect(REDIS_URL), settings=settings, backends=["exhaustive"])) as worker:
+    with running_worker(Worker(connect(REDIS_URL), settings=settings, backends=["exhaustive"])) as worker:
         result = queue.run_round(request)
     assert worker.stats.dropped == 3 and worker.stats.solved == 0
     assert result.solutions == [None, None, None]
@@ -272,7 +248,7 @@ def test_should_stop_aborts_the_round_and_resume_does_not_requeue(client, prefix
     resumed = RedisQueue(REDIS_URL, settings=settings)
     resumed._enqueue(request, problems)  # the orchestrator restarted and runs the same round again
     assert client.xlen(stream) == 3  # nothing enqueued twice
-    with running(Worker(connect(REDIS_URL), settings=settings, backends=["exhaustive"])):
+    with running_worker(Worker(connect(REDIS_URL), settings=settings, backends=["exhaustive"])):
         result = resumed.run_round(request)
     assert result.failures == {} and all(s is not None for s in result.solutions)
 
@@ -284,7 +260,7 @@ def test_limits_and_bad_requests(client, prefix):
     settings = QueueSettings(prefix=prefix, max_message_bytes=2048)
     queue = RedisQueue(REDIS_URL, settings=settings)
     request = RoundRequest(job_id="j9", round_id="r0", problems=[big, small], solver="exhaustive")
-    with running(Worker(connect(REDIS_URL), settings=settings, backends=["exhaustive"])):
+    with running_worker(Worker(connect(REDIS_URL), settings=settings, backends=["exhaustive"])):
         result = queue.run_round(request)
     assert result.solutions[0] is None and "message limit" in result.failures["big"]
     assert result.solutions[1] is not None
@@ -298,7 +274,7 @@ def test_too_large_for_solver_fails_the_block_not_the_worker(client, prefix):
     rng = np.random.default_rng(10)
     problems = [random_problem(rng, 30, 4, "huge"), random_problem(rng, 8, 3, "ok")]
     settings = QueueSettings(prefix=prefix)
-    with running(Worker(connect(REDIS_URL), settings=settings, backends=["exhaustive"])):
+    with running_worker(Worker(connect(REDIS_URL), settings=settings, backends=["exhaustive"])):
         result = RedisQueue(REDIS_URL, settings=settings).run_round(
             RoundRequest(job_id="j10", round_id="r0", problems=problems, solver="exhaustive"))
     assert result.solutions[0] is None and "at most 24" in result.failures["huge"]
@@ -367,7 +343,7 @@ def test_round_lost_with_redis_data_is_sent_again(tmp_path):
     queue = RedisQueue(server.url, settings=settings)
     answer: dict[str, Any] = {}
     try:
-        with running(Worker(connect(server.url), settings=settings, backends=["sa"], batch_size=2)) as worker:
+        with running_worker(Worker(connect(server.url), settings=settings, backends=["sa"], batch_size=2)) as worker:
             thread = threading.Thread(target=lambda: answer.setdefault("result", queue.run_round(request)))
             thread.start()
             watcher = connect(server.url)

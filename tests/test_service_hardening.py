@@ -9,13 +9,12 @@ import gzip
 import io
 import json
 import tarfile
-import threading
 import time
 import zipfile
 
 import numpy as np
 import pytest
-from redis_support import REDIS_URL, key_prefix, redis_client
+from redis_support import REDIS_URL, running_worker
 
 redis = pytest.importorskip("redis")
 pytest.importorskip("fastapi")
@@ -39,12 +38,6 @@ pytestmark = pytest.mark.redis
 
 
 @pytest.fixture
-def prefix():
-    with key_prefix(redis_client(), "qshard") as name:
-        yield name
-
-
-@pytest.fixture
 def config(tmp_path, prefix) -> ServiceConfig:
     return ServiceConfig(data_dir=tmp_path / "data", redis_url=REDIS_URL, api_keys=frozenset({KEY, OTHER}),
                          admin_keys=frozenset({ADMIN}), queue=QueueSettings(prefix=prefix),
@@ -59,16 +52,8 @@ def api(config):
 
 @pytest.fixture
 def worker(config):
-    instance = Worker(connect(REDIS_URL), settings=config.queue, backends=["exhaustive", "sa"])
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 5
-    while not connect(REDIS_URL).zscore(f"{config.queue.prefix}:workers", instance.name):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    yield instance
-    instance.stop()
-    thread.join(timeout=10)
+    with running_worker(Worker(connect(REDIS_URL), settings=config.queue, backends=["exhaustive", "sa"]), registered=True) as instance:
+        yield instance
 
 
 def symmetric(size: int, seed: int = 0) -> list[list[float]]:

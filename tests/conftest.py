@@ -5,6 +5,11 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede any torch import
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if not os.path.exists("/dev/nvidiactl"):
+    # No GPU: Triton kernels (sa's fused kernel) run in Triton's interpreter on the CPU. The
+    # variable is read when triton is first imported, so it is set here, before any test
+    # module (or torch, which may import triton) gets the chance.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 

@@ -89,14 +89,14 @@ def test_route_sends_the_rest_to_the_classical_solver(mock_qpu):
                           seed=1)
     routes = [answer.metadata["shadow"]["route"] for answer in answers]
     assert routes == ["quantum", "classical", "quantum"]  # fc is kept off by its tensor
-    assert [answer.solver for answer in answers] == [MOCK, "sa", "sa"]
+    assert [answer.solver for answer in answers] == [MOCK, "auto", "auto"]  # the default solver
     assert answers[0].metadata["shadow"]["reference_energy"] is None  # no reference: no shadow
     assert "not in *attn*" in answers[1].metadata["shadow"]["route_reason"]
     # B = 40 is past the mock's largest clique (16), known only once it is asked: the block
-    # fails there, sa answers it, and the record says so
+    # fails there, auto answers it, and the record says so
     assert "clique" in answers[2].metadata["shadow"]["quantum_failure"]
     record = experiment_record(blocks[2], answers[2])
-    assert record["backend"] == "sa" and "clique" in record["quantum_failure"]
+    assert record["backend"] == "auto" and "clique" in record["quantum_failure"]
     solo = solve_batch(blocks[:1], "shadow", quantum=MOCK, quantum_params={"num_reads": 20}, route="size<=6", seed=1)
     assert solo[0].metadata["shadow"]["route_reason"] == "B=8 > size<=6"
 

@@ -300,7 +300,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="with --reference: best (the lower energy) or quantum (--solver's answer alone)")
     solve.add_argument("--route", metavar="RULE",
                        help="send to --solver only the blocks this rule takes (all, size<=N, tensor=GLOB, fraction=F; "
-                            "comma-separated), the rest to --reference (or sa)")
+                            "comma-separated), the rest to --reference (or auto)")
     solve.add_argument("--out", metavar="DIR", help="write the experiment record (experiment.jsonl) into DIR")
     solve.add_argument("--chunk", type=int, default=256,
                        help="blocks read, solved and written together (bounds memory; default 256)")

@@ -43,14 +43,14 @@ from qsurgeon.worker.solvers.base import BatchSolver, Capabilities, Param, check
 
 MERGES = ("best", "quantum")
 #: the classical solver for blocks the route keeps off the quantum solver when no reference is named
-DEFAULT_CLASSICAL = "sa"
+DEFAULT_CLASSICAL = "auto"  # the default solver everywhere else too
 _SEED_BOUND = 2**127
 
 PARAMETERS = (
     Param("quantum", "str", "the solver that answers routed blocks (usually a cloud backend)"),
     Param("quantum_params", "any", "its parameters (a mapping, checked against its declaration)"),
     Param("reference", "str", "classical solver that also answers every block (none: no shadow)"),
-    Param("reference_params", "any", "the reference's parameters (or sa's, without a reference)"),
+    Param("reference_params", "any", "the reference's parameters (or auto's, without a reference)"),
     Param("merge", "str", "best: the lower-energy answer; quantum: the quantum answer alone", "best",
           choices=MERGES),
     Param("route", "str", "which blocks go to the quantum solver: all, size<=N, tensor=GLOB, fraction=F "

@@ -179,6 +179,10 @@ class PruneOptions(UsageChecked):
     block_output: bool = option(False, "judge iCBS's masks by the transformer block's output error on calibration "
                                 "inputs: per tensor keep iCBS's mask or the initial one, whichever the block's "
                                 "output prefers (with --refit, each with its refit weights; docs/icbs.md)")
+    keep_better: bool = option(False, "after iCBS (and --refit), keep per row (per tensor under tensor or column "
+                               "granularity) iCBS's result or the initial method's own (e.g. ALPS's mask and "
+                               "weights), whichever has the lower calibration layer error: never worse than "
+                               "either on that error (docs/quality.md)")
     init: Init = option("wanda", "initial mask for iCBS", presets={"fast": "wanda", "quality": "sparsegpt",
                                                                    "quality@causal-lm": "wanda"})
     solver: str = option("auto", "block solver (see qsurgeon solvers; auto picks one per block)", pattern=SOLVER_NAME)

@@ -50,6 +50,9 @@ BENCH_METHODS: dict[str, dict[str, Any]] = {
     # refit: ALPS's own weights for that support), and its masks judged by the block output
     "icbs-quality-from-alps": {**PRESETS["quality"], "init": "alps"},
     "icbs-quality+block-output": {**PRESETS["quality"], "block_output": True},
+    # issue #16 item 3: from ALPS's mask, then per row the lower calibration layer error of
+    # iCBS + refit and ALPS's own result (--keep-better)
+    "icbs-quality-from-alps+keep-better": {**PRESETS["quality"], "init": "alps", "keep_better": True},
 }
 
 

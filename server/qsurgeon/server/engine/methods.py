@@ -159,17 +159,23 @@ def icbs_method(context: BlockContext) -> BlockOutcome:
         "icbs_counters": {name: dict(c) for name, c in state.counters.items()},
     })
     outcome = BlockOutcome({name: state.masks[name].clone() for name in context.weights0}, initial=masks)
-    if options.block_output and context.block is not None and context.inputs is not None:
+    block_output = options.block_output and context.block is not None and context.inputs is not None
+    if options.keep_better or block_output:
         with PhaseTimer(context.timings, "icbs"):
-            outcome = _block_output_choice(context, outcome)
+            outcome = _keep_better(context, outcome, block_output)
     return outcome
 
 
-def _block_output_choice(context: BlockContext, outcome: BlockOutcome) -> BlockOutcome:
-    """``--block-output``: per tensor, iCBS's mask or the initial one, whichever gives the lower
-    block-output error (engine/icbs/block_output.py); with ``--refit`` each candidate is judged
-    with its refit weights, which are then kept."""
-    from qsurgeon.server.engine.icbs.block_output import BlockOutputError, choose_by_block_output
+def _keep_better(context: BlockContext, outcome: BlockOutcome, block_output: bool) -> BlockOutcome:
+    """``--keep-better`` and ``--block-output``: per tensor (``--keep-better``: per row where the density
+    holds per row), iCBS's result or the initial method's, whichever the judge prefers
+    (engine/icbs/block_output.py). Each candidate carries the weights the run gives its mask:
+    with ``--refit`` its refit, which for ``--init alps`` is exactly ALPS's own result; the chosen
+    weights are then kept. ``--keep-better`` judges by each tensor's calibration layer error;
+    ``--block-output`` by the block's output error, choosing between the (guarded) iCBS result
+    and the initial one."""
+    from qsurgeon.server.engine.icbs.block_output import (BlockOutputError, LayerError, choose_by_block_output,
+                                                          choose_rows)
     from qsurgeon.server.pruning.refit import refit_rows
 
     options = context.options
@@ -188,14 +194,39 @@ def _block_output_choice(context: BlockContext, outcome: BlockOutcome) -> BlockO
         if not torch.equal(first, searched):
             options_of.append((first, weight_of(name, first)))
         candidates[name] = options_of
-    error = BlockOutputError(context.block, context.inputs, context.weights0,
-                             lambda name, weight: layers[name].set_weight(weight))
-    choice, history = choose_by_block_output(error, list(context.weights0), candidates)
-    context.info.update({
-        "block_output_error_icbs": history[0],
-        "block_output_error_final": min(history),
-        "block_output_initial_masks": sorted(name for name, index in choice.items() if index == 1),
-    })
+    if options.keep_better:
+        judge = LayerError(context.weights0, {name: context.stats[name].gram for name in context.weights0})
+        per_row = context.sparsity.granularity == "row"  # N:M patterns are row-wise too
+        facts: dict[str, dict[str, Any]] = {}
+        guarded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, options_of in candidates.items():
+            errors = [judge.tensor(name, weight) for _, weight in options_of]
+            if len(options_of) == 1:
+                guarded[name], rows_initial = options_of[0], 0
+            elif per_row:
+                mask, weight, index = choose_rows(judge, name, options_of)
+                guarded[name], rows_initial = (mask, weight), int((index == 1).sum())
+            else:
+                best = min(range(len(options_of)), key=lambda i: (errors[i], i))
+                guarded[name], rows_initial = options_of[best], options_of[0][0].shape[0] * best
+            facts[name] = {"by": "row" if per_row else "tensor", "error_icbs": errors[0],
+                           "error_initial": errors[-1], "error_final": judge.tensor(name, guarded[name][1]),
+                           "rows_initial": rows_initial, "rows": int(options_of[0][0].shape[0])}
+        context.info["keep_better"] = facts
+        for name, chosen in guarded.items():  # the guarded result first, the initial one the alternative
+            first = candidates[name][-1]
+            candidates[name] = [chosen] if chosen is first or torch.equal(chosen[0], first[0]) else [chosen, first]
+    if block_output:
+        error = BlockOutputError(context.block, context.inputs, context.weights0,
+                                 lambda name, weight: layers[name].set_weight(weight))
+        choice, history = choose_by_block_output(error, list(context.weights0), candidates)
+        context.info.update({
+            "block_output_error_icbs": history[0],
+            "block_output_error_final": min(history),
+            "block_output_initial_masks": sorted(name for name, index in choice.items() if index == 1),
+        })
+    else:
+        choice = {name: 0 for name in candidates}
     return BlockOutcome(masks={name: candidates[name][index][0] for name, index in choice.items()},
                         weights={name: candidates[name][index][1] for name, index in choice.items()}
                         if options.refit else {},

@@ -95,7 +95,62 @@ class BlockOutputError:
         return sum(float(((out - ref) ** 2).sum()) for out, ref in zip(outputs, self.reference)) / self.norm
 
 
-def choose_by_block_output(error: BlockOutputError, names: list[str],
+class LayerError:
+    """The layer-wise calibration error with the same interface as :class:`BlockOutputError`:
+    ``E(weights) = Σ_tensors ‖(Ŵ − W0) A‖² / ‖W0 A‖²`` (each tensor's relative error, summed).
+
+    It is separable over tensors (and over rows), so the greedy choice of
+    :func:`choose_by_block_output` is exact with it; per-tensor values are cached by the
+    candidate tensor's identity, so each candidate is measured once.
+    """
+
+    def __init__(self, weights0: Mapping[str, torch.Tensor], grams: Mapping[str, torch.Tensor]):
+        from qsurgeon.server.pruning.refit import weight_row_errors
+
+        self._row_errors = weight_row_errors
+        self.weights0, self.grams = dict(weights0), dict(grams)
+        self.norms = {name: max(float(self._row_errors(torch.zeros_like(w0), w0, self.grams[name]).sum()), 1e-300)
+                      for name, w0 in self.weights0.items()}
+        self._cache: dict[tuple[str, int], torch.Tensor] = {}
+        self.evaluations = 0
+
+    def rows(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """Per-row error ``(w − w0)ᵀ H (w − w0)`` of one tensor (float64, absolute), cached."""
+        key = (name, id(weight))
+        if key not in self._cache:
+            self._cache[key] = self._row_errors(self.weights0[name], weight, self.grams[name])
+            self.evaluations += 1
+        return self._cache[key]
+
+    def tensor(self, name: str, weight: torch.Tensor) -> float:
+        """Relative layer error of one tensor."""
+        return float(self.rows(name, weight).sum()) / self.norms[name]
+
+    def __call__(self, weights: Mapping[str, torch.Tensor]) -> float:
+        return sum(self.tensor(name, weight) for name, weight in weights.items())
+
+
+def choose_rows(error: LayerError, name: str, candidates: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row, the candidate (mask, weight) with the lowest layer error: ``(mask, weight, index per row)``.
+
+    Rows are independent in the layer error and in a row-wise or N:M density, so the mixed
+    tensor meets the density exactly and its error is Σ_rows min over candidates, never above
+    any candidate's. Ties keep the lower index (iCBS's candidate 0).
+    """
+    per_row = torch.stack([error.rows(name, weight) for _, weight in candidates])  # (candidates, rows)
+    index = per_row.argmin(dim=0)
+    mask = candidates[0][0].clone()
+    weight = candidates[0][1].clone()
+    for which in range(1, len(candidates)):
+        rows = index == which
+        mask[rows] = candidates[which][0][rows]
+        weight[rows] = candidates[which][1][rows]
+    return mask, weight, index
+
+
+def choose_by_block_output(error: BlockOutputError | LayerError | Callable[[Mapping[str, torch.Tensor]], float],
+                           names: list[str],
                            candidates: Mapping[str, list[tuple[torch.Tensor, torch.Tensor]]]) -> tuple[
                                dict[str, int], list[float]]:
     """Greedy per-tensor choice among ``candidates[name]`` = [(mask, weight), ...] (index 0 first).
@@ -124,4 +179,4 @@ def choose_by_block_output(error: BlockOutputError, names: list[str],
     return choice, history
 
 
-__all__ = ["BlockOutputError", "MAX_SAMPLES", "choose_by_block_output"]
+__all__ = ["BlockOutputError", "LayerError", "MAX_SAMPLES", "choose_by_block_output", "choose_rows"]

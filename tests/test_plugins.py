@@ -164,8 +164,8 @@ def test_solvers_json_lists_each_declared_parameter(capsys):
     ("sa", {"restarts": 2.5}, r"sa: restarts must be an integer ≥ 1"),
     ("sa", {"start": "middle"}, r"sa: start must be one of auto, x0, random, greedy, got 'middle'"),
     ("sa", {"time_limit": 0}, r"sa: time_limit must be a finite number > 0"),
-    ("sa", {"iterations": 5}, r"sa: unknown parameter\(s\) iterations; it takes: beta_range, cuda_kernel, device, restarts, "
-                              r"scale_quantile, seed, start, sweeps, time_limit"),
+    ("sa", {"iterations": 5}, r"sa: unknown parameter\(s\) iterations; it takes: beta_range, cuda_kernel, device, polish, "
+                              r"restarts, scale_quantile, seed, start, sweeps, time_limit"),
     ("swap-tabu", {"restarts": 5000}, r"restarts must be an integer ≥ 1 and ≤ 4096"),
     ("neal", {"alpha": "soft"}, "alpha"),
     ("qaoa", {"optimizer": "adam"}, "optimizer must be one of cobyla, nelder-mead, spsa"),
@@ -200,7 +200,8 @@ def test_cli_param_is_parsed_by_the_declaration(tmp_path, capsys):
     assert main(["solve", str(block), "--solver", "sa", "--param", "sweeps=many"]) == 2
     assert "sa: sweeps must be an integer ≥ 0, got 'many'" in capsys.readouterr().err
     assert main(["solve", str(block), "--solver", "sa", "--param", "tenure=2"]) == 2
-    assert "NAME one of beta_range, cuda_kernel, device, restarts, scale_quantile, seed, start, sweeps, time_limit" in capsys.readouterr().err
+    assert ("NAME one of beta_range, cuda_kernel, device, polish, restarts, scale_quantile, seed, start, sweeps, "
+            "time_limit") in capsys.readouterr().err
 
 
 def test_a_solve_uses_the_declared_defaults():

@@ -6,14 +6,16 @@ the benchmark families at B = 256:
 - single-group blocks (layer-wise, causal-LM and outlier rows, Fisher): ``swap-tabu``
   reaches the best known energy where ``sa`` at equal time leaves 0.3–6 %;
 - small groups (N:M, groups of ≤ SMALL_GROUP variables): ``swap-tabu`` cycles inside the
-  tiny neighbourhoods (3–17 % gaps even after 4 × 20,000 iterations) while ``sa`` with 4,000
-  sweeps reaches 0–1 %;
+  tiny neighbourhoods (3–17 % gaps even after 4 × 20,000 iterations) while ``sa`` reaches
+  0–3 %; 8 chains × 4000 sweeps (each chain's best state then group-descended, ``sa``'s
+  polish) left 0.60 % mean over 30 runs on 4:8 blocks at B = 256 where 4 × 4000 left 0.82 %,
+  and 0.56 % vs 1.56 % at B = 1024 (docs/solvers.md, "The group move");
 - B ≤ EXACT_MAX_VARIABLES: enumeration is exact and takes milliseconds;
 - B > swap-tabu's limit (4096): only ``sa`` runs.
 
 Effort: ``effort="short"`` gives iCBS-sized budgets (the engine's tuned per-solver defaults:
 ``sa`` 2 × 32 sweeps, ``swap-tabu`` 1 × 50 iterations), ``"default"`` the solvers' own
-defaults (sa 4 × 4000 sweeps on N:M blocks), ``"long"`` 4× those. Each sub-batch is solved by
+defaults (sa 8 × 4000 sweeps on N:M blocks), ``"long"`` 4× those. Each sub-batch is solved by
 the chosen solver's ``sample_batch``, so answers keep that solver's reproducibility
 (same seed, same answer alone or in any batch). The choice is in ``metadata.auto``.
 
@@ -62,8 +64,8 @@ BUDGETS: dict[tuple[str, str], dict[str, Any]] = {
     ("sa", "default"): {},
     ("sa", "long"): {"sweeps": 4000},
     ("sa-groups", "short"): {"restarts": 2, "sweeps": 64},
-    ("sa-groups", "default"): {"sweeps": 4000},
-    ("sa-groups", "long"): {"sweeps": 16000},
+    ("sa-groups", "default"): {"restarts": 8, "sweeps": 4000},
+    ("sa-groups", "long"): {"restarts": 16, "sweeps": 8000},
     ("swap-tabu", "short"): {"restarts": 1, "iterations": 50},
     ("swap-tabu", "default"): {},
     ("swap-tabu", "long"): {"iterations": 12000},

@@ -157,8 +157,12 @@ def dense_matrix(problem: BlockProblem) -> np.ndarray | None:
     return Q
 
 
-def greedy_start(problem: BlockProblem, descend: bool = True, max_steps: int | None = None) -> np.ndarray:
+def greedy_start(problem: BlockProblem, descend: bool = True, max_steps: int | None = None,
+                 groups: bool = True) -> np.ndarray:
     """Greedy insertion by marginal cost, then best-swap descent to a 1-swap local optimum.
+
+    On blocks with small groups (N:M; :func:`group_descent.applies`) and ``groups``, group
+    descent follows: no single group can then be improved by any of its configurations.
 
     Returns a uint8 assignment with exactly ``counts[g]`` ones in every group. Deterministic.
     """
@@ -173,6 +177,11 @@ def greedy_start(problem: BlockProblem, descend: bool = True, max_steps: int | N
         order, begin = _group_order(problem)
         steps = max_steps if max_steps is not None else 20 * problem.num_variables + 100
         _descend_dense(Q, order, begin, x, h, steps)
+        if groups:
+            from qsurgeon.worker.solvers import group_descent  # it builds on this module
+
+            if group_descent.applies(problem):
+                x = group_descent.group_descent(problem, x, Q=Q)
     return x
 
 

@@ -13,7 +13,9 @@ kernel: numba on the CPU (:mod:`sa_cpu`); on CUDA a fused Triton kernel for dens
 (:mod:`sa_triton`) or torch (:mod:`sa_cuda`), by ``cuda_kernel``. A chain's
 random numbers depend only on (seed, restart, problem content), so a problem gets the
 same answer alone or anywhere in any batch (on the same device). The answer is the best
-state any chain of the problem visited, re-scored in float64.
+state any chain of the problem visited, re-scored in float64; on blocks with small groups
+(N:M) every chain's best state is first group-descended (``polish``, :mod:`group_descent`),
+kept only where that lowers it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 
 from qsurgeon.client.errors import SolverUnavailableError, UsageError
 from qsurgeon.worker.block.problem import MAX_VARIABLES, BlockProblem, BlockSolution
+from qsurgeon.worker.solvers import group_descent
 from qsurgeon.worker.solvers.base import BatchSolver, Capabilities, Param, check_params, declared_value, starts_from_x0
 from qsurgeon.worker.solvers.greedy import greedy_start, swap_deltas
 from qsurgeon.worker.solvers.sa_rng import chain_keys, problem_digest
@@ -54,6 +57,7 @@ DEFAULT_SWEEPS = 1000
 _STARTS = ("auto", "x0", "random", "greedy")
 _DEVICES = ("auto", "cpu", "cuda")
 _CUDA_KERNELS = ("auto", "fused", "graph")
+_POLISHES = ("group", "none")
 _SEED_BOUND = 2**127
 #: Every parameter ``sa`` takes: the one declaration that parsing, checks and listings use.
 PARAMETERS = (
@@ -73,6 +77,9 @@ PARAMETERS = (
     Param("cuda_kernel", "str", "on CUDA, fused: one Triton kernel per chunk of sweeps (dense blocks; needs triton), "
           "graph: the torch step loop in CUDA graphs, auto: fused where triton is installed", "auto",
           choices=_CUDA_KERNELS),
+    Param("polish", "str", "group: group descent (solvers/group_descent.py) from every chain's best state on blocks "
+          "with small groups (N:M), kept where it is lower (not after 0 sweeps: the start comes back untouched); "
+          "none: the chains' states as they are", "group", choices=_POLISHES),
 )
 
 
@@ -89,6 +96,7 @@ class AnnealParams:
     seed: int
     device: str  # resolved: "cpu" or "cuda"
     cuda_kernel: str = "auto"  # "auto", "fused" or "graph" (sa_cuda.KERNELS); only read on CUDA
+    polish: str = "group"  # "group": group descent from every chain's best state (group_descent.py); "none"
 
     @classmethod
     def parse(cls, params: dict[str, Any]) -> "AnnealParams":
@@ -98,7 +106,8 @@ class AnnealParams:
         return cls(restarts=value("restarts"), sweeps=value("sweeps"), beta_range=value("beta_range"),
                    scale_quantile=value("scale_quantile"), time_limit=value("time_limit"), start=value("start"),
                    seed=secrets.randbits(63) if seed is None else seed, device=_resolve_device(value("device")),
-                   cuda_kernel=_resolve_cuda_kernel(value("cuda_kernel"), _resolve_device(value("device"))))
+                   cuda_kernel=_resolve_cuda_kernel(value("cuda_kernel"), _resolve_device(value("device"))),
+                   polish=value("polish"))
 
 
 def _cuda_available() -> bool:
@@ -206,6 +215,21 @@ def _random_state(problem: BlockProblem, key: np.uint64) -> np.ndarray:
     return x
 
 
+def polish_chains(problem: BlockProblem, states: np.ndarray, polish: str) -> tuple[np.ndarray, np.ndarray, float]:
+    """(states, float64 energies, gain) after the ``polish`` of every chain's best state.
+
+    "group": group descent (:func:`group_descent.polish_states`) on blocks with small groups;
+    a row it does not lower is kept as it was, so no answer gets worse. gain = lowest energy
+    before − lowest after (≥ 0; 0 where nothing applies or polish is "none").
+    """
+    before = problem.energies(states)
+    if polish != "group" or not group_descent.applies(problem):
+        return states, before, 0.0
+    polished = group_descent.polish_states(problem, states)
+    after = problem.energies(polished)
+    return polished, after, float(before.min() - after.min())
+
+
 class SimulatedAnnealingSolver(BatchSolver):
     """Swap-move annealing that never leaves the feasible set; vectorised over a batch."""
 
@@ -230,7 +254,9 @@ class SimulatedAnnealingSolver(BatchSolver):
         the construction + swap descent of :mod:`greedy`, from which the run can only improve),
         seed (None: a fresh random seed, reported in the metadata), device ("auto", "cpu",
         "cuda"), cuda_kernel ("auto", "fused": the Triton kernel of :mod:`sa_triton` for dense
-        blocks, "graph": the torch step loop of :mod:`sa_cuda`; read on CUDA only).
+        blocks, "graph": the torch step loop of :mod:`sa_cuda`; read on CUDA only), polish
+        ("group": group descent of :mod:`group_descent` from every chain's best state on
+        blocks with small groups, kept where lower; "none").
         """
         options = AnnealParams.parse(params)
         problems = list(problems)
@@ -271,11 +297,11 @@ class SimulatedAnnealingSolver(BatchSolver):
                        for p in kernel_problems]
         solutions = []
         for problem, kernel_problem, result, kind, kernel in zip(problems, kernel_problems, results, starts, kernels):
-            energies = problem.energies(result.best_x)
+            states, energies, gain = polish_chains(problem, result.best_x, options.polish if options.sweeps else "none")
             best = int(np.argmin(energies))
             proposals = result.sweeps_done * problem.num_variables * options.restarts
             solutions.append(BlockSolution(
-                x=result.best_x[best].astype(np.uint8),
+                x=states[best].astype(np.uint8),
                 energy=float(energies[best]),
                 solver=self.name,
                 seconds=elapsed / len(problems),
@@ -292,6 +318,8 @@ class SimulatedAnnealingSolver(BatchSolver):
                     "energy_scale": statistics.median(result.scale.tolist()),
                     "acceptance_rate": float(result.accepted.sum() / proposals) if proposals else 0.0,
                     "best_restart": best,
+                    "polish": options.polish,
+                    "polish_gain": gain,
                     "sweeps_requested": options.sweeps,
                     "stopped_by_time_limit": result.sweeps_done < options.sweeps,
                     "batch_size": len(problems),

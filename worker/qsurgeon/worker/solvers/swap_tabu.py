@@ -33,7 +33,7 @@ from qsurgeon.client.errors import UsageError
 from qsurgeon.worker.block.problem import BlockProblem, BlockSolution
 from qsurgeon.worker.solvers.base import BatchSolver, Capabilities, Param, check_params, declared_value
 from qsurgeon.worker.solvers.greedy import greedy_start
-from qsurgeon.worker.solvers.sa import start_kind
+from qsurgeon.worker.solvers.sa import polish_chains, start_kind
 from qsurgeon.worker.solvers.sa_rng import chain_keys, problem_digest
 
 #: Largest block accepted: a dense float32 Q of 4096² is 64 MiB, and one iteration scans it.
@@ -82,6 +82,10 @@ PARAMETERS = (
           "auto", choices=_STARTS),
     Param("seed", "int", "random seed (none: a fresh one, reported in the metadata)",
           minimum=-_SEED_BOUND, maximum=_SEED_BOUND - 1),
+    Param("polish", "str", "group: group descent (solvers/group_descent.py) from every restart's best state on "
+          "blocks with small groups (N:M), kept where it is lower (not after 0 iterations: the start comes back "
+          "untouched); none (default: at its defaults the search's best states were already group optima on every "
+          "4:8 benchmark block, docs/solvers.md): the states as they are", "none", choices=("group", "none")),
 )
 
 
@@ -98,6 +102,7 @@ class TabuParams:
     time_limit: float | None
     start: str
     seed: int
+    polish: str = "none"
 
     @classmethod
     def parse(cls, params: dict[str, Any]) -> "TabuParams":
@@ -111,7 +116,7 @@ class TabuParams:
         return cls(restarts=value("restarts"), iterations=value("iterations"), tenure=value("tenure"),
                    stall=value("stall"), kick=value("kick"), anneal_sweeps=value("anneal_sweeps"),
                    time_limit=value("time_limit"), start=value("start"),
-                   seed=secrets.randbits(63) if seed is None else seed)
+                   seed=secrets.randbits(63) if seed is None else seed, polish=value("polish"))
 
 
 def kick_swaps(problem: BlockProblem, kick: int | None) -> int:
@@ -170,7 +175,8 @@ class SwapTabuSolver(BatchSolver):
         iteration is slow, else 0), time_limit (seconds for the whole call, checked
         between chunks of iterations; the best so far is returned), start ("auto": x0 where
         the problem has one, else "greedy"; "x0"; "random"; "greedy"), seed (None: fresh, reported in the
-        metadata).
+        metadata), polish ("group": group descent from every restart's best state on blocks with
+        small groups, kept where lower; "none", the default: it gained nothing on the 4:8 families).
         """
         options = TabuParams.parse(params)
         problems = list(problems)
@@ -221,7 +227,7 @@ class SwapTabuSolver(BatchSolver):
 
     def _solution(self, problem: BlockProblem, result: Any, kind: str, annealed: BlockSolution | None,
                   options: TabuParams, elapsed: float, batch_size: int) -> BlockSolution:
-        energies = problem.energies(result.best_x)
+        states, energies, gain = polish_chains(problem, result.best_x, options.polish if options.iterations else "none")
         best = int(np.argmin(energies))
         metadata = {
             "device": "cpu",
@@ -234,6 +240,8 @@ class SwapTabuSolver(BatchSolver):
             "iterations_requested": options.iterations,
             "moves": int(result.moves.sum()),
             "best_restart": best,
+            "polish": options.polish,
+            "polish_gain": gain,
             "stopped_by_time_limit": result.iterations_done < options.iterations,
             "batch_size": batch_size,
             "batch_seconds": elapsed,
@@ -241,7 +249,7 @@ class SwapTabuSolver(BatchSolver):
         if annealed is not None:
             metadata.update(anneal_sweeps=annealed.sweeps, anneal_energy=annealed.energy)
         return BlockSolution(
-            x=result.best_x[best].astype(np.uint8), energy=float(energies[best]), solver=self.name,
+            x=states[best].astype(np.uint8), energy=float(energies[best]), solver=self.name,
             seconds=elapsed / batch_size, sweeps=result.iterations_done, restarts=options.restarts,
             problem_id=problem.id, metadata=metadata,
         )

@@ -287,12 +287,22 @@ def _probe_search(block_size: int, options: Any) -> tuple[float, float]:
     start = time.perf_counter()
     refit_rows(weight, gram, mask, 0.01)
     refit_seconds = time.perf_counter() - start
-    return elapsed / blocks, 2.0 * rows * width * width * REFIT_ITERATIONS / max(refit_seconds, 1e-6)
+    return elapsed / blocks, 2.0 * rows * width * width * refit_iterations(width) / max(refit_seconds, 1e-6)
 
 
-#: CG iterations the refit's cost model counts per tensor (benchmarks/scale.py: the measured refit
-#: seconds over the CG's float32 products, fitted across the sweep; docs/scale.md)
-REFIT_ITERATIONS = 35
+#: CG iterations the refit's cost model counts for a tensor of REFIT_REFERENCE_WIDTH inputs, and
+#: how they grow with the input width: a wider input's Gram is worse conditioned and CG needs more
+#: iterations to the same residual. A flat count (35) fitted on hidden 256–512 planned 0.51× the
+#: measured refit at hidden 1024; the exponent and count are fitted on the width sweep 256–1024
+#: (benchmarks/scale.py, refit CPU seconds over the CG's float32 products; docs/scale.md).
+REFIT_ITERATIONS = 45
+REFIT_REFERENCE_WIDTH = 1024
+REFIT_WIDTH_EXPONENT = 0.75
+
+
+def refit_iterations(width: int) -> float:
+    """CG iterations the plan counts for refitting a tensor with ``width`` inputs."""
+    return REFIT_ITERATIONS * (width / REFIT_REFERENCE_WIDTH) ** REFIT_WIDTH_EXPONENT
 
 
 # ====================================================================== the estimate
@@ -409,7 +419,7 @@ def estimate(shape: ModelShape, options: Any, probe: Probe | None = None, gpu: G
     # (2 out in²) in float64, then CG iterations of two float32 out × in² products each
     refit_f64 = L * sum(7 / 3 * width ** 3 + 2 * out * width * width for _, out, width in shape.targets) \
         if options.refit else 0
-    refit_f32 = L * sum(4 * out * width * width * REFIT_ITERATIONS for _, out, width in shape.targets) \
+    refit_f32 = L * sum(4 * out * width * width * refit_iterations(width) for _, out, width in shape.targets) \
         if options.refit else 0
     # the per-tensor error report: one float32 out × in² product per quadratic form (the dense
     # reference, the initial mask, the final one when iCBS changed it, the refit's weights)

@@ -102,3 +102,75 @@ def test_keep_better_with_block_output_judges_the_guarded_result(models):
     assert "keep_better" in block and block["block_output_error_final"] <= block["block_output_error_icbs"]
     for name, mask in result.masks.items():
         check_mask(mask, Sparsity(0.5), name)
+
+
+# --search-on refit (pruning/refit.refit_search_terms, the linear terms of pruning/qubo.py)
+
+def _random_layer(rows=5, width=16, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    w0 = torch.randn(rows, width, generator=generator, dtype=torch.float64)
+    activations = torch.randn(width, 64, generator=generator, dtype=torch.float64)
+    mask = torch.rand(rows, width, generator=generator).argsort(dim=1) < width // 2
+    return w0, activations @ activations.T, mask
+
+
+def test_refit_search_terms_are_exact_at_the_start_and_bound_the_refit_error_elsewhere():
+    from qsurgeon.server.pruning.qubo import row_errors
+    from qsurgeon.server.pruning.refit import refit_rows, refit_search_terms, weight_row_errors
+
+    w0, gram, mask = _random_layer()
+    values, linear, constant, refit = refit_search_terms(w0, gram, mask, damp=0.0)
+    start = row_errors(values, gram, mask, linear, constant)
+    assert torch.allclose(start, weight_row_errors(w0, refit, gram), rtol=1e-9, atol=1e-9)
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(20):
+        other = torch.rand(mask.shape, generator=generator).argsort(dim=1) < mask.shape[1] // 2
+        bound = row_errors(values, gram, other, linear, constant)
+        after_refit = weight_row_errors(w0, refit_rows(w0, gram, other, 0.0, "exact"), gram)
+        assert bool((after_refit <= bound * (1 + 1e-9) + 1e-9).all())
+
+
+def test_layerwise_blocks_with_a_linear_term_have_the_row_errors_as_energies():
+    from qsurgeon.server.pruning.qubo import layerwise_arrays, row_errors
+    from qsurgeon.server.pruning.refit import refit_search_terms
+
+    w0, gram, mask = _random_layer()
+    values, linear, constant, _ = refit_search_terms(w0, gram, mask, damp=0.01)
+    rows = torch.arange(w0.shape[0])
+    cols = torch.stack([torch.randperm(w0.shape[1], generator=torch.Generator().manual_seed(r))[:8] for r in range(5)])
+    current = row_errors(values, gram, mask, linear, constant)
+    for row_error in (None, current):
+        Q, x0, offsets = layerwise_arrays(values, gram, mask, rows, cols, linear=linear, constant=constant,
+                                          row_error=row_error)
+        generator = torch.Generator().manual_seed(3)
+        for _ in range(10):
+            proposal = torch.from_numpy(x0.copy()).to(torch.float64)
+            for block in range(len(rows)):
+                proposal[block] = proposal[block][torch.randperm(8, generator=generator)]
+            energies = torch.einsum("na,nab,nb->n", proposal, torch.from_numpy(Q).to(torch.float64), proposal)
+            energies = energies + torch.from_numpy(offsets)
+            changed = mask.clone()
+            changed[rows[:, None], cols] = proposal.to(torch.bool)
+            expected = row_errors(values, gram, changed, linear, constant)
+            assert torch.allclose(energies, expected, rtol=1e-5, atol=1e-4 * float(current.abs().max()))
+
+
+@pytest.mark.parametrize("spec", SPECS[:2], ids=["row", "2:4"])
+def test_search_on_refit_starts_at_the_initial_refit_error_and_never_raises_it(models, spec):
+    common = {"model": str(models["llama"]), **spec, **FAST}
+    alps = run_prune(PruneOptions(method="alps", **common))
+    searched = run_prune(PruneOptions(method="icbs", init="alps", refit=True, search_on="refit", **common))
+    (block,) = searched.report["transformer_blocks"]
+    absolute = sum(entry["error_weights"] * entry["error_dense_norm"] for entry in alps.report["tensors"].values())
+    assert block["surrogate_initial"] == pytest.approx(absolute, rel=1e-4)
+    assert block["surrogate_final"] <= block["surrogate_initial"] * (1 + 1e-6)
+    final = sum(entry["error_weights"] * entry["error_dense_norm"] for entry in searched.report["tensors"].values())
+    assert final <= block["surrogate_final"] * (1 + 1e-3)  # the refit only lowers the bound (up to damping)
+
+
+def test_search_on_refit_needs_the_layerwise_objective(models):
+    from qsurgeon.client.errors import UsageError
+
+    with pytest.raises(UsageError, match="search-on refit"):
+        run_prune(PruneOptions(model=str(models["llama"]), method="icbs", objective="fisher", search_on="refit",
+                               density=0.5, **FAST))

@@ -41,10 +41,11 @@ def test_every_prune_flag_is_documented_in_docs_prune_md():
 
 
 def test_presets_are_gathered_from_the_fields():
-    assert PRESETS["quality"] == {"method": "icbs", "init": "sparsegpt", "epochs": 1, "samples": 256, "refit": True,
-                                  "coverage": 1 / 6}
+    assert PRESETS["quality"] == {"method": "icbs", "init": "alps", "search_on": "refit", "keep_better": True,
+                                  "epochs": 1, "samples": 256, "refit": True, "coverage": 1 / 6}
     assert PRESETS["fast"] == {"method": "icbs", "init": "wanda", "epochs": 1, "refit": False}
-    assert PRESETS_BY_KIND == {"quality": {"causal-lm": {"init": "wanda", "block_size": 8, "damp": 0.001,
+    assert PRESETS_BY_KIND == {"quality": {"causal-lm": {"init": "wanda", "search_on": "original",
+                                                         "keep_better": False, "block_size": 8, "damp": 0.001,
                                                          "coverage": 1 / 3}}}
     for preset in PRESETS.values():
         PruneOptions(model="m", **preset)  # every preset value is a valid value of its field

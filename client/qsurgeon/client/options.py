@@ -167,8 +167,9 @@ class PruneOptions(UsageChecked):
     model: str = option(..., "a local Hugging Face folder with safetensors weights, or builtin:minilm",
                         cli=False, server_owned=True, min_length=1, max_length=MAX_TEXT)
     preset: Preset | None = option(
-        None, "fast: Wanda plus one iCBS epoch; quality: iCBS from SparseGPT's mask plus refit (causal LMs: small "
-        "blocks from Wanda's mask; see docs/quality.md); options given explicitly override the preset's")
+        None, "fast: Wanda plus one iCBS epoch; quality: iCBS from ALPS's mask scored with refit weights, refit, "
+        "keep the better per row (causal LMs: small blocks from Wanda's mask; see docs/quality.md); options "
+        "given explicitly override the preset's")
     method: Method = option("icbs", "pruning method", presets={"fast": "icbs", "quality": "icbs"})
     density: float | None = option(None, "fraction of weights kept, 0 < d < 1 (default 0.5, or what --pattern implies)",
                                    gt=0.0, lt=1.0)
@@ -182,8 +183,14 @@ class PruneOptions(UsageChecked):
     keep_better: bool = option(False, "after iCBS (and --refit), keep per row (per tensor under tensor or column "
                                "granularity) iCBS's result or the initial method's own (e.g. ALPS's mask and "
                                "weights), whichever has the lower calibration layer error: never worse than "
-                               "either on that error (docs/quality.md)")
-    init: Init = option("wanda", "initial mask for iCBS", presets={"fast": "wanda", "quality": "sparsegpt",
+                               "either on that error (docs/quality.md)",
+                               presets={"quality": True, "quality@causal-lm": False})
+    search_on: Literal["original", "refit"] = option(
+        "original", "the weights iCBS scores a mask with: original (w0, kept weights fixed; docs/icbs.md §5) or "
+        "refit (the initial mask's refit weights, a restored weight at its best value: an upper bound of the "
+        "error after the refit, exact at the start, so search plus refit never raises it; layerwise only; "
+        "docs/quality.md)", presets={"quality": "refit", "quality@causal-lm": "original"})
+    init: Init = option("wanda", "initial mask for iCBS", presets={"fast": "wanda", "quality": "alps",
                                                                    "quality@causal-lm": "wanda"})
     solver: str = option("auto", "block solver (see qsurgeon solvers; auto picks one per block)", pattern=SOLVER_NAME)
     solver_params: dict[str, int | float | str | bool] = option(
@@ -304,8 +311,10 @@ def _gather_presets() -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, di
 
 
 #: ``--preset NAME``: values that explicit options override, gathered from the fields.
-#: ``quality`` is the best iCBS combination measured on MiniLM (docs/results.md): one epoch
-#: from SparseGPT's mask, then refit, at coverage 1/6; ``fast`` is Wanda plus one epoch.
+#: ``quality`` is the best iCBS combination measured on MiniLM (docs/quality.md): one epoch
+#: from ALPS's mask scored with the refit weights (``search_on="refit"``), then refit and
+#: ``keep_better`` (per row, never worse than ALPS on the calibration error), at coverage 1/6;
+#: ``fast`` is Wanda plus one epoch.
 #: PRESETS_BY_KIND: what a preset changes for one model kind — causal LMs calibrated on text
 #: unlike their own overfit with blocks of 128, so their quality preset uses blocks of 8
 #: from Wanda's mask with refit damping 0.001 (docs/quality.md).

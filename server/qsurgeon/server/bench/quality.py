@@ -46,13 +46,17 @@ BENCH_METHODS: dict[str, dict[str, Any]] = {
     "icbs": {"method": "icbs", "init": "wanda", "epochs": ICBS_EPOCHS},
     "icbs+refit": {"method": "icbs", "init": "wanda", "epochs": ICBS_EPOCHS, "refit": True},
     "icbs-quality": dict(PRESETS["quality"]),
-    # the levers of issue #16, measured beside the preset: its search from ALPS's mask (then the
-    # refit: ALPS's own weights for that support), and its masks judged by the block output
-    "icbs-quality-from-alps": {**PRESETS["quality"], "init": "alps"},
+    # levers measured beside the preset: the preset before issue #16 item 3 (on MiniLM; on the
+    # causal LM, whose preset starts from Wanda, it is that preset from SparseGPT's mask), and
+    # the preset's masks judged by the block output
+    "icbs-quality-from-sparsegpt": {**PRESETS["quality"], "init": "sparsegpt", "search_on": "original",
+                                    "keep_better": False},  # the preset before issue #16 item 3
     "icbs-quality+block-output": {**PRESETS["quality"], "block_output": True},
-    # issue #16 item 3: from ALPS's mask, then per row the lower calibration layer error of
-    # iCBS + refit and ALPS's own result (--keep-better)
-    "icbs-quality-from-alps+keep-better": {**PRESETS["quality"], "init": "alps", "keep_better": True},
+    # issue #16 item 3: the MiniLM quality preset on any model kind (the causal-LM preset starts
+    # from Wanda): from ALPS's mask, scored with the refit weights, then per row the lower
+    # calibration layer error of iCBS + refit and ALPS's own result
+    "icbs-from-alps": {"method": "icbs", "init": "alps", "search_on": "refit", "keep_better": True, "refit": True,
+                       "epochs": 1, "coverage": 1 / 6},
 }
 
 

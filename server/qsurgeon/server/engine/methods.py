@@ -56,6 +56,7 @@ class BlockOutcome:
     masks: dict[str, torch.Tensor]
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     initial: dict[str, torch.Tensor] | None = None  # the one-shot masks a search started from
+    initial_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # their refit, where already computed
     refitted: bool = False  # ``weights`` already hold the --refit weights of ``masks``
 
 
@@ -123,9 +124,18 @@ def icbs_method(context: BlockContext) -> BlockOutcome:
     with PhaseTimer(context.timings, "init"):
         scores, masks = initial_masks(context)
         fisher = fisher_terms(context, masks) if options.objective != "layerwise" else {}
+    terms: dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]] = {
+        name: (weight0, None, None, None) for name, weight0 in context.weights0.items()}
+    if options.search_on == "refit":  # score masks with the initial mask's refit weights (refit.py)
+        from qsurgeon.server.pruning.refit import refit_search_terms
+
+        with PhaseTimer(context.timings, "init"):
+            terms = {name: refit_search_terms(context.weights0[name], context.stats[name].gram, masks[name],
+                                              options.damp) for name in context.weights0}
     tasks = [
-        TensorTask(name=name, weight=context.weights0[name], mask=masks[name], scores=scores[name],
-                   sparsity=context.sparsity, gram=context.stats[name].gram, fisher=fisher.get(name))
+        TensorTask(name=name, weight=terms[name][0], mask=masks[name], scores=scores[name],
+                   sparsity=context.sparsity, gram=context.stats[name].gram, fisher=fisher.get(name),
+                   linear=terms[name][1], constant=terms[name][2])
         for name in context.weights0
     ]
     config = icbs_config(options)
@@ -158,7 +168,9 @@ def icbs_method(context: BlockContext) -> BlockOutcome:
         "surrogate_final": state.surrogate,
         "icbs_counters": {name: dict(c) for name, c in state.counters.items()},
     })
-    outcome = BlockOutcome({name: state.masks[name].clone() for name in context.weights0}, initial=masks)
+    outcome = BlockOutcome({name: state.masks[name].clone() for name in context.weights0}, initial=masks,
+                           initial_weights={name: refit for name, (*_, refit) in terms.items()
+                                            if refit is not None and options.refit})
     block_output = options.block_output and context.block is not None and context.inputs is not None
     if options.keep_better or block_output:
         with PhaseTimer(context.timings, "icbs"):
@@ -189,11 +201,19 @@ def _keep_better(context: BlockContext, outcome: BlockOutcome, block_output: boo
     candidates: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for name in context.weights0:
         searched = outcome.masks[name]
-        options_of = [(searched, weight_of(name, searched))]
         first = outcome.initial[name] if outcome.initial is not None else searched
-        if not torch.equal(first, searched):
-            options_of.append((first, weight_of(name, first)))
-        candidates[name] = options_of
+        known = outcome.initial_weights.get(name)  # the initial mask's refit, when the search computed it
+        if torch.equal(first, searched):
+            candidates[name] = [(searched, known if known is not None else weight_of(name, searched))]
+        elif known is not None and options.refit:  # rows refit independently: refit only the rows the search changed
+            changed = (first != searched).any(dim=1)
+            weight = known.clone()
+            weight[changed] = refit_rows(context.weights0[name][changed], context.stats[name].gram,
+                                         searched[changed], options.damp)
+            candidates[name] = [(searched, weight), (first, known)]
+        else:
+            candidates[name] = [(searched, weight_of(name, searched)),
+                                (first, known if known is not None else weight_of(name, first))]
     if options.keep_better:
         judge = LayerError(context.weights0, {name: context.stats[name].gram for name in context.weights0})
         per_row = context.sparsity.granularity == "row"  # N:M patterns are row-wise too

@@ -11,6 +11,8 @@ The options themselves are declared once, in :mod:`qsurgeon.client.options`. Her
 
 from __future__ import annotations
 
+from qsurgeon.client.errors import UsageError
+
 from typing import Any
 
 from pydantic import Field, create_model
@@ -89,6 +91,8 @@ def check_engine_options(options: PruneOptions) -> None:
     """Raise UsageError if the solver is not installed or its parameters are not its declared ones."""
     if options.method != "icbs":
         return
+    if options.search_on == "refit" and options.objective != "layerwise":
+        raise UsageError("--search-on refit needs --objective layerwise")
     from qsurgeon.worker.solvers.registry import check_solver_params
 
     check_solver_params(*icbs_config(options).solver_request(options.seed))

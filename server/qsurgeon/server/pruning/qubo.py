@@ -42,10 +42,20 @@ def symmetric_gram(gram: Tensor) -> Tensor:
     return (gram + gram.T) * 0.5
 
 
-def row_errors(weight0: Tensor, gram: Tensor, mask: Tensor) -> Tensor:
-    """Exact layer-wise error of every row, e_r = (w0_r∘x_r)ᵀ H (w0_r∘x_r), float64 (out,)."""
+def row_errors(weight0: Tensor, gram: Tensor, mask: Tensor, linear: Tensor | None = None,
+               constant: Tensor | None = None) -> Tensor:
+    """Exact layer-wise error of every row, e_r = (w0_r∘x_r)ᵀ H (w0_r∘x_r), float64 (out,).
+
+    ``linear`` (out, in) and ``constant`` (out,), when given, add ``Σ_j x_rj·linear_rj + constant_r``:
+    the form of a row whose target is not its own weights (``--search-on refit``, engine/methods.py).
+    """
     pruned = weight0.detach().to(torch.float64) * mask.to(torch.float64)
-    return ((pruned @ gram.to(torch.float64)) * pruned).sum(dim=1)
+    errors = ((pruned @ gram.to(torch.float64)) * pruned).sum(dim=1)
+    if linear is not None:
+        errors = errors + (linear.to(torch.float64) * mask.to(torch.float64)).sum(dim=1)
+    if constant is not None:
+        errors = errors + constant.to(torch.float64)
+    return errors
 
 
 def _as_index(name: str, value: Tensor | np.ndarray | Sequence, ndim: int | tuple[int, ...]) -> Tensor:
@@ -117,6 +127,8 @@ def layerwise_arrays(
     gram_is_symmetric: bool = False,
     row_error: Tensor | None = None,
     out: np.ndarray | None = None,
+    linear: Tensor | None = None,
+    constant: Tensor | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The stacked form of :func:`layerwise_blocks`: Q (n,B,B) float32, x0 (n,B) uint8, offsets (n,).
 
@@ -129,6 +141,10 @@ def layerwise_arrays(
     the full field H(w0∘x) of each touched row: the field is then computed only at the
     block's entries, which is what makes blocks along a column (B rows, one column each)
     and blocks in wide rows cheap.
+
+    ``linear`` (out, in) / ``constant`` (out,): a per-entry linear term and a per-row constant
+    of the energy (:func:`row_errors`); the linear term goes onto Q's diagonal, and
+    ``row_error``, when given, must already include both.
     """
     cols = _as_index("cols", cols, 2)
     rows = _as_index("rows", rows, (1, 2))
@@ -164,7 +180,11 @@ def layerwise_arrays(
         v_s = torch.from_numpy(v_s)
     else:
         field = pruned_rows @ gram  # v_r = H (w0_r ∘ x_r) for every touched row
-        errors = (field * pruned_rows).sum(dim=1) if row_error is None else row_error[row_ids].to(torch.float64)
+        if row_error is None:
+            errors = row_errors(weight[row_ids], gram, mask[row_ids], None if linear is None else linear[row_ids],
+                                None if constant is None else constant[row_ids])
+        else:
+            errors = row_error[row_ids].to(torch.float64)
         v_s = field[where, cols]
     if multi_row:
         same_row = entry_rows[:, :, None] == entry_rows[:, None, :]
@@ -185,6 +205,12 @@ def layerwise_arrays(
         _layerwise_kernel(gram.numpy(), w_s.contiguous().numpy(), cols.contiguous().numpy(),
                           entry_rows.contiguous().numpy(), multi_row, x_s.to(torch.float64).numpy(),
                           v_s.contiguous().numpy(), touched_error.contiguous().numpy(), Q, offsets)
+    if linear is not None and n_blocks:
+        diagonal = np.einsum("nii->ni", Q)  # a writable view of every block's diagonal
+        before = diagonal.astype(np.float64)
+        diagonal += linear.to(torch.float64)[entry_rows, cols].numpy().astype(np.float32)
+        # energy(x0) from the stored float32 Q stays the touched rows' error
+        offsets -= ((diagonal.astype(np.float64) - before) * x_s.to(torch.float64).numpy()).sum(axis=1)
     return Q, x_s.to(torch.uint8).numpy(), offsets
 
 

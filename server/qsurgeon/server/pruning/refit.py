@@ -198,6 +198,41 @@ def _solve_cg(
     return delta
 
 
+def refit_search_terms(weight0: torch.Tensor, gram: torch.Tensor, mask: torch.Tensor,
+                       damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layer-wise QUBO of a mask scored with the REFIT weights of ``mask`` (``--search-on refit``).
+
+    Let ``u`` be the refit of ``mask`` (its kept weights; for ALPS's mask, ALPS's own weights)
+    and ``e0 = u − w0`` its residual. Every weight gets a value ``ũ``: a kept one its refit
+    value, a pruned one ``v_j = −(e0 H)_j / H_jj``, the best value for restoring it alone. A
+    candidate mask ``x`` is then scored by
+
+        U(x) = ((ũ∘(1 − x) − w0)ᵀ H (ũ∘(1 − x) − w0))      per row,
+
+    the error of keeping ``ũ`` on the kept set of ``x``: exact at ``x = mask`` (it is the
+    refit's error there) and, since refitting ``x`` can only lower it, an upper bound of
+    the error after the refit everywhere. A search that lowers ``U`` followed by the refit
+    therefore lowers the refit error (majorise–minimise), whereas the usual form
+    ``(w0∘x)ᵀ H (w0∘x)`` (kept weights fixed at w0) can prefer masks that the refit makes worse.
+
+    With ``c = ũ − w0``, ``U(x) = (ũ∘x)ᵀ H (ũ∘x) − 2 Σ_j x_j ũ_j (cH)_j + cᵀHc``: the usual
+    QUBO with weights ``ũ``, a per-entry linear term and a per-row constant. Returns
+    ``(ũ, linear, constant)`` in float64 and the refit ``u`` itself (``weight0``'s dtype).
+    """
+    hessian = gram.detach().to(torch.float64)
+    w0 = weight0.detach().to(torch.float64)
+    pruned = mask.to(torch.float64)
+    refitted = refit_rows(weight0, gram, mask, damp)
+    refit = refitted.to(torch.float64)
+    field = (refit - w0) @ hessian
+    diagonal = torch.diagonal(hessian)
+    restore = torch.where(diagonal > 0, -field / diagonal.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    values = refit + restore * pruned
+    target = values - w0
+    target_field = target @ hessian
+    return values, -2.0 * values * target_field, (target * target_field).sum(dim=1), refitted
+
+
 def weight_row_errors(weight0: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """Per-row layer-wise error of replacing ``weight0`` by ``weight`` (after a refit, say):
     ``(w − w0)ᵀ H (w − w0)`` in float64, one value per row."""

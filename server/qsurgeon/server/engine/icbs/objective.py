@@ -33,10 +33,13 @@ def surrogate(context: TensorContext, mask: Tensor, config: ICBSConfig, rows: Te
     """The tensor's surrogate; ``rows`` limits the layer-wise recomputation to rows that changed."""
     value = 0.0
     if context.gram is not None:
+        linear, constant = context.task.linear, context.task.constant
         if context.row_error is None or rows is None:
-            context.row_error = row_errors(context.weight, context.gram, mask)
+            context.row_error = row_errors(context.weight, context.gram, mask, linear, constant)
         elif rows.numel():
-            context.row_error[rows] = row_errors(context.weight[rows], context.gram, mask[rows])
+            context.row_error[rows] = row_errors(context.weight[rows], context.gram, mask[rows],
+                                                 None if linear is None else linear[rows],
+                                                 None if constant is None else constant[rows])
         value += float(context.row_error.sum())
     if context.fisher_g is not None:
         weight = config.fisher_weight if config.objective == "layerwise+fisher" else 1.0

@@ -101,10 +101,12 @@ def _build_tensor_blocks(tensor: int, context: TensorContext, state: ICBSState, 
     labels = None if places.groups is None else places.groups.numpy()
     if config.objective == "layerwise":
         if context.row_error is None:  # resumed run: the cache starts from the saved mask
-            context.row_error = row_errors(context.weight, context.gram, mask)
+            context.row_error = row_errors(context.weight, context.gram, mask, context.task.linear,
+                                           context.task.constant)
         out = None if buffer is None else buffer.take(places.cols.shape[0], places.cols.shape[1])
         stacked = layerwise_arrays(context.weight, context.gram, mask, places.rows, places.cols,
-                                   gram_is_symmetric=True, row_error=context.row_error, out=out)
+                                   gram_is_symmetric=True, row_error=context.row_error, out=out,
+                                   linear=context.task.linear)
         problems = problems_from_arrays(*stacked, ids, labels)
         return _Pending(tensor=tensor, places=places, problems=problems, stacked=stacked, groups=labels)
     problems = _fisher_problems(context, mask, places, ids, config)

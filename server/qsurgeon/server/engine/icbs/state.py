@@ -47,12 +47,16 @@ class TensorTask:
     """One prunable weight tensor, handed in by the pipeline."""
 
     name: str
-    weight: Tensor  # (out, in) ORIGINAL weights w0
+    weight: Tensor  # (out, in) ORIGINAL weights w0 (--search-on refit: the refit values ũ, with linear/constant)
     mask: Tensor  # (out, in) bool, True = pruned: the initial mask (exact density)
     scores: Tensor  # (out, in) selection scores (higher = keep)
     sparsity: Sparsity
     gram: Tensor | None = None  # (in, in) float64, H = A Aᵀ over calibration tokens
     fisher: FisherTerms | None = None
+    # layerwise only: a per-entry linear term (out, in) and per-row constant (out,) of each row's
+    # error, for a target other than ``weight`` (``--search-on refit``; pruning/qubo.row_errors)
+    linear: Tensor | None = None
+    constant: Tensor | None = None
 
 
 @dataclass

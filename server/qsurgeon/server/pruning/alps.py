@@ -76,7 +76,7 @@ class ALPSTrace:
 def _project(values: torch.Tensor, sparsity: Sparsity) -> torch.Tensor:
     """Mask (True = pruned) of the smallest |values| in every constraint group: the Euclidean
     projection onto the sparsity set keeps the largest entries of each group."""
-    return initial_mask(values.abs(), sparsity)
+    return initial_mask(values.abs(), sparsity, check=False)  # the shape was checked by the first projection
 
 
 def alps_prune(
@@ -115,7 +115,7 @@ def alps_prune(
     w0n = (w0 * scale).to(dtype)  # Ŵ0 = W0 S
     target = w0n @ h  # Ŵ0 Ĥ, the right-hand side's fixed part
 
-    mask = _project(w0n, sparsity)
+    mask = initial_mask(w0n.abs(), sparsity)  # checked once: finite weights, a shape the sparsity fits
     d = w0n * ~mask
     v = torch.zeros_like(w0n)
     rho = float(rho0)

@@ -70,12 +70,17 @@ def _prune_lowest_per_row(scores: Tensor, pruned_per_row: int) -> Tensor:
     return mask
 
 
-def initial_mask(scores: Tensor, sparsity: Sparsity) -> Tensor:
-    """Prune the lowest scores within each constraint group so every group's count is exact."""
-    _check_matrix("scores", scores)
-    if not torch.isfinite(scores).all():
-        raise UsageError("scores contain NaN or infinite values")
-    sparsity.check_shape(tuple(scores.shape))
+def initial_mask(scores: Tensor, sparsity: Sparsity, *, check: bool = True) -> Tensor:
+    """Prune the lowest scores within each constraint group so every group's count is exact.
+
+    ``check=False`` skips the input checks (finite scores, shape) for callers that project
+    many times onto one checked shape (ALPS, every ADMM iteration); the result is the same.
+    """
+    if check:
+        _check_matrix("scores", scores)
+        if not torch.isfinite(scores).all():
+            raise UsageError("scores contain NaN or infinite values")
+        sparsity.check_shape(tuple(scores.shape))
     scores = scores.detach().float().cpu()
     rows, cols = scores.shape
     if sparsity.pattern is not None:

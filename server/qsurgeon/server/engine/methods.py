@@ -199,6 +199,7 @@ def _keep_better(context: BlockContext, outcome: BlockOutcome, block_output: boo
         return context.weights0[name] * ~mask
 
     candidates: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    same_outside: dict[str, torch.Tensor] = {}  # rows in which iCBS's weights differ from the initial ones
     for name in context.weights0:
         searched = outcome.masks[name]
         first = outcome.initial[name] if outcome.initial is not None else searched
@@ -211,6 +212,7 @@ def _keep_better(context: BlockContext, outcome: BlockOutcome, block_output: boo
             weight[changed] = refit_rows(context.weights0[name][changed], context.stats[name].gram,
                                          searched[changed], options.damp)
             candidates[name] = [(searched, weight), (first, known)]
+            same_outside[name] = changed
         else:
             candidates[name] = [(searched, weight_of(name, searched)),
                                 (first, known if known is not None else weight_of(name, first))]
@@ -220,6 +222,8 @@ def _keep_better(context: BlockContext, outcome: BlockOutcome, block_output: boo
         facts: dict[str, dict[str, Any]] = {}
         guarded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name, options_of in candidates.items():
+            if name in same_outside:  # the initial candidate's rows once, iCBS's only where they changed
+                judge.rows(name, options_of[0][1], like=(options_of[1][1], same_outside[name]))
             errors = [judge.tensor(name, weight) for _, weight in options_of]
             if len(options_of) == 1:
                 guarded[name], rows_initial = options_of[0], 0

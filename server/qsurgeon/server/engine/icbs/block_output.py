@@ -114,11 +114,22 @@ class LayerError:
         self._cache: dict[tuple[str, int], torch.Tensor] = {}
         self.evaluations = 0
 
-    def rows(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """Per-row error ``(w − w0)ᵀ H (w − w0)`` of one tensor (float64, absolute), cached."""
+    def rows(self, name: str, weight: torch.Tensor,
+             like: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Per-row error ``(w − w0)ᵀ H (w − w0)`` of one tensor (float64, absolute), cached.
+
+        ``like=(other, changed)``: ``weight`` equals the tensor ``other`` outside the rows
+        ``changed`` (bool), so only those rows are computed and the rest copied from ``other``'s.
+        """
         key = (name, id(weight))
         if key not in self._cache:
-            self._cache[key] = self._row_errors(self.weights0[name], weight, self.grams[name])
+            if like is not None:
+                errors = self.rows(name, like[0]).clone()
+                changed = like[1]
+                errors[changed] = self._row_errors(self.weights0[name][changed], weight[changed], self.grams[name])
+            else:
+                errors = self._row_errors(self.weights0[name], weight, self.grams[name])
+            self._cache[key] = errors
             self.evaluations += 1
         return self._cache[key]
 
@@ -136,7 +147,8 @@ def choose_rows(error: LayerError, name: str, candidates: list[tuple[torch.Tenso
 
     Rows are independent in the layer error and in a row-wise or N:M density, so the mixed
     tensor meets the density exactly and its error is Σ_rows min over candidates, never above
-    any candidate's. Ties keep the lower index (iCBS's candidate 0).
+    any candidate's. Ties keep the lower index (iCBS's candidate 0). The mixed tensor's row
+    errors are cached with it, so judging it again costs nothing.
     """
     per_row = torch.stack([error.rows(name, weight) for _, weight in candidates])  # (candidates, rows)
     index = per_row.argmin(dim=0)
@@ -146,6 +158,7 @@ def choose_rows(error: LayerError, name: str, candidates: list[tuple[torch.Tenso
         rows = index == which
         mask[rows] = candidates[which][0][rows]
         weight[rows] = candidates[which][1][rows]
+    error._cache[(name, id(weight))] = per_row.gather(0, index[None]).reshape(-1)
     return mask, weight, index
 
 

@@ -22,9 +22,9 @@ import numpy as np
 from numba import njit
 
 from qsurgeon.worker.block.problem import BlockProblem
+from qsurgeon.worker.solvers import group_descent
+from qsurgeon.worker.solvers.dense_form import DENSE_LIMIT, dense_matrix, group_order
 
-#: Largest block that gets the swap descent (one step scans up to B²/4 pairs).
-DENSE_LIMIT = 4096
 
 
 @njit(cache=True)
@@ -136,27 +136,6 @@ def _descend_dense(Q, order, g_begin, x, h, max_steps):
     return steps
 
 
-def _group_order(problem: BlockProblem) -> tuple[np.ndarray, np.ndarray]:
-    order = np.argsort(problem.group_of, kind="stable").astype(np.int64)
-    sizes = np.bincount(problem.group_of, minlength=problem.num_groups)
-    begin = np.zeros(problem.num_groups + 1, np.int64)
-    begin[1:] = np.cumsum(sizes)
-    return order, begin
-
-
-def dense_matrix(problem: BlockProblem) -> np.ndarray | None:
-    """The Q the construction works on: the block's own, a factored one formed in float64, or None (too large)."""
-    if problem.Q is not None:
-        return np.asarray(problem.Q)
-    if problem.num_variables > DENSE_LIMIT:
-        return None
-    F = problem.F.astype(np.float64)
-    Q = F.T @ F
-    Q = (Q + Q.T) * 0.5
-    Q[np.diag_indices_from(Q)] += problem.c.astype(np.float64)
-    return Q
-
-
 def greedy_start(problem: BlockProblem, descend: bool = True, max_steps: int | None = None,
                  groups: bool = True) -> np.ndarray:
     """Greedy insertion by marginal cost, then best-swap descent to a 1-swap local optimum.
@@ -174,12 +153,10 @@ def greedy_start(problem: BlockProblem, descend: bool = True, max_steps: int | N
         return _insert_factored(FT, np.ascontiguousarray(problem.c, np.float32), group_of, counts)
     x, h = _insert_dense(Q, group_of, counts)
     if descend and problem.num_variables <= DENSE_LIMIT:
-        order, begin = _group_order(problem)
+        order, begin = group_order(problem)
         steps = max_steps if max_steps is not None else 20 * problem.num_variables + 100
         _descend_dense(Q, order, begin, x, h, steps)
         if groups:
-            from qsurgeon.worker.solvers import group_descent  # it builds on this module
-
             if group_descent.applies(problem):
                 x = group_descent.group_descent(problem, x, Q=Q)
     return x
@@ -192,7 +169,7 @@ def descend(problem: BlockProblem, x: np.ndarray, max_steps: int | None = None) 
         return np.asarray(x, np.uint8).copy()
     x = np.ascontiguousarray(x, np.uint8).copy()
     h = Q.astype(np.float64) @ x.astype(np.float64) if Q.dtype != np.float64 else Q @ x.astype(np.float64)
-    order, begin = _group_order(problem)
+    order, begin = group_order(problem)
     _descend_dense(Q, order, begin, x, np.ascontiguousarray(h), max_steps or 20 * problem.num_variables + 100)
     return x
 

@@ -16,7 +16,7 @@ which it includes). Fields are updated in O(B) per variable that changed.
 Only groups with at most :data:`MAX_CONFIGS` configurations are moved (4:8: 70, 2:4: 6);
 others — a layer-wise row's single group of 256 — are left as they are, so single-group
 blocks are unaffected. The kernel works on a dense Q: dense blocks use their own, factored
-ones FᵀF + diag(c) formed in float64 (:func:`greedy.dense_matrix`, up to B = 4096; above
+ones FᵀF + diag(c) formed in float64 (:func:`dense_form.dense_matrix`, up to B = 4096; above
 that nothing is moved). Why dense only: a group move needs Q_kl inside the group and an
 update of every field per changed variable; on factors each Q_kl and each field update
 costs O(r), and small-group blocks at the sizes where this pays (B ≤ 4096) fit a dense Q.
@@ -34,7 +34,7 @@ import numpy as np
 from numba import njit
 
 from qsurgeon.worker.block.problem import BlockProblem
-from qsurgeon.worker.solvers.greedy import DENSE_LIMIT, _group_order, dense_matrix
+from qsurgeon.worker.solvers.dense_form import DENSE_LIMIT, dense_matrix, group_order
 
 #: A group is moved exactly when it has at most this many configurations (C(size, count)).
 MAX_CONFIGS = 256
@@ -175,7 +175,7 @@ def _prepare(problem: BlockProblem, Q: np.ndarray | None):
     Q = dense_matrix(problem) if Q is None else Q
     if Q is None:
         return None
-    order, begin = _group_order(problem)
+    order, begin = group_order(problem)
     return np.ascontiguousarray(Q), order, begin, eligible
 
 
@@ -183,7 +183,7 @@ def group_descent(problem: BlockProblem, x: np.ndarray, Q: np.ndarray | None = N
                   max_sweeps: int = MAX_SWEEPS) -> np.ndarray:
     """Group descent from a feasible ``x`` (a copy is returned; ``x`` itself when nothing applies).
 
-    ``Q``: the dense matrix to use (default :func:`greedy.dense_matrix`). Deterministic.
+    ``Q``: the dense matrix to use (default :func:`dense_form.dense_matrix`). Deterministic.
     """
     prepared = _prepare(problem, Q)
     x = np.ascontiguousarray(x, np.uint8).copy()

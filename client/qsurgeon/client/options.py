@@ -39,6 +39,9 @@ PRESET_NAMES: tuple[str, ...] = ("fast", "quality")
 MODEL_KINDS: tuple[str, ...] = ("encoder", "causal-lm", "image-classifier")
 #: a solver name: the registry decides which exist
 SOLVER_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+#: The block solver wherever none is named: prune, jobs, `qsurgeon solve`, POST /v1/solve, the SDK and
+#: the shadow composite's classical side (auto picks a solver and effort per block; docs/solvers.md).
+DEFAULT_SOLVER = "auto"
 PATTERN = re.compile(r"^(\d{1,3}):(\d{1,3})$")
 #: calibration samples of the quality preset: the largest lever measured on MiniLM
 #: (128 → 256 samples added 0.014 of cosine at density 0.5; docs/results.md)
@@ -192,7 +195,7 @@ class PruneOptions(UsageChecked):
         "docs/quality.md)", presets={"quality": "refit", "quality@causal-lm": "original"})
     init: Init = option("wanda", "initial mask for iCBS", presets={"fast": "wanda", "quality": "alps",
                                                                    "quality@causal-lm": "wanda"})
-    solver: str = option("auto", "block solver (see qsurgeon solvers; auto picks one per block)", pattern=SOLVER_NAME)
+    solver: str = option(DEFAULT_SOLVER, "block solver (see qsurgeon solvers; auto picks one per block)", pattern=SOLVER_NAME)
     solver_params: dict[str, int | float | str | bool] = option(
         {}, "parameters of the block solver, checked against the solver's declared parameters",
         metavar="NAME=VALUE", max_length=MAX_ITEMS)
@@ -204,7 +207,7 @@ class PruneOptions(UsageChecked):
         "best", "with --reference: best merges the lower-energy answer; quantum merges --solver's answer alone "
         "(a pure-hardware run; the reference only measures it)")
     route: str | None = option(
-        None, "send to --solver only the blocks this rule takes, the rest to --reference (or sa): all, size<=N, "
+        None, "send to --solver only the blocks this rule takes, the rest to --reference (or auto): all, size<=N, "
         "tensor=GLOB, fraction=F, comma-separated, all must hold (docs/quantum.md)", metavar="RULE",
         min_length=1, max_length=256)
     block_size: int = option(128, "weights per iCBS block (B)", ge=2, le=4096,

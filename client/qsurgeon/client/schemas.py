@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from qsurgeon.client.options import JobOptions
+from qsurgeon.client.options import DEFAULT_SOLVER, SOLVER_NAME, JobOptions
 
 API_PREFIX = "/v1"
 BUILTIN_MODELS = ("builtin:minilm",)
@@ -165,7 +165,7 @@ class SolveRequest(_Strict):
                                  description="ones per group label")
     x0: list[_Bit] = Field(None, min_length=1, max_length=MAX_SOLVE_VARIABLES, description="a start assignment")
     offset: _Real = 0.0
-    solver: str = Field("auto", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    solver: str = Field(DEFAULT_SOLVER, pattern=SOLVER_NAME)
     params: dict[str, Any] = Field(default_factory=dict, max_length=64,
                                    json_schema_extra={"additionalProperties": _PARAM_VALUE})
     id: str = Field("", max_length=200)

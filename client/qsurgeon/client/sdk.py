@@ -27,7 +27,7 @@ import httpx
 from pydantic import ValidationError
 
 from qsurgeon.client.errors import QsurgeonError, UsageError
-from qsurgeon.client.options import JobOptions, describe_error
+from qsurgeon.client.options import DEFAULT_SOLVER, JobOptions, describe_error
 from qsurgeon.client.schemas import (
     API_PREFIX, Job, JobEvent, JobList, JobState, SolveAccepted, SolveResult, SolverInfo,
 )
@@ -346,7 +346,7 @@ class Client:
 
     # raw blocks and the service
     def solve(self, Q: Any = None, k: int | None = None, *, F: Any = None, c: Any = None, groups: Any = None,
-              counts: Any = None, x0: Any = None, offset: float = 0.0, solver: str = "auto",
+              counts: Any = None, x0: Any = None, offset: float = 0.0, solver: str = DEFAULT_SOLVER,
               params: Mapping[str, Any] | None = None, problem_id: str = "") -> SolveResult | Job:
         """Solve one block problem; a large one comes back as a Job (its answer: artifact solution.json)."""
         body = _solve_body(Q, k, F=F, c=c, groups=groups, counts=counts, x0=x0, offset=offset, solver=solver,
@@ -467,7 +467,7 @@ class AsyncClient:
         return saved
 
     async def solve(self, Q: Any = None, k: int | None = None, *, F: Any = None, c: Any = None, groups: Any = None,
-                    counts: Any = None, x0: Any = None, offset: float = 0.0, solver: str = "auto",
+                    counts: Any = None, x0: Any = None, offset: float = 0.0, solver: str = DEFAULT_SOLVER,
                     params: Mapping[str, Any] | None = None, problem_id: str = "") -> SolveResult | Job:
         body = _solve_body(Q, k, F=F, c=c, groups=groups, counts=counts, x0=x0, offset=offset, solver=solver,
                            params=params, problem_id=problem_id)

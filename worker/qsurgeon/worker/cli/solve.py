@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from qsurgeon.client.errors import UsageError
+from qsurgeon.client.options import DEFAULT_SOLVER
 from qsurgeon.worker.queue.export import block_file, read_manifest
 from qsurgeon.worker.block.problem import BlockProblem, BlockSolution
 from qsurgeon.worker.solvers.registry import all_capabilities, solver_parameters
@@ -285,7 +286,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "solve", help="solve block problems stored as .npz files or exported directories (with manifest.json)"
     )
     solve.add_argument("files", nargs="+", metavar="FILE.npz|DIR")
-    solve.add_argument("--solver", default="auto", help="solver name (see `qsurgeon solvers`; default auto: one per block)")
+    solve.add_argument("--solver", default=DEFAULT_SOLVER,
+                       help=f"solver name (see `qsurgeon solvers`; default {DEFAULT_SOLVER}: one per block)")
     solve.add_argument("--restarts", type=int, help="independent restarts per problem")
     solve.add_argument("--sweeps", type=int, help="annealing sweeps per restart")
     solve.add_argument("--time-limit", type=float, help="seconds per batch, where the solver supports it")

@@ -38,12 +38,13 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from qsurgeon.client.errors import QsurgeonError, UsageError
+from qsurgeon.client.options import DEFAULT_SOLVER
 from qsurgeon.worker.block.problem import MAX_VARIABLES, BlockProblem, BlockSolution
 from qsurgeon.worker.solvers.base import BatchSolver, Capabilities, Param, check_params
 
 MERGES = ("best", "quantum")
 #: the classical solver for blocks the route keeps off the quantum solver when no reference is named
-DEFAULT_CLASSICAL = "auto"  # the default solver everywhere else too
+DEFAULT_CLASSICAL = DEFAULT_SOLVER
 _SEED_BOUND = 2**127
 
 PARAMETERS = (

@@ -57,23 +57,61 @@ def applies(problem: BlockProblem, max_configs: int = MAX_CONFIGS) -> bool:
 
 
 @njit(cache=True)
-def _best_in_group(Q, order, begin, end, x, h, a, members, idx, best_idx):
-    """Best configuration of one group given the rest; returns (gain, ones); best_idx holds it.
+def _group_terms(Q, order, begin, end, x, h, members, a):
+    """Gather the group's variables into ``members`` and their linear terms into ``a``; returns its ones.
 
-    gain = E(current) − E(best) ≥ 0, computed with the same sums for every configuration.
+    a[p] = Q_kk + 2·(field of k from outside the group): with every other variable fixed, a
+    configuration S of the group costs Σ_{p∈S} a[p] + 2·Σ_{p<q∈S} Q_{k_p k_q} (:func:`_config_value`).
     """
     m = end - begin
     ones = 0
     for p in range(m):
         members[p] = order[begin + p]
         ones += x[members[p]]
-    scale = 0.0
     for p in range(m):
         k = members[p]
         inside = 0.0
         for q in range(m):
             inside += np.float64(Q[k, members[q]]) * x[members[q]]
         a[p] = np.float64(Q[k, k]) + 2.0 * (h[k] - inside)
+    return ones
+
+
+@njit(cache=True)
+def _config_value(Q, members, a, idx, ones):
+    """The group's cost in the configuration idx[:ones] (positions in ``members``), up to a constant."""
+    value = 0.0
+    for s in range(ones):
+        value += a[idx[s]]
+        for t in range(s + 1, ones):
+            value += 2.0 * np.float64(Q[members[idx[s]], members[idx[t]]])
+    return value
+
+
+@njit(cache=True)
+def _next_combination(idx, ones, m):
+    """Advance idx[:ones] to the next ones-subset of range(m) in lexicographic order; False after the last."""
+    s = ones - 1
+    while s >= 0 and idx[s] == m - ones + s:
+        s -= 1
+    if s < 0:
+        return False
+    idx[s] += 1
+    for t in range(s + 1, ones):
+        idx[t] = idx[t - 1] + 1
+    return True
+
+
+@njit(cache=True)
+def _best_in_group(Q, order, begin, end, x, h, a, members, idx, best_idx):
+    """Best configuration of one group given the rest; returns (gain, ones); best_idx holds it.
+
+    gain = E(current) − E(best) ≥ 0, computed with the same sums for every configuration.
+    """
+    m = end - begin
+    ones = _group_terms(Q, order, begin, end, x, h, members, a)
+    scale = 0.0
+    for p in range(m):
         if abs(a[p]) > scale:
             scale = abs(a[p])
     # current configuration's value, in the same summation order as the enumeration below
@@ -82,34 +120,19 @@ def _best_in_group(Q, order, begin, end, x, h, a, members, idx, best_idx):
         if x[members[p]]:
             idx[c] = p
             c += 1
-    current = 0.0
-    for s in range(ones):
-        current += a[idx[s]]
-        for t in range(s + 1, ones):
-            current += 2.0 * np.float64(Q[members[idx[s]], members[idx[t]]])
+    current = _config_value(Q, members, a, idx, ones)
     for s in range(ones):
         best_idx[s] = idx[s]
         idx[s] = s
     best = current
     while True:
-        value = 0.0
-        for s in range(ones):
-            value += a[idx[s]]
-            for t in range(s + 1, ones):
-                value += 2.0 * np.float64(Q[members[idx[s]], members[idx[t]]])
+        value = _config_value(Q, members, a, idx, ones)
         if value < best - 1e-12 * scale:
             best = value
             for s in range(ones):
                 best_idx[s] = idx[s]
-        # next combination in lexicographic order
-        s = ones - 1
-        while s >= 0 and idx[s] == m - ones + s:
-            s -= 1
-        if s < 0:
+        if not _next_combination(idx, ones, m):
             break
-        idx[s] += 1
-        for t in range(s + 1, ones):
-            idx[t] = idx[t - 1] + 1
     return current - best, ones
 
 
@@ -249,16 +272,7 @@ def _anneal_groups(Q, order, g_begin, eligible_list, x, key, betas, scale):
             g = eligible_list[gi]
             begin = g_begin[g]
             m = g_begin[g + 1] - begin
-            ones = 0
-            for p in range(m):
-                members[p] = order[begin + p]
-                ones += x[members[p]]
-            for p in range(m):
-                k = members[p]
-                inside = 0.0
-                for q in range(m):
-                    inside += np.float64(Q[k, members[q]]) * x[members[q]]
-                a[p] = np.float64(Q[k, k]) + 2.0 * (h[k] - inside)
+            ones = _group_terms(Q, order, begin, g_begin[g + 1], x, h, members, a)
             current = 0.0
             for p in range(m):
                 if x[members[p]]:
@@ -271,25 +285,15 @@ def _anneal_groups(Q, order, g_begin, eligible_list, x, key, betas, scale):
             count = 0
             low = np.inf
             while True:
-                value = 0.0
-                for s in range(ones):
-                    value += a[idx[s]]
-                    for t in range(s + 1, ones):
-                        value += 2.0 * np.float64(Q[members[idx[s]], members[idx[t]]])
+                value = _config_value(Q, members, a, idx, ones)
                 values[count] = value
                 for s in range(ones):
                     configs[count, s] = idx[s]
                 if value < low:
                     low = value
                 count += 1
-                s = ones - 1
-                while s >= 0 and idx[s] == m - ones + s:
-                    s -= 1
-                if s < 0:
+                if not _next_combination(idx, ones, m):
                     break
-                idx[s] += 1
-                for t in range(s + 1, ones):
-                    idx[t] = idx[t - 1] + 1
             total = 0.0
             for c in range(count):
                 values[c] = np.exp(-beta * (values[c] - low)) if beta * (values[c] - low) < 700.0 else 0.0
@@ -302,11 +306,7 @@ def _anneal_groups(Q, order, g_begin, eligible_list, x, key, betas, scale):
                 if r < acc:
                     pick = c
                     break
-            new_value = 0.0
-            for s in range(ones):
-                new_value += a[configs[pick, s]]
-                for t in range(s + 1, ones):
-                    new_value += 2.0 * np.float64(Q[members[configs[pick, s]], members[configs[pick, t]]])
+            new_value = _config_value(Q, members, a, configs[pick], ones)
             for p in range(m):
                 flags[p] = 0
             for s in range(ones):

@@ -57,6 +57,15 @@ def applies(problem: BlockProblem, max_configs: int = MAX_CONFIGS) -> bool:
 
 
 @njit(cache=True)
+def _largest_group(g_begin):
+    """Size of the largest group (at least 1): the length of the per-group scratch arrays."""
+    largest = 1
+    for g in range(g_begin.shape[0] - 1):
+        largest = max(largest, g_begin[g + 1] - g_begin[g])
+    return largest
+
+
+@njit(cache=True)
 def _group_terms(Q, order, begin, end, x, h, members, a):
     """Gather the group's variables into ``members`` and their linear terms into ``a``; returns its ones.
 
@@ -164,10 +173,7 @@ def _descend_groups(Q, order, g_begin, eligible, x, h, max_sweeps):
     Returns the number of group moves made. A move is taken only when it lowers the group's
     energy by more than 1e-12 of the group's largest linear term, so rounding cannot loop.
     """
-    largest = 1
-    for g in range(g_begin.shape[0] - 1):
-        if g_begin[g + 1] - g_begin[g] > largest:
-            largest = g_begin[g + 1] - g_begin[g]
+    largest = _largest_group(g_begin)
     members = np.empty(largest, np.int64)
     a = np.empty(largest, np.float64)
     idx = np.empty(largest, np.int64)
@@ -253,10 +259,7 @@ def _anneal_groups(Q, order, g_begin, eligible_list, x, key, betas, scale):
             if x[v]:
                 s += np.float64(Q[u, v])
         h[u] = s
-    largest = 1
-    for g in range(g_begin.shape[0] - 1):
-        if g_begin[g + 1] - g_begin[g] > largest:
-            largest = g_begin[g + 1] - g_begin[g]
+    largest = _largest_group(g_begin)
     members = np.empty(largest, np.int64)
     a = np.empty(largest, np.float64)
     idx = np.empty(largest, np.int64)

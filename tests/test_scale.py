@@ -301,6 +301,31 @@ def test_plan_times_the_report_phase():
     assert seconds[0] > seconds[1] > 0  # the refit's error is one quadratic form more
 
 
+def test_plan_counts_alps_and_the_guards_refit_where_they_run():
+    """ALPS's ADMM (--method alps, --init alps) is planned in the init phase, its own refit with it;
+    --keep-better refits inside the search, so no refit phase is planned for it."""
+    from qsurgeon.server.engine.plan import ALPS_ITERATIONS, GPU_CLASSES, estimate, model_shape
+
+    shape = model_shape(json.loads((CONFIGS / "llama-3-8b" / "config.json").read_text()))
+
+    def seconds(plan, phase):
+        return next(p.seconds for p in plan.phases if p.phase == phase)
+
+    h100 = GPU_CLASSES["h100"]
+    wanda = estimate(shape, PruneOptions(model="m", density=0.5, method="wanda"), gpu=h100)
+    alps = estimate(shape, PruneOptions(model="m", density=0.5, method="alps"), gpu=h100)
+    init_alps = estimate(shape, PruneOptions(model="m", density=0.5, init="alps"), gpu=h100)
+    # each ADMM iteration is two out × in² products: ALPS's init costs more than that many products
+    products = 2 * sum(2 * out * width * width for _, out, width in shape.targets) * shape.layers
+    assert seconds(alps, "init") > ALPS_ITERATIONS * products / (h100.fp32_tflops * 1e12) > 0
+    assert seconds(alps, "init") > seconds(init_alps, "init") > 10 * seconds(wanda, "init")  # its refit too
+    guarded = estimate(shape, PruneOptions(model="m", density=0.5, init="alps", refit=True, keep_better=True),
+                       gpu=h100)
+    plain = estimate(shape, PruneOptions(model="m", density=0.5, init="alps", refit=True), gpu=h100)
+    assert seconds(guarded, "refit") == 0 < seconds(plain, "refit")
+    assert seconds(guarded, "init") > seconds(plain, "init")  # ALPS's own refit, for the guard to compare
+
+
 # ====================================================================== a closed stdout
 @pytest.mark.parametrize("command", [["solvers"], ["plan", str(CONFIGS / "llama-3-8b"), "--gpu", "h100",
                                                     "--no-probe"]])

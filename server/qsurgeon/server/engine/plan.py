@@ -300,6 +300,13 @@ REFIT_REFERENCE_WIDTH = 1024
 REFIT_WIDTH_EXPONENT = 0.75
 
 
+#: ADMM iterations the plan counts per tensor for ALPS (``--method alps``, ``--init alps``); each
+#: is two float32 out × in² products through the Gram's eigenbasis plus a projection. Fitted on
+#: MiniLM at density 0.5 (ALPS's init phase, report.json; docs/scale.md); the iterations stop when
+#: the support settles, at most pruning.alps.MAX_ITER.
+ALPS_ITERATIONS = 130
+
+
 def refit_iterations(width: int) -> float:
     """CG iterations the plan counts for refitting a tensor with ``width`` inputs."""
     return REFIT_ITERATIONS * (width / REFIT_REFERENCE_WIDTH) ** REFIT_WIDTH_EXPONENT
@@ -400,6 +407,9 @@ def estimate(shape: ModelShape, options: Any, probe: Probe | None = None, gpu: G
     base = probe.base_host_bytes if probe is not None else BASE_HOST_BYTES
     method = options.method
     per_block_method = P * (4 + 4 + 1) + (widest_in * widest_in * 8 * 3 if method == "sparsegpt" else 0)
+    if method == "alps" or (method == "icbs" and options.init == "alps"):
+        # the eigenbasis and Gram (float32, in²) and ADMM's W, V, D and their temporaries (out × in)
+        per_block_method += widest_in * widest_in * 4 * 2 + widest * 4 * 8
     # iCBS holds float64 weights and row errors per tensor and a round's QUBOs (float32 B × B each,
     # with the solver's copy and answers: 3×); a round is at most ROUND_BYTES of QUBOs and at most
     # the blocks an epoch has per transformer block: 500 steps of B = 128 are 33 MB, not 256 MB
@@ -415,12 +425,27 @@ def estimate(shape: ModelShape, options: Any, probe: Probe | None = None, gpu: G
     gram_flops = L * sum(2 * width * width * tokens for width in shape.gram_inputs)
     sparsegpt_flops = L * sum(width ** 3 + 2 * out * width * width for _, out, width in shape.targets) \
         if method == "sparsegpt" or options.init == "sparsegpt" else 0
+    runs_alps = method == "alps" or (method == "icbs" and options.init == "alps")
+    # ALPS per tensor: a float32 eigendecomposition of the Gram (~9 in³), the ADMM iterations, then
+    # its own refit on the support (counted with the refit's model below)
+    alps_f32 = L * sum(9 * width ** 3 + ALPS_ITERATIONS * 4 * out * width * width
+                       for _, out, width in shape.targets) if runs_alps else 0
     # the refit per tensor: Cholesky and inverse of the Gram (7/3 in³) and the right-hand side
     # (2 out in²) in float64, then CG iterations of two float32 out × in² products each
-    refit_f64 = L * sum(7 / 3 * width ** 3 + 2 * out * width * width for _, out, width in shape.targets) \
-        if options.refit else 0
-    refit_f32 = L * sum(4 * out * width * width * refit_iterations(width) for _, out, width in shape.targets) \
-        if options.refit else 0
+    one_refit_f64 = L * sum(7 / 3 * width ** 3 + 2 * out * width * width for _, out, width in shape.targets)
+    one_refit_f32 = L * sum(4 * out * width * width * refit_iterations(width) for _, out, width in shape.targets)
+    refit_f64, refit_f32 = (one_refit_f64, one_refit_f32) if options.refit else (0, 0)
+    # --keep-better refits inside the search phase (the initial mask's weights, then only the rows
+    # the search changed) and leaves no refit phase; with ALPS's start that first refit is ALPS's own
+    guard_f64, guard_f32 = 0, 0
+    if options.refit and options.keep_better and method == "icbs":
+        if options.init != "alps":
+            guard_f64, guard_f32 = refit_f64, refit_f32
+        refit_f64, refit_f32 = 0, 0
+    # ALPS refits its own support inside the init phase for --method alps, and for --init alps when
+    # --keep-better compares against ALPS's own result (else --init alps keeps only the mask)
+    alps_refits = method == "alps" or (runs_alps and options.keep_better)
+    alps_refit_f64, alps_refit_f32 = (one_refit_f64, one_refit_f32) if alps_refits else (0, 0)
     # the per-tensor error report: one float32 out × in² product per quadratic form (the dense
     # reference, the initial mask, the final one when iCBS changed it, the refit's weights)
     forms = 2 + (1 if _icbs_blocks(shape, options) else 0) + (1 if options.refit else 0)
@@ -478,12 +503,16 @@ def estimate(shape: ModelShape, options: Any, probe: Probe | None = None, gpu: G
                       dev(0), forward_flops / fwd_rate + gram_flops / gram_rate,
                       "block by block: forward passes and the float64 Grams of its inputs"),
         PhaseEstimate("init", host_model + masks + activations_host + grams + per_block_method, dev(0),
-                      init_elements / elem_rate + sparsegpt_flops / f64_rate, f"{options.init if method == 'icbs' else method} masks"),
+                      init_elements / elem_rate + sparsegpt_flops / f64_rate + alps_f32 / gram_rate
+                      + alps_refit_f64 / refit_f64_rate + alps_refit_f32 / refit_f32_rate,
+                      f"{options.init if method == 'icbs' else method} masks"),
         PhaseEstimate("icbs", host_model + masks + activations_host + grams + per_block_method + icbs_extra, dev(0),
-                      (blocks * block_seconds + icbs_f64 / f64_rate) if blocks else 0.0,
+                      ((blocks * block_seconds + icbs_f64 / f64_rate) if blocks else 0.0)
+                      + guard_f64 / refit_f64_rate + guard_f32 / refit_f32_rate,
                       f"{blocks:,} blocks of {options.block_size}" if blocks else "not run"),
         PhaseEstimate("refit", host_model + masks + activations_host + grams + per_block_method + refit_extra,
-                      dev(refit_extra), refit_f64 / refit_f64_rate + refit_f32 / refit_f32_rate, "least squares per row" if options.refit else "off"),
+                      dev(refit_extra), refit_f64 / refit_f64_rate + refit_f32 / refit_f32_rate, "least squares per row" if refit_f64 else
+                      ("inside the search (--keep-better)" if options.refit else "off")),
         PhaseEstimate("report", host_model + masks + activations_host + grams + widest_in * widest_in * 4
                       + widest * 4 * 3, dev(widest_in * widest_in * 4 + widest * 4 * 3), report_flops / gram_rate,
                       "relative errors per tensor (float32 on the block's device)"),

@@ -40,7 +40,7 @@ from typing import Any, Mapping, Sequence
 from qsurgeon.client.errors import QsurgeonError, UsageError
 from qsurgeon.client.options import DEFAULT_SOLVER
 from qsurgeon.worker.block.problem import MAX_VARIABLES, BlockProblem, BlockSolution
-from qsurgeon.worker.solvers.base import BatchSolver, Capabilities, Param, check_params
+from qsurgeon.worker.solvers.base import BatchSolver, Capabilities, Param, Solver, check_params
 
 MERGES = ("best", "quantum")
 #: the classical solver for blocks the route keeps off the quantum solver when no reference is named
@@ -179,27 +179,20 @@ class ShadowSolver(BatchSolver):
 
         decisions = [route.decide(problem, quantum.capabilities.max_variables) for problem in problems]
         routed = [index for index, (takes, _) in enumerate(decisions) if takes]
-        quantum_answers: dict[int, BlockSolution | None] = {}
-        quantum_failures: dict[int, str] = {}
-        if routed:
-            answers, reasons = solve_each_on_failure([problems[i] for i in routed], quantum,
-                                                     {**settings["quantum_params"], **seeded})
-            for index, answer, reason in zip(routed, answers, reasons):
-                quantum_answers[index] = answer
-                if answer is None:
-                    quantum_failures[index] = reason
-        # the reference shadows every block; without one, sa answers only what the quantum solver did not
+        def answer(indices: list[int], solver: Solver, params: Mapping[str, Any]):
+            """The answers of ``solver`` to problems[indices] by index, and why those that failed did."""
+            if not indices:
+                return {}, {}
+            answers, reasons = solve_each_on_failure([problems[i] for i in indices], solver, {**params, **seeded})
+            return (dict(zip(indices, answers)),
+                    {i: reason for i, a, reason in zip(indices, answers, reasons) if a is None})
+
+        quantum_answers, quantum_failures = answer(routed, quantum, settings["quantum_params"])
+        # the reference shadows every block; without one, the default solver answers only what the
+        # quantum solver did not
         classical_indices = (list(range(len(problems))) if reference_name
                              else [i for i in range(len(problems)) if quantum_answers.get(i) is None])
-        classical_answers: dict[int, BlockSolution | None] = {}
-        classical_failures: dict[int, str] = {}
-        if classical_indices:
-            answers, reasons = solve_each_on_failure([problems[i] for i in classical_indices], classical,
-                                                     {**settings["reference_params"], **seeded})
-            for index, answer, reason in zip(classical_indices, answers, reasons):
-                classical_answers[index] = answer
-                if answer is None:
-                    classical_failures[index] = reason
+        classical_answers, classical_failures = answer(classical_indices, classical, settings["reference_params"])
 
         solutions = []
         for index, problem in enumerate(problems):

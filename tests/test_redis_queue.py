@@ -111,18 +111,22 @@ def test_shared_matrices_are_stored_once(client, prefix):
     assert not list(client.scan_iter(match=f"{prefix}:blob*"))
 
 
-def test_duplicate_results_are_ignored(client, prefix):
-    rng = np.random.default_rng(3)
-    problem = random_problem(rng, 6, 2, "only")
+def _one_block_read(prefix: str, seed: int, job: str):
+    """A round of one block enqueued, and a worker holding its message (not yet answered)."""
+    problem = random_problem(np.random.default_rng(seed), 6, 2, job)
     settings = QueueSettings(prefix=prefix)
     queue = RedisQueue(REDIS_URL, settings=settings)
-    request = RoundRequest(job_id="j3", round_id="r0", problems=[problem], solver="exhaustive")
+    request = RoundRequest(job_id=job, round_id="r0", problems=[problem], solver="exhaustive")
     queue._enqueue(request, [problem])
     worker = Worker(connect(REDIS_URL), settings=settings, backends=["exhaustive"])
-    message = worker._read("w")[0]
+    return problem, queue, request, worker, worker._read("w")[0]
+
+
+def test_duplicate_results_are_ignored(client, prefix):
+    problem, queue, request, worker, message = _one_block_read(prefix, 3, "j3")
     right = solve(problem, "exhaustive")
     wrong_x = problem.x0 if not np.array_equal(problem.x0, right.x) else 1 - problem.x0
-    wrong = BlockSolution(x=wrong_x, energy=0.0, solver="late", problem_id="only")
+    wrong = BlockSolution(x=wrong_x, energy=0.0, solver="late", problem_id=problem.id)
     worker._finish(message, encode_result(right))
     worker._finish(message, encode_result(wrong))  # a reclaimed copy answering late
     result = queue._collect(request, [problem], {})
@@ -307,19 +311,12 @@ def test_worker_cli_heartbeats_and_exits_cleanly_on_sigterm(client, prefix):
 
 
 def test_late_answers_never_recreate_a_collected_round(client, prefix):
-    rng = np.random.default_rng(31)
-    problem = random_problem(rng, 6, 2, "late")
-    settings = QueueSettings(prefix=prefix)
-    queue = RedisQueue(REDIS_URL, settings=settings)
-    request = RoundRequest(job_id="j31", round_id="r0", problems=[problem], solver="exhaustive")
-    queue._enqueue(request, [problem])
-    worker = Worker(connect(REDIS_URL), settings=settings, backends=["exhaustive"])
-    message = worker._read("w")[0]
+    problem, queue, request, worker, message = _one_block_read(prefix, 31, "j31")
     worker._finish(message, encode_result(solve(problem, "exhaustive")))
     queue._collect(request, [problem], {})  # collected: the round's keys are gone
     worker._finish(message, encode_result(solve(problem, "exhaustive")))  # a reclaimed copy answers late
     assert not list(client.scan_iter(match=f"{prefix}:res:*")) and not list(client.scan_iter(match=f"{prefix}:note:*"))
-    assert QueueControl(client, settings).stats()["blocks_solved"] == 1  # counted once
+    assert QueueControl(client, QueueSettings(prefix=prefix)).stats()["blocks_solved"] == 1  # counted once
 
 
 def test_round_lost_with_redis_data_is_sent_again(tmp_path):

@@ -76,6 +76,69 @@ def test_x0_start_never_returns_worse_than_x0():
     assert np.array_equal(untouched.x, problems[0].x0)
 
 
+def _outlier_block(size: int, seed: int, k: int, groups=None, counts=None) -> BlockProblem:
+    """A pruning block whose inputs have a few outlier channels (scaled 10–20×), as in real rows."""
+    base = pruning_block(size, seed, k=k, groups=groups, counts=counts)
+    scale = np.ones(size)
+    scale[np.random.default_rng(seed).choice(size, size=max(1, size // 32), replace=False)] = [10.0, 20.0][seed % 2]
+    Q = (scale[:, None] * np.asarray(base.Q, np.float64) * scale[None, :]).astype(np.float32)
+    return BlockProblem.dense(Q, k=k, groups=groups, counts=counts)
+
+
+def test_the_schedule_scale_ignores_outlier_swaps():
+    from qsurgeon.worker.solvers.sa import GREEDY_SCALE_QUANTILE, robust_scale
+
+    deltas = np.random.default_rng(0).exponential(1e-4, 1024)
+    wrecked = deltas.copy()
+    wrecked[::50] *= 1000.0  # 2 % of the swaps touch an outlier channel
+    assert wrecked.mean() > 10 * deltas.mean()  # a mean-based scale would make the schedule 10× hotter
+    assert robust_scale(wrecked, GREEDY_SCALE_QUANTILE) == pytest.approx(robust_scale(deltas, GREEDY_SCALE_QUANTILE),
+                                                                         rel=0.1)
+    assert robust_scale(np.zeros(8), 0.25) == 1.0 and robust_scale(np.array([0.0, -3e-5]), 0.25) == 3e-5
+
+
+def test_from_scratch_the_scale_comes_from_the_greedy_state_and_the_answer_never_loses_to_it():
+    from qsurgeon.worker.solvers import sa
+    from qsurgeon.worker.solvers.greedy import greedy_start, swap_deltas
+
+    for seed in range(4):
+        problem = _outlier_block(96, seed, k=40)
+        start = greedy_start(problem)
+        answer = solve(problem, "sa", seed=seed, sweeps=60, restarts=2)
+        assert answer.metadata["start"] == "greedy"
+        assert answer.metadata["beta_range"] == list(sa.DEFAULT_BETA_RANGE_GREEDY_LARGE_GROUPS)
+        expected = sa.robust_scale(swap_deltas(problem, start), sa.GREEDY_SCALE_QUANTILE)
+        assert answer.metadata["energy_scale"] == pytest.approx(expected, rel=1e-12)
+        assert answer.energy <= problem.energy(start) + 1e-15
+        assert answer.energy == pytest.approx(direct_energy(problem, answer.x), rel=1e-9)
+        assert int(answer.x.sum()) == 40
+
+
+def test_the_greedy_schedule_depends_on_the_group_sizes_only_from_the_greedy_start():
+    from qsurgeon.worker.solvers import sa
+
+    nm = pruning_block(64, 2, groups=np.arange(64) // 8, counts=[4] * 8)
+    single = pruning_block(64, 3, k=30)
+    with_x0 = pruning_block(64, 4, k=30, with_x0=True)
+    answers = solve_batch([nm, single, with_x0], "sa", seed=1, sweeps=20, device="cpu")
+    assert [a.metadata["beta_range"] for a in answers] == [
+        list(sa.DEFAULT_BETA_RANGE_GREEDY), list(sa.DEFAULT_BETA_RANGE_GREEDY_LARGE_GROUPS),
+        list(sa.DEFAULT_BETA_RANGE_X0)]
+    assert sa.has_small_groups(nm) and not sa.has_small_groups(single)
+    given = solve(single, "sa", seed=1, sweeps=20, beta_range=(3, 30))
+    assert given.metadata["beta_range"] == [3, 30]  # an explicit range applies to every start
+
+
+def test_small_single_group_blocks_from_scratch_reach_the_brute_force_minimum():
+    problems = [_outlier_block(14, seed, k=int(4 + seed % 7)) for seed in range(40)]
+    optimal = 0
+    for problem, answer in zip(problems, solve_batch(problems, "sa", seed=5, device="cpu")):
+        exact = enumerated_minimum(problem)
+        assert answer.energy >= exact - 1e-12 * max(1.0, abs(exact))
+        optimal += answer.energy <= exact + 1e-9 * abs(exact) + 1e-15
+    assert optimal >= 38  # measured: 40 of 40
+
+
 def test_factored_problem_agrees_with_its_dense_equivalent():
     for seed in range(5):
         factored = factored_block(18, 2, 100 + seed, k=9)  # 8·r < B: the factored kernel

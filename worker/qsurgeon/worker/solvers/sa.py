@@ -51,6 +51,18 @@ DEFAULT_BETA_RANGE_RANDOM = (20.0, 300.0)
 #: state those inflate every ΔE (through h = Qx), so the median there made the whole schedule
 #: hot. Values tuned on the benchmark families (docs/solvers.md, "Robust starts").
 DEFAULT_BETA_RANGE_GREEDY = (2.0, 100.0)
+#: From the greedy start on a block whose groups are all large (one row of B = 256: layer-wise,
+#: outlier, causal and Fisher rows) the schedule starts colder. Measured on those four families at
+#: B = 256 from scratch (9 blocks × 6 run seeds each, not the 3 blocks the (2, 100) range was set on;
+#: docs/solvers.md, "Robust starts"): β_rel 2 → 100 left 4.7 % mean on outlier rows and 0.65 % on
+#: layer-wise blocks; 10 → 100 about 2 % and 0.5 % in half the time (a hot phase accepts many moves,
+#: and an accepted move costs O(B)). The hot start only re-randomised the good greedy state of such
+#: rows. Blocks with small groups (N:M) keep (2, 100): there a colder start was no better and
+#: (5, 300) left a B = 10 grouped block in a 2-swap-deep local minimum.
+DEFAULT_BETA_RANGE_GREEDY_LARGE_GROUPS = (10.0, 100.0)
+#: A block counts as small-grouped (N:M-like) when its largest group has at most this many variables
+#: (auto.SMALL_GROUP routes on the same figure).
+SMALL_GROUP = 32
 GREEDY_SCALE_QUANTILE = 0.25
 DEFAULT_RESTARTS = 4
 DEFAULT_SWEEPS = 1000
@@ -63,8 +75,9 @@ _SEED_BOUND = 2**127
 PARAMETERS = (
     Param("restarts", "int", "independent chains per problem", DEFAULT_RESTARTS, minimum=1),
     Param("sweeps", "int", "sweeps per chain (a sweep = B swap proposals)", DEFAULT_SWEEPS, minimum=0),
-    Param("beta_range", "pair", "(β_rel start, end); none: (20, 300) from x0 or random, "
-          f"{DEFAULT_BETA_RANGE_GREEDY} from the greedy start"),
+    Param("beta_range", "pair", "(β_rel start, end); none: (20, 300) from x0 or random, from the greedy start "
+          f"{DEFAULT_BETA_RANGE_GREEDY} on blocks with small groups (N:M) and "
+          f"{DEFAULT_BETA_RANGE_GREEDY_LARGE_GROUPS} on the others"),
     Param("scale_quantile", "float", "quantile of |ΔE| over swaps at the start that makes β dimensionless "
           f"(none: the median of 256 random swaps from x0 or random, {GREEDY_SCALE_QUANTILE} of 1024 from greedy)",
           above=0.0, maximum=1.0),
@@ -138,14 +151,29 @@ def _resolve_cuda_kernel(kernel: str, device: str) -> str:
     return kernel
 
 
-#: Row of the β table each kind of start follows.
-BETA_ROW = {"random": 0, "x0": 1, "greedy": 2}
+#: Row of the β table each kind of start follows ("greedy-large": the greedy start on a block
+#: without small groups, see :func:`beta_row`).
+BETA_ROW = {"random": 0, "x0": 1, "greedy": 2, "greedy-large": 3}
+
+
+def has_small_groups(problem: BlockProblem) -> bool:
+    """True when the block's largest group has at most SMALL_GROUP variables (N:M-like)."""
+    return int(np.bincount(problem.group_of, minlength=problem.num_groups).max(initial=0)) <= SMALL_GROUP
+
+
+def beta_row(problem: BlockProblem, kind: str) -> int:
+    """The β-table row a problem's chains follow, by start kind and, from greedy, by group sizes."""
+    if kind == "greedy" and not has_small_groups(problem):
+        return BETA_ROW["greedy-large"]
+    return BETA_ROW[kind]
 
 
 def _beta_table(params: AnnealParams) -> tuple[np.ndarray, list[tuple[float, float]]]:
-    """Rows of dimensionless β per sweep: row 0 for random starts, 1 for x0 starts, 2 for greedy ones."""
+    """Rows of dimensionless β per sweep: row 0 for random starts, 1 for x0 starts, 2 for greedy ones
+    on small-grouped blocks, 3 for greedy ones on the others."""
     ranges = [params.beta_range or DEFAULT_BETA_RANGE_RANDOM, params.beta_range or DEFAULT_BETA_RANGE_X0,
-              params.beta_range or DEFAULT_BETA_RANGE_GREEDY]
+              params.beta_range or DEFAULT_BETA_RANGE_GREEDY,
+              params.beta_range or DEFAULT_BETA_RANGE_GREEDY_LARGE_GROUPS]
     sweeps = max(params.sweeps, 1)
     table = np.stack([np.geomspace(low, high, sweeps) for low, high in ranges]).astype(np.float64)
     return np.ascontiguousarray(table[:, : params.sweeps]), ranges
@@ -266,7 +294,7 @@ class SimulatedAnnealingSolver(BatchSolver):
         starts = [start_kind(problem, options.start, self.name) for problem in problems]
         keys = np.stack([chain_keys(_digest(problem), options.seed, options.restarts) for problem in problems])
         betas, ranges = _beta_table(options)
-        beta_rows = np.array([BETA_ROW[kind] for kind in starts], np.int64)
+        beta_rows = np.array([beta_row(problem, kind) for problem, kind in zip(problems, starts)], np.int64)
         kernel_problems, scales = [], np.full(len(problems), np.nan)
         for index, (problem, kind) in enumerate(zip(problems, starts)):
             if kind == "greedy":  # the kernel starts from the constructed state as from an x0
@@ -296,7 +324,8 @@ class SimulatedAnnealingSolver(BatchSolver):
             kernels = [{"cuda_kernel": sa_cuda.bucket_kernel(options.cuda_kernel, p.num_variables, p.is_factored)}
                        for p in kernel_problems]
         solutions = []
-        for problem, kernel_problem, result, kind, kernel in zip(problems, kernel_problems, results, starts, kernels):
+        for problem, kernel_problem, result, kind, kernel, row in zip(problems, kernel_problems, results, starts,
+                                                                      kernels, beta_rows):
             states, energies, gain = polish_chains(problem, result.best_x, options.polish if options.sweeps else "none")
             best = int(np.argmin(energies))
             proposals = result.sweeps_done * problem.num_variables * options.restarts
@@ -314,7 +343,7 @@ class SimulatedAnnealingSolver(BatchSolver):
                     "kernel_form": "factored" if kernel_problem.is_factored else "dense",
                     "seed": options.seed,
                     "start": kind,
-                    "beta_range": list(ranges[BETA_ROW[kind]]),
+                    "beta_range": list(ranges[int(row)]),
                     "energy_scale": statistics.median(result.scale.tolist()),
                     "acceptance_rate": float(result.accepted.sum() / proposals) if proposals else 0.0,
                     "best_restart": best,

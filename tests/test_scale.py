@@ -326,6 +326,44 @@ def test_plan_counts_alps_and_the_guards_refit_where_they_run():
     assert seconds(guarded, "init") > seconds(plain, "init")  # ALPS's own refit, for the guard to compare
 
 
+def test_gpu_plan_reproduces_the_measured_h100_run():
+    """The GPU class's per-phase factors were fitted on one H100 run (benchmarks/measured): the
+    plan of that run's shape and options must stay within ±30 % of it on every phase of a second
+    or more and on the device peak, so a change to the model that silently loses the fit fails."""
+    from qsurgeon.server.engine.plan import GPU_CLASSES, estimate, model_shape
+
+    record = json.loads((ROOT / "benchmarks" / "measured" / "h100-2026-11-26" / "gpu_scale.json").read_text())
+    run = record["shape"]
+    config = json.loads((CONFIGS / "llama-3-8b" / "config.json").read_text())
+    config.update(hidden_size=run["hidden"], intermediate_size=run["intermediate"], num_hidden_layers=run["depth"],
+                  num_attention_heads=run["heads"], num_key_value_heads=run["kv_heads"], vocab_size=run["vocab"],
+                  tie_word_embeddings=run["tied"], torch_dtype=run["dtype"])
+    shape = model_shape(config)
+    assert shape.params == pytest.approx(record["parameters"], rel=0.01)
+    options = PruneOptions(model="m", density=0.5, init="wanda", epochs=1, steps_per_epoch=run["steps"], refit=True,
+                           samples=run["samples"], seq_len=run["seq_len"], batch_size=run["batch_size"], device="cuda")
+    plan = estimate(shape, options, gpu=GPU_CLASSES["h100"])
+    measured = record["icbs"]["seconds"]
+    judged = [phase for phase in plan.phases if measured[phase.phase] >= 1.0 and phase.phase != "save"]
+    assert {phase.phase for phase in judged} == {"calibrate", "init", "icbs", "refit", "report"}
+    for phase in judged:
+        assert 0.7 < phase.seconds / measured[phase.phase] < 1.3, (phase.phase, phase.seconds, measured[phase.phase])
+    assert 0.7 < plan.peak_device_bytes / max(record["icbs"]["device_peak"].values()) < 1.3
+    # `--solver sa` on CUDA is planned with the fused kernel's measured round: a shorter search
+    sa = estimate(shape, options.model_copy(update={"solver": "sa"}), gpu=GPU_CLASSES["h100"])
+    assert next(p.seconds for p in sa.phases if p.phase == "icbs") < next(p.seconds for p in judged if p.phase == "icbs")
+
+
+@pytest.mark.slow
+def test_gpu_profile_script_runs_on_this_machine(tmp_path):
+    out = subprocess.run([sys.executable, "benchmarks/gpu_profile_icbs.py", "--out", str(tmp_path), "--steps", "32"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**__import__("os").environ, "PYTHONPATH": "client:worker:server"})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "32 steps per block: {" in out.stdout and "run_icbs" in out.stdout
+    assert "run_round" in (tmp_path / "steps32_cumulative.txt").read_text()
+
+
 # ====================================================================== a closed stdout
 @pytest.mark.parametrize("command", [["solvers"], ["plan", str(CONFIGS / "llama-3-8b"), "--gpu", "h100",
                                                     "--no-probe"]])

@@ -53,9 +53,34 @@ FIXED_SECONDS = {"load": 0.6, "save": 0.05}
 BASE_HOST_BYTES = 700 << 20
 
 
+#: One measured run on one H100 (16-core host), benchmarks/measured/h100-2026-11-26/gpu_scale.json:
+#: a random-init 1.24 B Llama (hidden 2048, 16 blocks, bf16), 32 × 256 calibration tokens, iCBS
+#: from Wanda with 256 steps per block, refit (`bash benchmarks/gpu_scale.sh`). Each factor is
+#: the phase's measured seconds over what the datasheet model below planned for that run, so the
+#: GPU plans of other shapes scale that run by their flops. They are fitted on that one run (the
+#: plan matches it by construction); the H200 run of the same script (older code) is the only
+#: check from outside it (docs/scale.md). Calibrate is 10× the datasheet: the forward passes
+#: and Grams are small, per-batch products, and the weights are read from the memory-mapped
+#: checkpoint here (the load phase only maps them); Wanda's init is host-bound (9.2 ns per
+#: weight against the 0.07 s HBM streaming assumed); the refit's CG converged in far fewer
+#: iterations than the CPU-fitted count (8192 tokens: a better conditioned Gram).
+GPU_PHASE_FACTORS: dict[str, float] = {"calibrate": 10.1, "init": 129.0, "refit": 0.144, "report": 2.9}
+#: iCBS on a GPU host, the same H100 run and a warm profile of it (benchmarks/gpu_profile_icbs.py,
+#: icbs_profile_warm.txt there): `auto` answers iCBS's dense blocks with swap-tabu's numba kernel on
+#: the host (0.47 ms per block of 128 in rounds of 2048), each tensor first costs its float64 copy,
+#: score ranks and row errors (29.5 ns per prunable weight), and a fresh machine first compiles the
+#: solvers' kernels (21 s; numba caches them on disk for later runs). `--solver sa` on CUDA runs
+#: the fused kernel: a round of 8192 blocks at 2 × 32 sweeps took 0.746 s end to end (gpu_check.json).
+GPU_ICBS_BLOCK_SECONDS = 0.47e-3
+GPU_ICBS_SA_BLOCK_SECONDS = 0.746 / 8192
+GPU_ICBS_SECONDS_PER_WEIGHT = 29.5e-9
+GPU_KERNEL_COMPILE_SECONDS = 21.0
+
+
 @dataclass(frozen=True)
 class GPUClass:
-    """Throughput assumptions for one GPU (datasheet figures, derated as stated)."""
+    """Throughput assumptions for one GPU: datasheet figures, derated, then scaled per phase by
+    :data:`GPU_PHASE_FACTORS` (measured on one H100 run)."""
 
     name: str
     memory_gib: float
@@ -66,9 +91,6 @@ class GPUClass:
     host_read_gbs: float = 2.0  # NVMe read of the safetensors shards
     host_write_gbs: float = 1.5
     host_cores: int = 16
-    #: seconds per iCBS block of B = 128 at 2 × 32 sweeps: a round of 8192 blocks took 2.49 s
-    #: on CUDA (one H200, docs/solvers.md; the 16-core CPU kernel took 0.89 s)
-    icbs_block_seconds: float = 0.89 / 8192
     derate: float = 0.35  # the share of peak a block-at-a-time pipeline reaches (small batches)
 
 
@@ -464,6 +486,7 @@ def estimate(shape: ModelShape, options: Any, probe: Probe | None = None, gpu: G
         f64_rate, elem_rate = probe.fp64_flops * 0.5, probe.copy_bytes_per_s / 4
         read_rate, write_rate = probe.read_bytes_per_s, probe.write_bytes_per_s
         block_seconds = probe.icbs_block_seconds * (options.block_size / probe.block_size) ** 2 / EFFICIENCY["icbs"]
+        icbs_fixed = icbs_f64 / f64_rate
         refit_f64_rate, refit_f32_rate = probe.fp64_flops, probe.fp32_flops
         load_fixed = probe.load_fixed_seconds or FIXED_SECONDS["load"]
         assumptions.append(f"probe ({probe.seconds:.1f} s, {probe.cores} cores): float32 "
@@ -477,20 +500,27 @@ def estimate(shape: ModelShape, options: Any, probe: Probe | None = None, gpu: G
         gram_rate = gpu.fp32_tflops * 1e12 * gpu.derate
         f64_rate, elem_rate = gpu.fp64_tflops * 1e12 * gpu.derate, gpu.hbm_tbs * 1e12 / 8
         read_rate, write_rate = gpu.host_read_gbs * 1e9, gpu.host_write_gbs * 1e9
-        # iCBS: QUBOs built on the host CPU, solved by sa on whichever device is faster for
-        # small blocks (the CPU kernel, docs/solvers.md); scaled from B = 128
-        block_seconds = gpu.icbs_block_seconds * (options.block_size / 128) ** 2
+        # iCBS: QUBOs built and (by auto's swap-tabu) answered on the host; `sa` on CUDA by the
+        # fused kernel; scaled from B = 128 (GPU_ICBS_* above)
+        per_block = GPU_ICBS_SA_BLOCK_SECONDS if options.solver == "sa" else GPU_ICBS_BLOCK_SECONDS
+        block_seconds = per_block * (options.block_size / 128) ** 2
+        icbs_fixed = GPU_KERNEL_COMPILE_SECONDS + L * P * GPU_ICBS_SECONDS_PER_WEIGHT
         refit_f64_rate, refit_f32_rate = f64_rate, gram_rate
         load_fixed = FIXED_SECONDS["load"] + 5.0  # importing transformers' model code on a fast host
         assumptions.append(f"{gpu.name}: bf16 {gpu.bf16_tflops:g} / fp32 {gpu.fp32_tflops:g} / fp64 "
                            f"{gpu.fp64_tflops:g} TFLOP/s, HBM {gpu.hbm_tbs:g} TB/s (datasheet), derated to "
-                           f"{gpu.derate:.0%}; NVMe {gpu.host_read_gbs:g} GB/s read; iCBS "
-                           f"{gpu.icbs_block_seconds * 1e3:.3f} ms per block of 128 on a {gpu.host_cores}-core host")
+                           f"{gpu.derate:.0%}, then scaled per phase as measured on one H100 run ("
+                           + ", ".join(f"{phase} ×{factor:g}" for phase, factor in GPU_PHASE_FACTORS.items())
+                           + f"); NVMe {gpu.host_read_gbs:g} GB/s read; iCBS {block_seconds / 1e-3 * (128 / options.block_size) ** 2:.3f}"
+                           f" ms per block of 128 on a {gpu.host_cores}-core host, {GPU_ICBS_SECONDS_PER_WEIGHT * 1e9:g} ns"
+                           f" per prunable weight, and {GPU_KERNEL_COMPILE_SECONDS:g} s of kernel compilation on a"
+                           " machine's first run")
     if tokens != options.samples * options.seq_len:  # pragma: no cover - kept explicit for readers
         pass
     assumptions.append(f"calibration: {options.samples} samples × {options.seq_len} tokens (an upper bound: short "
                        "texts are not padded to full length in the forward passes)")
 
+    factor = (lambda phase: GPU_PHASE_FACTORS.get(phase, 1.0)) if gpu is not None else (lambda phase: 1.0)
     device_block = 0 if not on_gpu else block_weights + grams + transient + (activations if on_gpu else 0)
     dev = lambda extra: 0 if not on_gpu else device_block + extra  # noqa: E731
     host_model = base + weights
@@ -500,21 +530,21 @@ def estimate(shape: ModelShape, options: Any, probe: Probe | None = None, gpu: G
                       0, load_fixed + weights / read_rate * EFFICIENCY["load"],
                       "safetensors read into host memory"),
         PhaseEstimate("calibrate", host_model + masks + activations_host + (0 if on_gpu else grams + transient),
-                      dev(0), forward_flops / fwd_rate + gram_flops / gram_rate,
+                      dev(0), (forward_flops / fwd_rate + gram_flops / gram_rate) * factor("calibrate"),
                       "block by block: forward passes and the float64 Grams of its inputs"),
         PhaseEstimate("init", host_model + masks + activations_host + grams + per_block_method, dev(0),
-                      init_elements / elem_rate + sparsegpt_flops / f64_rate + alps_f32 / gram_rate
-                      + alps_refit_f64 / refit_f64_rate + alps_refit_f32 / refit_f32_rate,
+                      init_elements / elem_rate * factor("init") + sparsegpt_flops / f64_rate + alps_f32 / gram_rate
+                      + (alps_refit_f64 / refit_f64_rate + alps_refit_f32 / refit_f32_rate) * factor("refit"),
                       f"{options.init if method == 'icbs' else method} masks"),
         PhaseEstimate("icbs", host_model + masks + activations_host + grams + per_block_method + icbs_extra, dev(0),
-                      ((blocks * block_seconds + icbs_f64 / f64_rate) if blocks else 0.0)
-                      + guard_f64 / refit_f64_rate + guard_f32 / refit_f32_rate,
+                      ((blocks * block_seconds + icbs_fixed) if blocks else 0.0)
+                      + (guard_f64 / refit_f64_rate + guard_f32 / refit_f32_rate) * factor("refit"),
                       f"{blocks:,} blocks of {options.block_size}" if blocks else "not run"),
         PhaseEstimate("refit", host_model + masks + activations_host + grams + per_block_method + refit_extra,
-                      dev(refit_extra), refit_f64 / refit_f64_rate + refit_f32 / refit_f32_rate, "least squares per row" if refit_f64 else
+                      dev(refit_extra), (refit_f64 / refit_f64_rate + refit_f32 / refit_f32_rate) * factor("refit"), "least squares per row" if refit_f64 else
                       ("inside the search (--keep-better)" if options.refit else "off")),
         PhaseEstimate("report", host_model + masks + activations_host + grams + widest_in * widest_in * 4
-                      + widest * 4 * 3, dev(widest_in * widest_in * 4 + widest * 4 * 3), report_flops / gram_rate,
+                      + widest * 4 * 3, dev(widest_in * widest_in * 4 + widest * 4 * 3), report_flops / gram_rate * factor("report"),
                       "relative errors per tensor (float32 on the block's device)"),
         PhaseEstimate("save", host_model + masks + weights, 0,
                       FIXED_SECONDS["save"] + (weights + masks) / write_rate * EFFICIENCY["save"],
@@ -582,7 +612,7 @@ def read_model_config(reference: str) -> dict[str, Any]:
 
 
 __all__ = [
-    "EFFICIENCY", "GPU_CLASSES", "GPUClass", "ModelShape", "PHASES", "Plan", "PhaseEstimate", "Probe",
+    "EFFICIENCY", "GPU_CLASSES", "GPU_PHASE_FACTORS", "GPUClass", "ModelShape", "PHASES", "Plan", "PhaseEstimate", "Probe",
     "available_host_bytes", "estimate", "fisher_block_bytes", "format_bytes", "measure_probe", "model_shape",
     "plan_table", "read_model_config",
 ]

@@ -11,7 +11,7 @@ import pytest
 from qsurgeon.client.cli import build_parser
 from qsurgeon.client.errors import UsageError
 from qsurgeon.client.options import (
-    PRESETS, PRESETS_BY_KIND, REQUEST_FIELDS, JobOptions, PruneOptions, build_options, field_extra,
+    PRESETS, REQUEST_FIELDS, JobOptions, PruneOptions, build_options, field_extra,
 )
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -44,17 +44,14 @@ def test_presets_are_gathered_from_the_fields():
     assert PRESETS["quality"] == {"method": "icbs", "init": "alps", "search_on": "refit", "keep_better": True,
                                   "epochs": 1, "samples": 256, "refit": True, "coverage": 1 / 6}
     assert PRESETS["fast"] == {"method": "icbs", "init": "wanda", "epochs": 1, "refit": False}
-    assert PRESETS_BY_KIND == {"quality": {"causal-lm": {"init": "wanda", "search_on": "original",
-                                                         "keep_better": False, "block_size": 8, "damp": 0.001,
-                                                         "coverage": 1 / 3}}}
     for preset in PRESETS.values():
         PruneOptions(model="m", **preset)  # every preset value is a valid value of its field
 
 
 def test_explicit_values_beat_the_preset_and_the_preset_is_recorded():
-    options = build_options({"model": "m", "epochs": 3}, "quality", "causal-lm")
+    options = build_options({"model": "m", "epochs": 3}, "quality")
     assert (options.preset, options.epochs, options.block_size, options.init, options.refit) == (
-        "quality", 3, 8, "wanda", True)
+        "quality", 3, 128, "alps", True)
 
 
 @pytest.mark.parametrize("values, words", [

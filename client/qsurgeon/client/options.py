@@ -57,7 +57,7 @@ def option(default: Any, help: str, *, group: str = "prune", cli: bool = True, s
 
     ``group``: the ``--help`` section; ``cli``: whether ``qsurgeon prune`` has a flag for it;
     ``server_owned``: the service decides it (paths on its disk), so a REST request cannot
-    set it; ``presets``: preset name → value, or ``"name@kind"`` → value for one model kind.
+    set it; ``presets``: preset name → value.
     """
     extra: dict[str, Any] = {"group": group}
     if not cli:
@@ -171,7 +171,7 @@ class PruneOptions(UsageChecked):
                         cli=False, server_owned=True, min_length=1, max_length=MAX_TEXT)
     preset: Preset | None = option(
         None, "fast: Wanda plus one iCBS epoch; quality: iCBS from ALPS's mask scored with refit weights, refit, "
-        "keep the better per row (causal LMs: small blocks from Wanda's mask; see docs/quality.md); options "
+        "keep the better per row (see docs/quality.md); options "
         "given explicitly override the preset's")
     method: Method = option("icbs", "pruning method", presets={"fast": "icbs", "quality": "icbs"})
     density: float | None = option(None, "fraction of weights kept, 0 < d < 1 (default 0.5, or what --pattern implies)",
@@ -187,14 +187,13 @@ class PruneOptions(UsageChecked):
                                "granularity) iCBS's result or the initial method's own (e.g. ALPS's mask and "
                                "weights), whichever has the lower calibration layer error: never worse than "
                                "either on that error (docs/quality.md)",
-                               presets={"quality": True, "quality@causal-lm": False})
+                               presets={"quality": True})
     search_on: Literal["original", "refit"] = option(
         "original", "the weights iCBS scores a mask with: original (w0, kept weights fixed; docs/icbs.md §5) or "
         "refit (the initial mask's refit weights, a restored weight at its best value: an upper bound of the "
         "error after the refit, exact at the start, so search plus refit never raises it; layerwise only; "
-        "docs/quality.md)", presets={"quality": "refit", "quality@causal-lm": "original"})
-    init: Init = option("wanda", "initial mask for iCBS", presets={"fast": "wanda", "quality": "alps",
-                                                                   "quality@causal-lm": "wanda"})
+        "docs/quality.md)", presets={"quality": "refit"})
+    init: Init = option("wanda", "initial mask for iCBS", presets={"fast": "wanda", "quality": "alps"})
     solver: str = option(DEFAULT_SOLVER, "block solver (see qsurgeon solvers; auto picks one per block)", pattern=SOLVER_NAME)
     solver_params: dict[str, int | float | str | bool] = option(
         {}, "parameters of the block solver, checked against the solver's declared parameters",
@@ -210,8 +209,7 @@ class PruneOptions(UsageChecked):
         None, "send to --solver only the blocks this rule takes, the rest to --reference (or auto): all, size<=N, "
         "tensor=GLOB, fraction=F, comma-separated, all must hold (docs/quantum.md)", metavar="RULE",
         min_length=1, max_length=256)
-    block_size: int = option(128, "weights per iCBS block (B)", ge=2, le=4096,
-                             presets={"quality@causal-lm": 8})
+    block_size: int = option(128, "weights per iCBS block (B)", ge=2, le=4096)
     epochs: int = option(1, "iCBS epochs", ge=0, le=1000, presets={"fast": 1, "quality": 1})
     steps_per_epoch: int | None = option(
         None, "iCBS blocks per epoch (default: one sweep over every row of every tensor; set it for the fisher "
@@ -236,8 +234,7 @@ class PruneOptions(UsageChecked):
                                         metavar="F", ge=0.0, le=1.0)
     refit: bool = option(False, "refit kept weights by least squares after masking",
                          presets={"fast": False, "quality": True})
-    damp: float = option(0.01, "damping of the refit and SparseGPT, a fraction of mean(diag H)", ge=0.0, le=10.0,
-                         presets={"quality@causal-lm": 0.001})
+    damp: float = option(0.01, "damping of the refit and SparseGPT, a fraction of mean(diag H)", ge=0.0, le=10.0)
     include: list[str] = option([], "prune only tensors matching this glob (repeatable)", metavar="PAT",
                                 max_length=MAX_ITEMS)
     exclude: list[str] = option(["lm_head"], "never prune tensors matching this glob (repeatable; default lm_head)",
@@ -260,7 +257,7 @@ class PruneOptions(UsageChecked):
     fixed_kept: float = option(0.0, "fraction of each row's initial kept set that stays kept", group="search",
                                metavar="F", ge=0.0, lt=1.0)
     coverage: float = option(1 / 3, "blocks per row and sweep = max(1, round(coverage · width / block-size))",
-                             group="search", ge=0.0, le=16.0, presets={"quality": 1 / 6, "quality@causal-lm": 1 / 3})
+                             group="search", ge=0.0, le=16.0, presets={"quality": 1 / 6})
     gamma: float = option(0.75, "fisher: gradient multiplier γ", group="search", ge=0.0, le=1000.0)
     ridge: float = option(1e-3, "fisher: ridge λ on weight changes", group="search", ge=0.0, le=1000.0)
     fisher_weight: float = option(1.0, "layerwise+fisher: weight of the fisher term", group="search", ge=0.0,
@@ -300,37 +297,31 @@ def field_extra(name: str) -> dict[str, Any]:
     return dict(extra) if isinstance(extra, dict) else {}
 
 
-def _gather_presets() -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, dict[str, Any]]]]:
+def _gather_presets() -> dict[str, dict[str, Any]]:
     presets: dict[str, dict[str, Any]] = {name: {} for name in PRESET_NAMES}
-    by_kind: dict[str, dict[str, dict[str, Any]]] = {}
     for name in PruneOptions.model_fields:
-        for key, value in field_extra(name).get("presets", {}).items():
-            preset, _, kind = key.partition("@")
-            if kind:
-                by_kind.setdefault(preset, {}).setdefault(kind, {})[name] = value
-            else:
-                presets[preset][name] = value
-    return presets, by_kind
+        for preset, value in field_extra(name).get("presets", {}).items():
+            presets[preset][name] = value
+    return presets
 
 
 #: ``--preset NAME``: values that explicit options override, gathered from the fields.
 #: ``quality`` is the best iCBS combination measured on MiniLM (docs/quality.md): one epoch
 #: from ALPS's mask scored with the refit weights (``search_on="refit"``), then refit and
 #: ``keep_better`` (per row, never worse than ALPS on the calibration error), at coverage 1/6;
-#: ``fast`` is Wanda plus one epoch.
-#: PRESETS_BY_KIND: what a preset changes for one model kind — causal LMs calibrated on text
-#: unlike their own overfit with blocks of 128, so their quality preset uses blocks of 8
-#: from Wanda's mask with refit damping 0.001 (docs/quality.md).
-PRESETS, PRESETS_BY_KIND = _gather_presets()
+#: ``fast`` is Wanda plus one epoch. The same values serve every model kind: on the
+#: benchmark's causal LM the former LM-only quality preset (blocks of 8 from Wanda's mask,
+#: damping 0.001) lost to ALPS at every density, and these settings tie ALPS there.
+PRESETS = _gather_presets()
 
 
-def preset_values(preset: str | None, kind: str | None = None) -> dict[str, Any]:
-    """What ``preset`` sets for a model of ``kind`` (empty for no preset)."""
+def preset_values(preset: str | None) -> dict[str, Any]:
+    """What ``preset`` sets (empty for no preset)."""
     if preset is None:
         return {}
     if preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    return {**PRESETS[preset], **PRESETS_BY_KIND.get(preset, {}).get(kind or "", {})}
+    return dict(PRESETS[preset])
 
 
 def describe_error(error: ValidationError, flag_style: bool = False) -> str:
@@ -351,14 +342,13 @@ def describe_error(error: ValidationError, flag_style: bool = False) -> str:
     return "; ".join(parts)
 
 
-def build_options(values: Mapping[str, Any], preset: str | None = None, kind: str | None = None, *,
-                  flag_style: bool = False) -> PruneOptions:
-    """PruneOptions from explicit ``values`` over ``preset``'s (for model ``kind``) over the defaults.
+def build_options(values: Mapping[str, Any], preset: str | None = None, *, flag_style: bool = False) -> PruneOptions:
+    """PruneOptions from explicit ``values`` over ``preset``'s over the defaults.
 
     Raises UsageError with one line naming every invalid option.
     """
     known = preset in PRESETS  # an unknown name is refused below, with the field's message
-    merged = {**(preset_values(preset, kind) if known else {}), **dict(values)}
+    merged = {**(preset_values(preset) if known else {}), **dict(values)}
     if preset is not None:
         merged["preset"] = preset
     try:
@@ -403,6 +393,6 @@ def _request_model() -> type[BaseModel]:
 JobOptions = _request_model()
 
 __all__ = [
-    "JobOptions", "PRESETS", "PRESETS_BY_KIND", "PRESET_NAMES", "PruneOptions", "QUALITY_SAMPLES", "REQUEST_FIELDS",
+    "JobOptions", "PRESETS", "PRESET_NAMES", "PruneOptions", "QUALITY_SAMPLES", "REQUEST_FIELDS",
     "build_options", "describe_error", "field_extra", "preset_values",
 ]

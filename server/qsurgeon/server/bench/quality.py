@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from qsurgeon.client.errors import UsageError
-from qsurgeon.client.options import PRESETS, QUALITY_SAMPLES, preset_values
+from qsurgeon.client.options import PRESETS, QUALITY_SAMPLES
 from qsurgeon.server.bench.lm import FULL, LM_FOLDER, QUICK, QUICK_LM_FOLDER, default_cache_dir, ensure_trained, is_trained
 from qsurgeon.server.evaluate.compare import default_task, evaluate_pair
 
@@ -35,8 +35,7 @@ QUICK_DENSITIES: tuple[float | str, ...] = (0.5, "2:4")
 
 #: epochs of the benchmark's icbs and icbs+refit rows
 ICBS_EPOCHS = 2
-#: method label -> PruneOptions overrides; "icbs-quality" is exactly ``--preset quality`` (with its
-#: per-kind changes, :func:`bench_overrides`)
+#: method label -> PruneOptions overrides; "icbs-quality" is exactly ``--preset quality``
 BENCH_METHODS: dict[str, dict[str, Any]] = {
     "magnitude": {"method": "magnitude"},
     "wanda": {"method": "wanda"},
@@ -46,27 +45,16 @@ BENCH_METHODS: dict[str, dict[str, Any]] = {
     "icbs": {"method": "icbs", "init": "wanda", "epochs": ICBS_EPOCHS},
     "icbs+refit": {"method": "icbs", "init": "wanda", "epochs": ICBS_EPOCHS, "refit": True},
     "icbs-quality": dict(PRESETS["quality"]),
-    # levers measured beside the preset: the preset before issue #16 item 3 (on MiniLM; on the
-    # causal LM, whose preset starts from Wanda, it is that preset from SparseGPT's mask), and
-    # the preset's masks judged by the block output
+    # levers measured beside the preset: the preset before issue #16 item 3, and the preset's
+    # masks judged by the block output
     "icbs-quality-from-sparsegpt": {**PRESETS["quality"], "init": "sparsegpt", "search_on": "original",
                                     "keep_better": False},  # the preset before issue #16 item 3
     "icbs-quality+block-output": {**PRESETS["quality"], "block_output": True},
-    # issue #16 item 3: the MiniLM quality preset on any model kind (the causal-LM preset starts
-    # from Wanda): from ALPS's mask, scored with the refit weights, then per row the lower
-    # calibration layer error of iCBS + refit and ALPS's own result
-    "icbs-from-alps": {"method": "icbs", "init": "alps", "search_on": "refit", "keep_better": True, "refit": True,
-                       "epochs": 1, "coverage": 1 / 6},
 }
 
 
-def bench_overrides(method: str, kind: str) -> dict[str, Any]:
-    """A benchmark method's PruneOptions overrides for a model of ``kind``."""
-    if method == "icbs-quality":  # exactly what ``--preset quality`` runs on this model
-        return preset_values("quality", kind)
-    if method.startswith("icbs-quality"):  # the preset for this kind, with one lever changed
-        changed = {key: value for key, value in BENCH_METHODS[method].items() if PRESETS["quality"].get(key) != value}
-        return {**preset_values("quality", kind), **changed}
+def bench_overrides(method: str) -> dict[str, Any]:
+    """A benchmark method's PruneOptions overrides (a copy: the caller may change it)."""
     return dict(BENCH_METHODS[method])
 
 
@@ -328,7 +316,7 @@ def run_quality_bench(options: BenchOptions, log: Callable[[str], None] = lambda
         for density in densities:
             for method in options.methods:
                 log(f"bench quality: {spec.key} {density} {method}")
-                overrides = bench_overrides(method, dense.kind)
+                overrides = bench_overrides(method)
                 if options.quick and "epochs" in overrides:
                     overrides["epochs"] = 1  # structure, not quality: one epoch is enough
                 row = _prune_and_score(spec, dense, calibration, overrides, density, options.seed, dense_cache)

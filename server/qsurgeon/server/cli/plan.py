@@ -38,12 +38,9 @@ def register(subparsers: Any) -> None:
 
 
 def options_for_plan(args: argparse.Namespace) -> PruneOptions:
-    from qsurgeon.server.models.loading import model_kind
-
     explicit = {"model": args.model, **explicit_values(args)}
     preset = explicit.pop("preset", None)
-    kind = model_kind(args.model) if preset is not None else None
-    return build_options(explicit, preset, kind, flag_style=True)
+    return build_options(explicit, preset, flag_style=True)
 
 
 def run_plan_command(args: argparse.Namespace) -> int:

@@ -60,12 +60,9 @@ def register(subparsers: Any) -> None:
 
 def options_from_args(args: argparse.Namespace) -> PruneOptions:
     """PruneOptions: every option the user gave, over the preset's values (if any), over the defaults."""
-    from qsurgeon.server.models.loading import model_kind
-
     explicit = {"model": args.model, "out": args.out, **explicit_values(args)}
     preset = explicit.pop("preset", None)
-    kind = model_kind(args.model) if preset is not None else None
-    return build_options(explicit, preset, kind, flag_style=True)
+    return build_options(explicit, preset, flag_style=True)
 
 
 def run_prune_command(args: argparse.Namespace) -> int:

@@ -30,11 +30,10 @@ def build_options(options: dict[str, Any], *, model_path: str, calibration: str,
     """A validated PruneOptions from a request's options (UsageError names the wrong option).
 
     The request's fields are JobOptions (every option but the server-owned paths); the
-    preset, if any, is applied for the model's kind; the server fills in the paths.
+    preset, if any, fills the options the request left out; the server fills in the paths.
     """
     from qsurgeon.client.options import JobOptions, build_options as merge
     from qsurgeon.server.engine.options import check_engine_options
-    from qsurgeon.server.models.loading import model_kind
 
     try:
         request = JobOptions.model_validate(options)
@@ -42,9 +41,8 @@ def build_options(options: dict[str, Any], *, model_path: str, calibration: str,
         raise UsageError(describe_error(error)) from None
     explicit = request.model_dump(exclude_unset=True)
     preset = explicit.pop("preset", None)
-    kind = model_kind(model_path) if preset is not None else None
     values = {**explicit, "model": model_path, "calibration": calibration, "out": str(out_dir)}
-    pruned = merge(values, preset, kind)
+    pruned = merge(values, preset)
     check_engine_options(pruned)
     return pruned
 

@@ -13,11 +13,17 @@ One core (NUMBA_NUM_THREADS=1 is set) so that times are per core.
     .venv/bin/python benchmarks/families.py [--size 256] [--seeds 0,1,2] [--families nm] [--no-dimod]
 
 Prints mean/worst gap and median ms per (family, solver); writes benchmarks/out/families_B.json.
+Also prints a fingerprint of each family's instances (SHA-256 of their matrices): the MiniLM
+and causal-LM blocks are built from a forward pass cached per machine (benchmarks/cache), whose
+last bits depend on the CPU's float kernels, and the searches are chaotic in those bits, so
+tables from machines with different fingerprints differ run by run (docs/solvers.md, "Why
+tables differ between machines"); compare solvers on one machine, over several blocks.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -61,10 +67,14 @@ def main() -> None:
     greedy_start(instances.pruning_like_dense(16, 0))
     solve(instances.nm_block(64, 0).with_x0(None), "sa", sweeps=1, device="cpu")  # and the group move's
     results: dict[str, dict[str, list]] = {}
+    fingerprints: dict = {}  # family -> running SHA-256 of its instances
     chosen = [name for name in args.families.split(",") if name] or list(instances.FAMILIES)
     for family, make in ((name, instances.FAMILIES[name]) for name in chosen):
         for seed in seeds:
             problem = make(args.size, seed).with_x0(None)
+            digest = fingerprints.setdefault(family, hashlib.sha256())
+            for array in (problem.Q,) if problem.Q is not None else (problem.F, problem.c):
+                digest.update(np.ascontiguousarray(array).tobytes())
             key = best_known.instance_id(family, args.size, seed)
             runs: dict[str, list[tuple[float, float]]] = {}
             started = time.perf_counter()
@@ -125,11 +135,13 @@ def main() -> None:
             rows.append({"solver": label, "family": family, "mean_gap": float(gaps.mean()),
                          "worst_gap": float(gaps.max()), "median_ms": ms, "runs": len(values)})
         print(f"{label:<16}" + "".join(cells), flush=True)
+    prints = {family: digest.hexdigest()[:12] for family, digest in fingerprints.items()}
+    print("instance fingerprints: " + ", ".join(f"{family} {value}" for family, value in prints.items()))
     out = HERE / "out"
     out.mkdir(exist_ok=True)
     suffix = "" if not args.families else "_" + "_".join(chosen)
     (out / f"families_{args.size}{suffix}.json").write_text(json.dumps({"size": args.size, "load": os.getloadavg(),
-                                                                "rows": rows}, indent=1))
+                                                                "fingerprints": prints, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ ICBS_CODE = "icbs|qubo|solvers|rounds|state|objective"
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/icbs_profile"))
-    parser.add_argument("--steps", type=int, nargs="+", default=[256, 2048], help="iCBS steps per block, one prune each")
+    parser.add_argument("--steps", type=int, nargs="+", default=[256, 2048],
+                        help="iCBS steps per transformer block, one prune each")
     args = parser.parse_args(argv)
     import torch
 

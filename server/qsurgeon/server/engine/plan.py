@@ -511,9 +511,9 @@ def estimate(shape: ModelShape, options: Any, probe: Probe | None = None, gpu: G
                            f"{gpu.fp64_tflops:g} TFLOP/s, HBM {gpu.hbm_tbs:g} TB/s (datasheet), derated to "
                            f"{gpu.derate:.0%}, then scaled per phase as measured on one H100 run ("
                            + ", ".join(f"{phase} ×{factor:g}" for phase, factor in GPU_PHASE_FACTORS.items())
-                           + f"); NVMe {gpu.host_read_gbs:g} GB/s read; iCBS {block_seconds / 1e-3 * (128 / options.block_size) ** 2:.3f}"
-                           f" ms per block of 128 on a {gpu.host_cores}-core host, {GPU_ICBS_SECONDS_PER_WEIGHT * 1e9:g} ns"
-                           f" per prunable weight, and {GPU_KERNEL_COMPILE_SECONDS:g} s of kernel compilation on a"
+                           + f"); NVMe {gpu.host_read_gbs:g} GB/s read; iCBS {per_block * 1e3:.3f} ms per block"
+                           f" of 128 on a {gpu.host_cores}-core host, {GPU_ICBS_SECONDS_PER_WEIGHT * 1e9:g} ns per"
+                           f" prunable weight, and {GPU_KERNEL_COMPILE_SECONDS:g} s of kernel compilation on a"
                            " machine's first run")
     if tokens != options.samples * options.seq_len:  # pragma: no cover - kept explicit for readers
         pass
@@ -541,10 +541,12 @@ def estimate(shape: ModelShape, options: Any, probe: Probe | None = None, gpu: G
                       + (guard_f64 / refit_f64_rate + guard_f32 / refit_f32_rate) * factor("refit"),
                       f"{blocks:,} blocks of {options.block_size}" if blocks else "not run"),
         PhaseEstimate("refit", host_model + masks + activations_host + grams + per_block_method + refit_extra,
-                      dev(refit_extra), (refit_f64 / refit_f64_rate + refit_f32 / refit_f32_rate) * factor("refit"), "least squares per row" if refit_f64 else
+                      dev(refit_extra), (refit_f64 / refit_f64_rate + refit_f32 / refit_f32_rate) * factor("refit"),
+                      "least squares per row" if refit_f64 else
                       ("inside the search (--keep-better)" if options.refit else "off")),
         PhaseEstimate("report", host_model + masks + activations_host + grams + widest_in * widest_in * 4
-                      + widest * 4 * 3, dev(widest_in * widest_in * 4 + widest * 4 * 3), report_flops / gram_rate * factor("report"),
+                      + widest * 4 * 3, dev(widest_in * widest_in * 4 + widest * 4 * 3),
+                      report_flops / gram_rate * factor("report"),
                       "relative errors per tensor (float32 on the block's device)"),
         PhaseEstimate("save", host_model + masks + weights, 0,
                       FIXED_SECONDS["save"] + (weights + masks) / write_rate * EFFICIENCY["save"],

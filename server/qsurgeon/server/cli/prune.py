@@ -28,7 +28,7 @@ DEMO_SETTINGS: dict[str, Any] = {
 }
 DEMO_EVAL_TEXTS = 256
 #: what the demo's banner promises; measured with `time qsurgeon demo` (warm kernel cache), see the README
-DEMO_DURATION = "about half a minute on 2 idle cores, up to two minutes on busy ones"
+DEMO_DURATION = "30-50 s on 2 idle cores, up to two minutes on busy ones"
 
 
 def register(subparsers: Any) -> None:

@@ -35,8 +35,6 @@ Selection = Literal["score", "random"]
 Preset = Literal["fast", "quality"]
 PRESET_NAMES: tuple[str, ...] = ("fast", "quality")
 
-#: model kinds a preset may differ for (``qsurgeon.server.models`` reads them from config.json)
-MODEL_KINDS: tuple[str, ...] = ("encoder", "causal-lm", "image-classifier")
 #: a solver name: the registry decides which exist
 SOLVER_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 #: The block solver wherever none is named: prune, jobs, `qsurgeon solve`, POST /v1/solve, the SDK and
@@ -171,8 +169,7 @@ class PruneOptions(UsageChecked):
                         cli=False, server_owned=True, min_length=1, max_length=MAX_TEXT)
     preset: Preset | None = option(
         None, "fast: Wanda plus one iCBS epoch; quality: iCBS from ALPS's mask scored with refit weights, refit, "
-        "keep the better per row (see docs/quality.md); options "
-        "given explicitly override the preset's")
+        "keep the better per row (see docs/quality.md); options given explicitly override the preset's")
     method: Method = option("icbs", "pruning method", presets={"fast": "icbs", "quality": "icbs"})
     density: float | None = option(None, "fraction of weights kept, 0 < d < 1 (default 0.5, or what --pattern implies)",
                                    gt=0.0, lt=1.0)

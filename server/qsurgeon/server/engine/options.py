@@ -11,12 +11,11 @@ The options themselves are declared once, in :mod:`qsurgeon.client.options`. Her
 
 from __future__ import annotations
 
-from qsurgeon.client.errors import UsageError
-
 from typing import Any
 
 from pydantic import Field, create_model
 
+from qsurgeon.client.errors import UsageError
 from qsurgeon.client.options import PruneOptions, UsageChecked
 from qsurgeon.server.pruning.sparsity import Sparsity
 

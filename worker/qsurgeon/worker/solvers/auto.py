@@ -5,7 +5,7 @@ the benchmark families at B = 256:
 
 - single-group blocks (layer-wise, causal-LM and outlier rows, Fisher): ``swap-tabu``
   reaches the best known energy where ``sa`` at equal time leaves 0.3–6 %;
-- small groups (N:M, groups of ≤ SMALL_GROUP variables): ``swap-tabu`` cycles inside the
+- small groups (N:M, groups of ≤ sa.SMALL_GROUP variables): ``swap-tabu`` cycles inside the
   tiny neighbourhoods (3–17 % gaps even after 4 × 20,000 iterations) while ``sa`` reaches
   0–3 %; 8 chains × 4000 sweeps (each chain's best state then group-descended, ``sa``'s
   polish) left 0.60 % mean over 30 runs on 4:8 blocks at B = 256 where 4 × 4000 left 0.82 %,
@@ -29,16 +29,13 @@ from __future__ import annotations
 import secrets
 from typing import Any, Sequence
 
-import numpy as np
-
 from qsurgeon.worker.block.problem import MAX_VARIABLES, BlockProblem, BlockSolution
 from qsurgeon.worker.solvers.base import BatchSolver, Capabilities, Param, check_params
 from qsurgeon.worker.solvers.registry import get_solver
+from qsurgeon.worker.solvers.sa import has_small_groups
 
 #: Blocks up to this many variables are enumerated (2^16 patterns: milliseconds).
 EXACT_MAX_VARIABLES = 16
-#: A block whose largest group has at most this many variables counts as N:M-like.
-SMALL_GROUP = 32
 #: swap-tabu's own limit (a dense float32 Q of 4096² is 64 MiB and one iteration scans it).
 TABU_MAX_VARIABLES = 4096
 EFFORTS = ("short", "default", "long")
@@ -80,8 +77,7 @@ def choose(problem: BlockProblem, effort: str = "default") -> tuple[str, dict[st
     size = problem.num_variables
     if size <= EXACT_MAX_VARIABLES:
         return "exhaustive", {}
-    largest = int(np.bincount(problem.group_of, minlength=problem.num_groups).max(initial=0))
-    if largest <= SMALL_GROUP:
+    if has_small_groups(problem):
         return "sa", dict(BUDGETS[("sa-groups", effort)])
     if size > TABU_MAX_VARIABLES:
         return "sa", dict(BUDGETS[("sa", effort)])

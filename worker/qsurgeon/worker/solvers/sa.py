@@ -60,8 +60,8 @@ DEFAULT_BETA_RANGE_GREEDY = (2.0, 100.0)
 #: rows. Blocks with small groups (N:M) keep (2, 100): there a colder start was no better and
 #: (5, 300) left a B = 10 grouped block in a 2-swap-deep local minimum.
 DEFAULT_BETA_RANGE_GREEDY_LARGE_GROUPS = (10.0, 100.0)
-#: A block counts as small-grouped (N:M-like) when its largest group has at most this many variables
-#: (auto.SMALL_GROUP routes on the same figure).
+#: A block counts as small-grouped (N:M-like) when its largest group has at most this many variables;
+#: ``auto`` routes such blocks to ``sa`` by the same test (:func:`has_small_groups`).
 SMALL_GROUP = 32
 GREEDY_SCALE_QUANTILE = 0.25
 DEFAULT_RESTARTS = 4

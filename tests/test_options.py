@@ -42,6 +42,7 @@ def test_every_prune_flag_is_documented_in_docs_prune_md():
 
 def test_presets_are_gathered_from_the_fields():
     assert PRESETS["quality"] == {"method": "icbs", "init": "alps", "search_on": "refit", "keep_better": True,
+                                  "match_dense": True,
                                   "epochs": 1, "samples": 256, "refit": True, "coverage": 1 / 6}
     assert PRESETS["fast"] == {"method": "icbs", "init": "wanda", "epochs": 1, "refit": False}
     for preset in PRESETS.values():

@@ -326,6 +326,20 @@ def test_plan_counts_alps_and_the_guards_refit_where_they_run():
     assert seconds(guarded, "init") > seconds(plain, "init")  # ALPS's own refit, for the guard to compare
 
 
+def test_plan_counts_the_dense_stream_of_match_dense():
+    """--match-dense: the calibrate phase's forward work ×2.6 (MATCH_DENSE_FORWARD_FACTOR), the Gram
+    products doubled, the target solves on top; a second set of activations and Grams in memory."""
+    from qsurgeon.server.engine.plan import GPU_CLASSES, estimate, model_shape
+
+    shape = model_shape(json.loads((CONFIGS / "llama-3-8b" / "config.json").read_text()))
+    plain = estimate(shape, PruneOptions(model="m", density=0.5, method="wanda"), gpu=GPU_CLASSES["h100"])
+    matched = estimate(shape, PruneOptions(model="m", density=0.5, method="wanda", match_dense=True),
+                       gpu=GPU_CLASSES["h100"])
+    before, after = (next(p for p in plan.phases if p.phase == "calibrate") for plan in (plain, matched))
+    assert after.seconds > 2 * before.seconds
+    assert after.host_bytes >= before.host_bytes and after.device_bytes > before.device_bytes
+
+
 def test_gpu_plan_reproduces_the_measured_h100_run():
     """The GPU class's per-phase factors were fitted on one H100 run (benchmarks/measured): the
     plan of that run's shape and options must stay within ±30 % of it on every phase of a second

@@ -168,8 +168,9 @@ class PruneOptions(UsageChecked):
     model: str = option(..., "a local Hugging Face folder with safetensors weights, or builtin:minilm",
                         cli=False, server_owned=True, min_length=1, max_length=MAX_TEXT)
     preset: Preset | None = option(
-        None, "fast: Wanda plus one iCBS epoch; quality: iCBS from ALPS's mask scored with refit weights, refit, "
-        "keep the better per row (see docs/quality.md); options given explicitly override the preset's")
+        None, "fast: Wanda plus one iCBS epoch; quality: every layer fitted to the dense model's outputs, iCBS from "
+        "ALPS's mask scored with refit weights, refit, keep the better per row (see docs/quality.md); options given "
+        "explicitly override the preset's")
     method: Method = option("icbs", "pruning method", presets={"fast": "icbs", "quality": "icbs"})
     density: float | None = option(None, "fraction of weights kept, 0 < d < 1 (default 0.5, or what --pattern implies)",
                                    gt=0.0, lt=1.0)
@@ -232,6 +233,10 @@ class PruneOptions(UsageChecked):
     refit: bool = option(False, "refit kept weights by least squares after masking",
                          presets={"fast": False, "quality": True})
     damp: float = option(0.01, "damping of the refit and SparseGPT, a fraction of mean(diag H)", ge=0.0, le=10.0)
+    match_dense: bool = option(False, "fit every layer to the dense model's output of that layer, not to its own "
+                               "output on the pruned model's inputs, so the error earlier layers left is corrected; "
+                               "a block's linears are then pruned group by group (q/k/v, o, ...), and calibration "
+                               "costs about 2.5x (docs/quality.md)", presets={"quality": True})
     include: list[str] = option([], "prune only tensors matching this glob (repeatable)", metavar="PAT",
                                 max_length=MAX_ITEMS)
     exclude: list[str] = option(["lm_head"], "never prune tensors matching this glob (repeatable; default lm_head)",
@@ -303,9 +308,10 @@ def _gather_presets() -> dict[str, dict[str, Any]]:
 
 
 #: ``--preset NAME``: values that explicit options override, gathered from the fields.
-#: ``quality`` is the best iCBS combination measured on MiniLM (docs/quality.md): one epoch
-#: from ALPS's mask scored with the refit weights (``search_on="refit"``), then refit and
-#: ``keep_better`` (per row, never worse than ALPS on the calibration error), at coverage 1/6;
+#: ``quality`` is the best iCBS combination measured on MiniLM (docs/quality.md): every layer
+#: fitted to the dense model's outputs (``match_dense``), one epoch from ALPS's mask scored with
+#: the refit weights (``search_on="refit"``), then refit and ``keep_better`` (per row, never
+#: worse than ALPS on the calibration error of the same target), at coverage 1/6;
 #: ``fast`` is Wanda plus one epoch. The same values serve every model kind: on the
 #: benchmark's causal LM the former LM-only quality preset (blocks of 8 from Wanda's mask,
 #: damping 0.001) lost to ALPS at every density, and these settings tie ALPS there.

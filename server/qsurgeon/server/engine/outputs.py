@@ -112,6 +112,9 @@ def _card_section(report: Mapping[str, Any]) -> str:
                                  if options["method"] == "icbs" else ""),
         f"- sparsity: {summary['sparsity']}; {summary['tensors']} tensors, achieved density {summary['density']:.4f}",
         f"- refit of the kept weights: {'yes' if options.get('refit') else 'no'}",
+        "- layer target: " + ("the dense model's output of each layer (`--match-dense`; the errors below are "
+                              "measured against it)" if options.get("match_dense") else
+                              "each layer's own output on the inputs of the pruned model"),
         f"- calibration: {calibration['source']}, {calibration['samples']} samples, {calibration['tokens']} tokens",
         f"- measured (relative layer-wise reconstruction error on the calibration data, 0 = dense): "
         f"initial mask {summary['relative_error_initial']:.4f}, final mask {summary['relative_error_final']:.4f}"

@@ -7,8 +7,10 @@ inside a job; only the :class:`Queue` differs (in-process vs Redis). Its steps:
 2. for each transformer block, in order: capture the inputs of its linears from the
    model whose earlier blocks are already pruned, accumulate the Gram ``H = A Aᵀ``, and
    prune the block's tensors with the chosen method (:data:`~qsurgeon.server.engine.methods.METHODS`:
-   ``magnitude``, ``wanda``, ``icbs``, ``sparsegpt``); refit kept weights if asked; apply;
-   save a checkpoint;
+   ``magnitude``, ``wanda``, ``icbs``, ``sparsegpt``, ``alps``); refit kept weights if asked;
+   apply; save a checkpoint. With ``--match-dense`` a second stream of inputs, the dense
+   model's, runs beside the first, and the block is pruned in groups of linears that share
+   an input, each towards the dense model's output (models/dense_match.py);
 3. write the pruned model folder, the masks and ``report.json`` atomically.
 
 Resuming: a :class:`~qsurgeon.server.engine.checkpoint.Checkpoint` is saved after every
@@ -41,6 +43,7 @@ from qsurgeon.server.models.base import ModelAdapter, TargetLayer
 from qsurgeon.server.models.loading import load_adapter
 from qsurgeon.server.models.calibration import CalibrationData, load_calibration
 from qsurgeon.server.models.capture import capture_first_block_inputs, collect_stats, move_inputs, run_block
+from qsurgeon.server.models.dense_match import collect_matched_stats, dense_matching_weight, input_groups
 from qsurgeon.server.pruning.masks import check_mask
 from qsurgeon.server.pruning.refit import refit_rows
 from qsurgeon.server.pruning.sparsity import Sparsity
@@ -139,6 +142,7 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
         if on_device is not None:  # activations on the GPU while they fit, else in host memory
             keep_on = placement.activations_device(tensor_bytes((inputs.args, inputs.kwargs)))
             inputs = move_inputs(inputs, keep_on)
+        dense_inputs = inputs if options.match_dense else None  # the dense model's stream, block by block
 
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None and saved.get("options") != json.loads(json.dumps(options.identity())):
@@ -159,30 +163,55 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
             checkpoint.save({"options": options.identity(), "finished": finished, "in_block": in_block})
 
     resume_index = len(finished)  # the block that was in progress when the checkpoint was saved
+
+    def context_for(index: int, block: Any, inputs: Any, group: list[TargetLayer], weights0: dict[str, torch.Tensor],
+                    stats: dict[str, Any], whole: bool) -> BlockContext:
+        """What the method sees of one block (or of one group of its linears: ``whole`` False,
+        and then an iCBS state is not saved mid-group: it could not be resumed)."""
+        resume = saved["in_block"] if whole and saved and saved.get("in_block") and index == resume_index else None
+        return BlockContext(
+            index=index, targets=group, weights0=weights0, stats=stats, sparsity=sparsity, options=options,
+            queue=queue, should_stop=stop, progress=emit, timings=timings, resume=resume,
+            save_state=save_checkpoint if whole else (lambda state: None),
+            gradients=None if gradient_source is None else (lambda group=group: gradient_source(group)),
+            block=block, inputs=inputs,
+        )
+
     for index, block in enumerate(blocks):
         placement.enter(block)  # one block on the device from its capture to its outputs
         targets = adapter.targets(index)
+        if dense_inputs is not None and not (targets and index >= len(finished)):
+            with PhaseTimer(timings, "calibrate"):  # still dense here: the dense stream's next inputs
+                dense_inputs = run_block(block, dense_inputs, on_device, keep_on)
         if index < len(finished):  # resumed: this block's result is already known
             entry = finished[index]
             _restore_block(targets, entry)
         elif targets:
             emit({"event": "block", "block": index, "blocks": len(blocks), "tensors": len(targets)})
-            with PhaseTimer(timings, "calibrate"):
-                stats = collect_stats(block, targets, inputs, on_device)
-            context = BlockContext(
-                index=index, targets=targets,
-                weights0={layer.parameter_name: _host_copy(layer.weight(), placement) for layer in targets},
-                stats=stats, sparsity=sparsity, options=options, queue=queue, should_stop=stop,
-                progress=emit, timings=timings,
-                resume=saved["in_block"] if saved and saved.get("in_block") and index == resume_index else None,
-                save_state=save_checkpoint,
-                gradients=None if gradient_source is None else (lambda targets=targets: gradient_source(targets)),
-                block=block, inputs=inputs,
-            )
-            entry = _prune_block(context, targets, on_device)
+            groups = [targets]
+            if dense_inputs is not None:  # pruned group by group, each fitted on inputs its predecessors shaped
+                with PhaseTimer(timings, "calibrate"):
+                    groups = input_groups(block, targets, inputs, on_device)
+            entries, originals = [], []
+            for number, group in enumerate(groups):
+                with PhaseTimer(timings, "calibrate"):
+                    weights0 = {layer.parameter_name: _host_copy(layer.weight(), placement) for layer in group}
+                    if dense_inputs is None:
+                        stats = collect_stats(block, group, inputs, on_device)
+                    else:
+                        stats, following = collect_matched_stats(block, group, inputs, dense_inputs, originals,
+                                                                 on_device, outputs=number == len(groups) - 1)
+                        originals += [(layer, layer.weight().detach().clone()) for layer in group]
+                        weights0 = {name: dense_matching_weight(weight0, stats[name])
+                                    for name, weight0 in weights0.items()}
+                context = context_for(index, block, inputs, group, weights0, stats, whole=len(groups) == 1)
+                entries.append(_prune_block(context, group, on_device))
+            if dense_inputs is not None:
+                dense_inputs = following
+            entry = _merged(entries)
             if checkpoint is None:  # the new weights are in the model now; only a checkpoint needs copies
                 entry = {**entry, "weights": {}}
-            if context.info.get("icbs_completed") is False:
+            if entry["info"].get("icbs_completed") is False:
                 completed = False
             finished.append(entry)
             save_checkpoint(None)
@@ -219,6 +248,35 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
     report["cpu_seconds"] = time.process_time() - cpu_started
     emit({"event": "done", "seconds": report["seconds"]["total"]})
     return PruneResult(masks=masks, report=report, adapter=adapter, out=out_path, completed=completed)
+
+
+def _merged(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One block's checkpoint entry from its groups' (``--match-dense`` prunes a block in groups)."""
+    if len(entries) == 1:
+        return entries[0]
+    merged: dict[str, Any] = {"masks": {}, "weights": {}, "tensor_reports": {}, "info": {}}
+    for entry in entries:
+        for key in ("masks", "weights", "tensor_reports"):
+            merged[key].update(entry[key])
+        merged["info"] = _merged_facts(merged["info"], entry["info"])
+    merged["info"]["block"] = entries[0]["info"]["block"]  # the one fact that does not add up
+    merged["info"]["groups"] = [sorted(entry["masks"]) for entry in entries]
+    return merged
+
+
+def _merged_facts(first: Any, second: Any) -> Any:
+    """Two groups' facts as one block's: counts and errors add up, flags must all hold, per-tensor dicts unite."""
+    if isinstance(first, dict) and isinstance(second, dict):
+        return {key: _merged_facts(first[key], second[key]) if key in first and key in second
+                else first.get(key, second.get(key)) for key in {**first, **second}}
+    if isinstance(first, bool) or isinstance(second, bool):
+        return bool(first) and bool(second)
+    if isinstance(first, (int, float)) and isinstance(second, (int, float)):
+        return first + second
+    if isinstance(first, list) and isinstance(second, list):
+        numbers = all(isinstance(value, (int, float)) for value in first + second)
+        return [a + b for a, b in zip(first, second)] if numbers and len(first) == len(second) else first + second
+    return second
 
 
 def _host_copy(weight: torch.Tensor, placement: BlockPlacement) -> torch.Tensor:
@@ -270,6 +328,8 @@ def _prune_block(context: BlockContext, targets: list[TargetLayer], device: torc
         with PhaseTimer(context.timings, "report"):  # out × in² products per tensor: timed, on the block's device
             block_tensors[name] = tensor_report(context.weights0[name], context.stats[name].gram, first[name],
                                                 outcome.masks[name], weights.get(name), device)
+        if name not in weights and options.match_dense:  # the mask applies to the dense-matching target
+            weights[name] = context.weights0[name] * ~outcome.masks[name]
         if name in weights:
             layer.set_weight(weights[name] * ~outcome.masks[name])
         else:

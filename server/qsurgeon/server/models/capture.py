@@ -29,6 +29,8 @@ class LayerStats:
 
     gram: torch.Tensor  # (in, in) float64: Σ a aᵀ over tokens (H of docs/icbs.md §5)
     tokens: int = 0
+    #: (in, in) float64: Σ a āᵀ, ā the same token's input in the dense model (``--match-dense``)
+    cross: torch.Tensor | None = None
 
     def input_norms(self) -> torch.Tensor:
         """||a_j||₂ over all tokens for every input feature j (Wanda's activation norms)."""
@@ -197,13 +199,18 @@ def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device | None
             hidden = _call_block(block, *to_device((args, kwargs), device))
             if keep_on is not None:
                 hidden = hidden.to(keep_on)
-            if args:
-                result.args.append((hidden, *args[1:]))
-                result.kwargs.append(kwargs)
-            else:
-                result.args.append(())
-                result.kwargs.append({**kwargs, "hidden_states": hidden})
+            append_call(result, args, kwargs, hidden)
     return result
+
+
+def append_call(inputs: BlockInputs, args: tuple[Any, ...], kwargs: dict[str, Any], hidden: torch.Tensor) -> None:
+    """Add the next block's call to ``inputs``: ``hidden`` in place of the hidden states, the rest unchanged."""
+    if args:
+        inputs.args.append((hidden, *args[1:]))
+        inputs.kwargs.append(kwargs)
+    else:
+        inputs.args.append(())
+        inputs.kwargs.append({**kwargs, "hidden_states": hidden})
 
 
 def iterate_blocks(adapter: ModelAdapter, data: CalibrationData, batch_size: int = 16) -> Iterable[tuple[int, BlockInputs]]:

@@ -57,6 +57,25 @@ def damped_gram(gram: torch.Tensor, damp: float) -> torch.Tensor:
     return hessian
 
 
+def dense_target(weight0: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
+    """The weights ``W0'`` towards which the layer error is the error against the dense model's output.
+
+    ``A`` are the layer's inputs in the pruned model, ``Ā`` the same tokens' inputs in the
+    dense model, ``H = A Aᵀ`` and ``C = A Āᵀ``. The ridge fit of the dense output,
+    ``min_W ‖W A − W0 Ā‖² + λ‖W − W0‖²``, is solved by ``(H + λI) W0'ᵀ = C W0ᵀ + λ W0ᵀ``, and
+    for every ``W``: ``‖W A − W0 Ā‖² + λ‖W − W0‖² = (W − W0')(H + λI)(W − W0')ᵀ + const``
+    (row by row). So every method that minimises ``(w − w0)ᵀ H (w − w0)`` fits the dense output
+    when given ``W0'`` as ``w0``. The ridge pulls towards ``W0``, not towards 0: where the two
+    streams agree (``C = H``) ``W0' = W0`` exactly. ``damp`` is λ as a fraction of mean(diag H).
+    """
+    hessian = damped_gram(gram, damp)
+    factor = torch.linalg.cholesky(hessian)
+    w0 = weight0.detach().to(torch.float64)
+    # ridge towards W0 (not towards 0): (H + λI) W0'ᵀ = C W0ᵀ + λ W0ᵀ, exactly W0 where C = H
+    rhs = (cross.to(torch.float64) - gram.to(torch.float64)) @ w0.T
+    return (w0 + torch.cholesky_solve(rhs, factor).T).to(weight0.dtype).contiguous()
+
+
 def inverse_from_cholesky(factor: torch.Tensor) -> torch.Tensor:
     """``H⁻¹`` from the lower Cholesky factor of ``H``.
 

@@ -52,6 +52,29 @@ def test_quick_bench_writes_a_complete_report(tmp_path, capsys):
         assert f"]({name})" in markdown
         with Image.open(out / name) as image:
             assert image.format == "PNG" and image.size[0] > 100
+    _verdict_reads_the_run(out, results)
+
+
+def _verdict_reads_the_run(out, results):
+    """benchmarks/quality_verdict.py: the docs' verdict tables, from the run's own figures."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "quality_verdict.py"
+    done = subprocess.run([sys.executable, str(script), str(out / "results.json"), "--json", str(out / "v.json")],
+                          capture_output=True, text=True, check=True)
+    verdict = json.loads((out / "v.json").read_text())
+    rows = {(row["method"], str(row["density_spec"])): row for row in results["models"]["minilm"]["rows"]}
+    assert [row["density"] for row in verdict["minilm"]] == ["0.5", "2:4"]  # the quick run's densities
+    for row in verdict["minilm"]:
+        assert row["preset"] == rows[("icbs-quality", row["density"])]["cosine"]
+        assert row["difference"] == pytest.approx(row["preset"] - rows[("alps", row["density"])]["cosine"])
+    lm_rows = {(row["method"], str(row["density_spec"])): row for row in results["models"]["lm"]["rows"]}
+    for row in verdict["lm"]:
+        anchors = [lm_rows[(name, row["density"])]["perplexity"] for name in ("alps", "wanda+refit", "sparsegpt")]
+        assert row["margin"] == pytest.approx(row["preset"] - min(anchors))
+    assert "| `--preset quality` |" in done.stdout and "| best anchor |" in done.stdout
 
 
 @pytest.mark.slow

@@ -44,11 +44,14 @@ BENCH_METHODS: dict[str, dict[str, Any]] = {
     "alps": {"method": "alps"},
     "icbs": {"method": "icbs", "init": "wanda", "epochs": ICBS_EPOCHS},
     "icbs+refit": {"method": "icbs", "init": "wanda", "epochs": ICBS_EPOCHS, "refit": True},
+    "alps+match-dense": {"method": "alps", "match_dense": True},
     "icbs-quality": dict(PRESETS["quality"]),
-    # levers measured beside the preset: the preset before issue #16 item 3, and the preset's
-    # masks judged by the block output
+    # levers measured beside the preset: the preset without --match-dense (before issue #16's
+    # third round), the preset before issue #16 item 3, and the preset's masks judged by the
+    # block output
+    "icbs-quality-own-outputs": {**PRESETS["quality"], "match_dense": False},
     "icbs-quality-from-sparsegpt": {**PRESETS["quality"], "init": "sparsegpt", "search_on": "original",
-                                    "keep_better": False},  # the preset before issue #16 item 3
+                                    "keep_better": False, "match_dense": False},
     "icbs-quality+block-output": {**PRESETS["quality"], "block_output": True},
 }
 

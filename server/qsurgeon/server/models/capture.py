@@ -25,7 +25,8 @@ from qsurgeon.server.models.calibration import CalibrationData
 
 @dataclass
 class LayerStats:
-    """Statistics of one linear's inputs over the real calibration tokens."""
+    """Statistics of one linear's inputs over the real calibration tokens (read-only once collected:
+    linears that read the same input may share one instance)."""
 
     gram: torch.Tensor  # (in, in) float64: Σ a aᵀ over tokens (H of docs/icbs.md §5)
     tokens: int = 0

@@ -124,16 +124,16 @@ def collect_matched_stats(block: nn.Module, group: Sequence[TargetLayer], inputs
     gram = torch.zeros(width, width, dtype=torch.float64, device=device)
     cross = torch.zeros_like(gram)
     tokens = 0
-    pending: list[torch.Tensor] = []
+    pruned: torch.Tensor | None = None  # this batch's rows in the pruned model, paired with the dense pass's
 
     def pruned_rows(rows: torch.Tensor) -> None:
-        nonlocal tokens
+        nonlocal tokens, pruned
         gram.add_((rows.T @ rows).to(torch.float64))  # per batch in float32, summed in float64
         tokens += int(rows.shape[0])
-        pending.append(rows)
+        pruned = rows
 
     def dense_rows(rows: torch.Tensor) -> None:
-        cross.add_((pending.pop().T @ rows).to(torch.float64))
+        cross.add_((pruned.T @ rows).to(torch.float64))
 
     pruned_weights = [(layer, layer.weight().detach().clone()) for layer, _ in originals]
     following = BlockInputs(token_masks=list(dense.token_masks)) if outputs else None
@@ -159,7 +159,6 @@ def collect_matched_stats(block: nn.Module, group: Sequence[TargetLayer], inputs
         hooks.close()
     if device is not None and device.type != "cpu":
         gram, cross = gram.cpu(), cross.cpu()
-    # one Gram per linear, as collect_stats gives: the methods may scale or damp their own copy
-    return ({layer.parameter_name: LayerStats(gram if number == 0 else gram.clone(), tokens,
-                                              cross if number == 0 else cross.clone())
-             for number, layer in enumerate(group)}, following)
+    # the group's linears share one input, so they share its H and C (read-only everywhere)
+    stats = LayerStats(gram, tokens, cross)
+    return {layer.parameter_name: stats for layer in group}, following

@@ -144,7 +144,21 @@ def test_group_anneal_is_feasible_deterministic_and_never_worse():
     assert _best_group_move(small, y) >= small.energy(y) - 1e-9 * abs(small.energy(y))  # it ends descended
 
 
-def test_auto_runs_sa_with_the_group_budget_on_nm_blocks():
+def test_auto_routes_nm_blocks_by_size_and_effort():
+    """N:M blocks: swap-tabu (tenure 4) up to TABU_GROUPS_MAX_VARIABLES, sa above; iCBS's short runs: sa."""
     name, budget = auto.choose(_nm_block(256, 8, 4, 0))
+    assert name == "swap-tabu" and budget == auto.BUDGETS[("swap-tabu-groups", "default")]
+    assert budget["tenure"] == 4 and budget["restarts"] * budget["iterations"] == 35000
+    name, budget = auto.choose(_nm_block(auto.TABU_GROUPS_MAX_VARIABLES + 8, 8, 4, 0))
     assert name == "sa" and budget == auto.BUDGETS[("sa-groups", "default")]
     assert budget["restarts"] == 8 and budget["sweeps"] == 4000
+    assert auto.choose(_nm_block(256, 8, 4, 0), "short") == ("sa", auto.BUDGETS[("sa-groups", "short")])
+    assert auto.choose(_nm_block(256, 8, 4, 0), "long")[1]["iterations"] == 70000
+    problem = _nm_block(24, 8, 4, 3)  # 70³ feasible states: enumerated
+    answer = solve(problem, "auto", seed=2)
+    assert answer.metadata["auto"]["solver"] == "swap-tabu" and answer.metadata["tenure"] == 4
+    assert np.array_equal(problem.group_sums(answer.x), problem.counts)
+    patterns = np.array([[1 if v in ones else 0 for v in range(8)] for ones in itertools.combinations(range(8), 4)])
+    X = np.array([np.concatenate(choice) for choice in itertools.product(patterns, repeat=3)], np.float64)
+    exact = float(np.einsum("nb,nb->n", X @ problem.dense_Q(), X).min()) + problem.offset
+    assert answer.energy == pytest.approx(exact, rel=1e-9)

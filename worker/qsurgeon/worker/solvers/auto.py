@@ -5,17 +5,19 @@ the benchmark families at B = 256:
 
 - single-group blocks (layer-wise, causal-LM and outlier rows, Fisher): ``swap-tabu``
   reaches the best known energy where ``sa`` at equal time leaves 0.3–6 %;
-- small groups (N:M, groups of ≤ sa.SMALL_GROUP variables): ``swap-tabu`` cycles inside the
-  tiny neighbourhoods (3–17 % gaps even after 4 × 20,000 iterations) while ``sa`` reaches
-  0–3 %; 8 chains × 4000 sweeps (each chain's best state then group-descended, ``sa``'s
-  polish) left 0.60 % mean over 30 runs on 4:8 blocks at B = 256 where 4 × 4000 left 0.82 %,
-  and 0.56 % vs 1.56 % at B = 1024 (docs/solvers.md, "The group move");
+- small groups (N:M, groups of ≤ sa.SMALL_GROUP variables), B ≤ TABU_GROUPS_MAX_VARIABLES:
+  ``swap-tabu`` with tenure 4, 2 × 17,500 iterations. At tenure 2 it cycles inside the tiny
+  neighbourhoods; at tenure 4 it left 0.27 % mean on 16 4:8 blocks at B = 256 in 84 ms, where
+  ``sa`` 8 × 4000 sweeps (+ group polish) left 0.84 % in 236 ms (docs/solvers.md, "N:M blocks");
+- small groups, larger B: ``sa``, 8 chains × 4000 sweeps, each chain's best state then
+  group-descended (``sa``'s polish). There ``swap-tabu`` falls apart (B = 384: 4.6 % against
+  1.9 %; B = 1024: 24 % against 1.2 %) — it cannot leave the greedy state's basin;
 - B ≤ EXACT_MAX_VARIABLES: enumeration is exact and takes milliseconds;
 - B > swap-tabu's limit (4096): only ``sa`` runs.
 
 Effort: ``effort="short"`` gives iCBS-sized budgets (the engine's tuned per-solver defaults:
-``sa`` 2 × 32 sweeps, ``swap-tabu`` 1 × 50 iterations), ``"default"`` the solvers' own
-defaults (sa 8 × 4000 sweeps on N:M blocks), ``"long"`` 4× those. Each sub-batch is solved by
+``sa`` 2 × 32 sweeps, ``swap-tabu`` 1 × 50 iterations, ``sa`` 2 × 64 on every N:M block),
+``"default"`` the solvers' own defaults (the N:M budgets above), ``"long"`` 4× those. Each sub-batch is solved by
 the chosen solver's ``sample_batch``, so answers keep that solver's reproducibility
 (same seed, same answer alone or in any batch). The choice is in ``metadata.auto``.
 
@@ -36,6 +38,10 @@ from qsurgeon.worker.solvers.sa import has_small_groups
 
 #: Blocks up to this many variables are enumerated (2^16 patterns: milliseconds).
 EXACT_MAX_VARIABLES = 16
+#: Small-grouped (N:M) blocks up to this many variables go to swap-tabu ("swap-tabu-groups"), larger
+#: ones to sa ("sa-groups"): measured at B = 64, 128, 256 (tabu as good or better) and 384, 512, 1024
+#: (tabu 2-20x worse), docs/solvers.md.
+TABU_GROUPS_MAX_VARIABLES = 256
 #: swap-tabu's own limit (a dense float32 Q of 4096² is 64 MiB and one iteration scans it).
 TABU_MAX_VARIABLES = 4096
 EFFORTS = ("short", "default", "long")
@@ -55,7 +61,8 @@ PARAMETERS = (
           minimum=-_SEED_BOUND, maximum=_SEED_BOUND - 1),
 )
 
-#: (solver, effort) -> parameters; "sa-groups" is sa on N:M-like blocks.
+#: (solver, effort) -> parameters; "-groups": on N:M-like blocks. iCBS's "short" runs keep sa on
+#: every N:M block (its masks were tuned and recorded with it).
 BUDGETS: dict[tuple[str, str], dict[str, Any]] = {
     ("sa", "short"): {"restarts": 2, "sweeps": 32},
     ("sa", "default"): {},
@@ -63,6 +70,8 @@ BUDGETS: dict[tuple[str, str], dict[str, Any]] = {
     ("sa-groups", "short"): {"restarts": 2, "sweeps": 64},
     ("sa-groups", "default"): {"restarts": 8, "sweeps": 4000},
     ("sa-groups", "long"): {"restarts": 16, "sweeps": 8000},
+    ("swap-tabu-groups", "default"): {"restarts": 2, "iterations": 17500, "tenure": 4},
+    ("swap-tabu-groups", "long"): {"restarts": 2, "iterations": 70000, "tenure": 4},
     ("swap-tabu", "short"): {"restarts": 1, "iterations": 50},
     ("swap-tabu", "default"): {},
     ("swap-tabu", "long"): {"iterations": 12000},
@@ -78,6 +87,8 @@ def choose(problem: BlockProblem, effort: str = "default") -> tuple[str, dict[st
     if size <= EXACT_MAX_VARIABLES:
         return "exhaustive", {}
     if has_small_groups(problem):
+        if effort != "short" and size <= TABU_GROUPS_MAX_VARIABLES:
+            return "swap-tabu", dict(BUDGETS[("swap-tabu-groups", effort)])
         return "sa", dict(BUDGETS[("sa-groups", effort)])
     if size > TABU_MAX_VARIABLES:
         return "sa", dict(BUDGETS[("sa", effort)])

@@ -1,0 +1,95 @@
+"""Which solver ``auto`` should give N:M blocks, by block size: the table behind TABU_GROUPS_MAX_VARIABLES.
+
+For 4:8 blocks (instances.nm_block) of B = 64 … 1024, from scratch, runs both N:M routes of
+``solvers/auto.py`` at effort "default" with their budgets read from ``auto.BUDGETS``:
+
+- ``swap-tabu`` with the "swap-tabu-groups" budget (tenure 4, 2 × 17,500 iterations);
+- ``sa`` with the "sa-groups" budget (8 × 4000 sweeps, each chain's best state group-descended);
+
+and prints mean gap / worst gap / share within 0.1 % / median ms per (B, route). The gap is to
+the best of: benchmarks/best_known.json (where the instance is there), every run here, and a
+long ``sa`` reference (4 × 20,000 sweeps) for instances the JSON lacks. One core
+(NUMBA_NUM_THREADS=1). Writes benchmarks/out/nm_route.json; best_known.json is not changed.
+
+    .venv/bin/python benchmarks/nm_route.py [--sizes 64,128,256,384,512,1024] [--blocks 4] [--run-seeds 1,2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE]
+
+import numpy as np  # noqa: E402
+
+from qsurgeon.worker.solve import solve  # noqa: E402
+from qsurgeon.worker.solvers import auto  # noqa: E402
+
+ROUTES = {"swap-tabu": ("swap-tabu", "swap-tabu-groups"), "sa": ("sa", "sa-groups")}
+REFERENCE = {"restarts": 4, "sweeps": 20000, "device": "cpu"}
+HIT = 1e-3
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(f"qsurgeon_bench_{name}", HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="64,128,256,384,512,1024")
+    parser.add_argument("--blocks", type=int, default=4, help="instances (seeds 0..N-1) per size")
+    parser.add_argument("--run-seeds", default="1,2")
+    args = parser.parse_args()
+    instances, best_known = _module("instances"), _module("best_known")
+    table = best_known.load()
+    run_seeds = [int(seed) for seed in args.run_seeds.split(",")]
+    solve(instances.nm_block(64, 0).with_x0(None), "sa", sweeps=1, device="cpu")  # compile the kernels
+    solve(instances.nm_block(64, 0).with_x0(None), "swap-tabu", iterations=1)
+    rows = []
+    print(f"{'B':>5} {'route':<10} {'mean gap':>10} {'worst':>9} {'≤0.1 %':>7} {'median ms':>10}")
+    for size in (int(value) for value in args.sizes.split(",")):
+        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in ROUTES}
+        references = []
+        for seed in range(args.blocks):
+            problem = instances.nm_block(size, seed).with_x0(None)
+            energies: dict[str, list[tuple[float, float]]] = {}
+            for name, (solver, budget) in ROUTES.items():
+                params = dict(auto.BUDGETS[(budget, "default")]) | ({"device": "cpu"} if solver == "sa" else {})
+                for run_seed in run_seeds:
+                    started = time.perf_counter()
+                    answer = solve(problem, solver, seed=run_seed, **params)
+                    energies.setdefault(name, []).append((answer.energy, time.perf_counter() - started))
+            entry = table.get(best_known.instance_id("nm", size, seed))
+            best = entry["energy"] if entry else solve(problem, "sa", seed=12345, **REFERENCE).energy
+            best = min([best] + [energy for values in energies.values() for energy, _ in values])
+            references.append(best)
+            for name, values in energies.items():
+                runs[name].extend(((energy - best) / abs(best), seconds) for energy, seconds in values)
+        for name, values in runs.items():
+            gaps = np.array([gap for gap, _ in values])
+            ms = 1e3 * float(np.median([seconds for _, seconds in values]))
+            row = {"size": size, "route": name, "mean_gap": float(gaps.mean()), "worst_gap": float(gaps.max()),
+                   "within_0.1%": float(np.mean(gaps <= HIT)), "median_ms": ms, "runs": len(values)}
+            rows.append(row)
+            print(f"{size:>5} {name:<10} {row['mean_gap']:>10.2e} {row['worst_gap']:>9.2e} "
+                  f"{row['within_0.1%']:>7.2f} {ms:>10.0f}", flush=True)
+    out = HERE / "out"
+    out.mkdir(exist_ok=True)
+    (out / "nm_route.json").write_text(json.dumps({"blocks": args.blocks, "run_seeds": run_seeds,
+                                                   "load": os.getloadavg(), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,8 @@ known energy (offset included) is the lowest of:
 - greedy construction + best-swap descent (``solvers/greedy.py``), and the descent from x0;
 - long ``sa`` runs from the greedy start and from random starts (each answer then descended);
 - a long ``swap-tabu`` run (from the greedy start; at B > 256 from the long ``sa`` answer);
+- at B > 256, ``swap-tabu`` after a long anneal (2 × 64,000 ``sa`` sweeps at B ≤ 1024, 2 × 16,000
+  above; 180 s limit): at these sizes the anneal's length is what lowers the energy;
 - long D-Wave ``neal`` and ``tabu`` runs (B ≤ 256; penalty + repair);
 - on blocks with small groups (N:M), long heat-bath annealing over whole groups from the
   greedy start (``group_descent.group_anneal``, 16 × 3000 sweeps, B ≤ 1024; :func:`group_candidates`);
@@ -111,6 +113,9 @@ def candidates(problem: BlockProblem) -> dict[str, float]:
             tabu = solve(problem.with_x0(best.x), "swap-tabu", seed=12345, restarts=2, anneal_sweeps=0,
                          iterations=5000 if size <= 1024 else 400, time_limit=60.0)
         found["swap-tabu-long"] = tabu.energy
+    if 256 < size <= 4096:  # at B ≥ 1024 the anneal's length is what lowers the energy (anneal_first.py)
+        found["swap-tabu-anneal-long"] = solve(problem, "swap-tabu", seed=12345, restarts=2, time_limit=180.0,
+                                               anneal_sweeps=64000 if size <= 1024 else 16000).energy
     found.update(group_candidates(problem))
     if size <= 256:
         for name, params in (("neal", {"restarts": 64, "sweeps": 10000}), ("tabu", {"restarts": 8, "time_limit": 8.0})):

@@ -13,6 +13,7 @@ from qsurgeon.client.cli import main
 from qsurgeon.client.errors import ProblemTooLargeError, UsageError
 from qsurgeon.worker.block.problem import BlockProblem
 from qsurgeon.worker.solve import solve, solve_batch
+from qsurgeon.worker.solvers import swap_tabu, swap_tabu_cpu
 from qsurgeon.worker.solvers.registry import capabilities, solver_names
 
 SOLVER = "swap-tabu"
@@ -80,15 +81,31 @@ def steepest_swap_descent(problem: BlockProblem) -> list[np.ndarray]:
         states.append(x.copy())
 
 
-@pytest.mark.parametrize("groups, counts", [
-    (None, None),  # one group of 80: the bound-pruned scan
-    (np.arange(80) // 40, [15, 26]),  # two large groups: pruned scan in each
-    (np.arange(80) % 20, [2] * 20),  # groups of 4: the pair-by-pair scan
+def with_outlier_channels(problem: BlockProblem, channels: list[int], factor: float) -> BlockProblem:
+    """The block with a few variables' rows and columns of Q scaled by ``factor`` (outlier input channels)."""
+    scale = np.ones(problem.num_variables)
+    scale[channels] = factor
+    Q = (scale[:, None] * problem.dense_Q() * scale[None, :]).astype(np.float32)
+    return BlockProblem.dense(Q, groups=problem.group_of, counts=problem.counts)
+
+
+@pytest.mark.parametrize("groups, counts, heavy", [
+    (None, None, False),  # one group of 80: the bound-pruned scan
+    (None, None, True),  # the same with heavy columns (outlier channels): their own bound
+    (np.arange(80) // 40, [15, 26], False),  # two large groups: pruned scan in each
+    (np.arange(80) // 40, [15, 26], True),
+    (np.arange(80) % 20, [2] * 20, False),  # groups of 4: the pair-by-pair scan
 ])
-def test_without_tabu_each_iteration_takes_the_best_swap(groups, counts):
+def test_without_tabu_each_iteration_takes_the_best_swap(groups, counts, heavy):
     """tenure 0 turns the search into a steepest descent, which numpy can follow step by step."""
     for seed in range(3):
         problem = pruning_block(80, 60 + seed, k=None if groups is not None else 30, groups=groups, counts=counts)
+        if heavy:
+            problem = with_outlier_channels(problem, [3, 17, 50, 66], 25.0)
+            for members in problem.group_members():
+                block = problem.dense_Q()[np.ix_(members, members)].astype(np.float64)
+                np.fill_diagonal(block, -np.inf)
+                assert len(swap_tabu_cpu.heavy_columns(block)) >= 2  # the case under test
         problem = problem.with_x0(solve(problem, SOLVER, seed=seed, iterations=0, start="random").x)
         states = steepest_swap_descent(problem)
         assert len(states) > 5
@@ -131,7 +148,7 @@ def test_large_groups_are_annealed_first_unless_told_otherwise():
     large = pruning_block(520, 3, k=200, with_x0=True)  # one group of 520 > 512
     small = pruning_block(64, 4, k=20, with_x0=True)
     both = solve_batch([large, small], SOLVER, seed=1, iterations=5, restarts=1)
-    assert both[0].metadata["start"] == "sa" and both[0].metadata["anneal_sweeps"] == 1000
+    assert both[0].metadata["start"] == "sa" and both[0].metadata["anneal_sweeps"] == swap_tabu.DEFAULT_ANNEAL_SWEEPS
     assert both[1].metadata["start"] == "x0" and "anneal_sweeps" not in both[1].metadata
     assert np.array_equal(both[0].x, solve(large, SOLVER, seed=1, iterations=5, restarts=1).x)
     assert solve(large, SOLVER, seed=1, iterations=5, restarts=1, anneal_sweeps=0).metadata["start"] == "x0"

@@ -39,7 +39,10 @@ from qsurgeon.worker.solvers.sa_rng import chain_keys, problem_digest
 #: Largest block accepted: a dense float32 Q of 4096² is 64 MiB, and one iteration scans it.
 MAX_VARIABLES = 4096
 DEFAULT_RESTARTS = 2
-DEFAULT_ITERATIONS = 3000
+#: 2 × 4000 at B = 256: outlier rows 0.38 % mean gap in 83 ms where 2 × 3000 left 0.56 % in 63 ms
+#: (8 blocks × 2 seeds; layer-wise and causal rows equal). A chain's first N iterations do not depend
+#: on how many follow, so more can only lower the answer; the cost is time (docs/solvers.md).
+DEFAULT_ITERATIONS = 4000
 #: Tuned on real MiniLM layer-wise blocks (B = 256, 6 blocks × 4 seeds): tenure 2 (a moved
 #: variable is tabu for 2–4 iterations) reached the best known energy far more often than 1
 #: (cycles) or ≥ 3 (forbids too many of the few good moves of a deep valley); see docs/solvers.md.
@@ -58,7 +61,11 @@ AUTO_ANNEAL_ABOVE = 512
 #: shorter than the stall (iCBS: 1 × 50 iterations from x0) never kicks: its answers are unchanged.
 DEFAULT_STALL = 100
 KICK_DIVISOR = 16
-DEFAULT_ANNEAL_SWEEPS = 1000
+#: At B = 1024 the anneal's length, not the search's, sets the answer: benchmarks/anneal_first.py on
+#: layer-wise, Fisher, outlier and causal rows (4 blocks × 2 seeds each) took the mean gap from
+#: 12 / 0.52 / 7.4 / 3.7 % (1000 sweeps) to 2.6 / 0.17 / 1.5 / 1.4 % (8000) in 1.4–1.9× the time;
+#: longer anneals kept gaining on layer-wise rows only (docs/solvers.md, "Large blocks").
+DEFAULT_ANNEAL_SWEEPS = 8000
 _STARTS = ("auto", "x0", "random", "greedy")
 _MAX_ITERATIONS = 10**9
 _SEED_BOUND = 2**127

@@ -34,6 +34,10 @@ from qsurgeon.worker.solvers.sa_cpu import MAX_BYTES_PER_CALL, _below, _constrai
 BIG = 1e300
 #: Groups up to this size are scanned pair by pair; larger ones in bound-pruned order.
 SMALL_GROUP = 32
+#: A column is heavy when its largest entry exceeds HEAVY_FACTOR × the median column's; at most
+#: B / HEAVY_SHARE columns are (rows with outlier input channels: ~2 % of the channels, 10–30×).
+HEAVY_FACTOR = 4.0
+HEAVY_SHARE = 16
 _U32 = np.uint64(32)
 _LOW32 = np.uint64(0xFFFFFFFF)
 #: Salt of the kicks' random stream (the tenures draw from the chain key itself).
@@ -106,13 +110,19 @@ def _scan_row(Q, row, dj, slack, co, j, slot, keys, zeros_begin, zeros_end, tabu
 
 
 @njit(cache=True)
-def _scan_pruned(Q, qo, n, co, d, rowmax, vo, slot, keys, tabu_until, it, current, best, begin, count, end, found):
+def _scan_pruned(Q, qo, n, co, d, rowmax, colmax, vo, slot, keys, tabu_until, it, current, best, begin, count, end,
+                 found):
     """The best allowed pair of a large group, skipping pairs that provably cannot beat it.
 
-    With m_j = max_{i≠j} Q_ji over the group (fixed per problem), ΔE(i, j) ≥ d_i + d_j − 2 m_j.
-    1. The row with the lowest d_j − 2 m_j is scanned against every zero: a first "best".
-    2. Rows whose bound (with the lowest d_i) cannot beat it are dropped; a zero can only
-       matter if d_i < best + max over the remaining rows of (2 m_j − d_j). Those zeros are
+    With m_j = max Q_ji over the group's light columns i ≠ j (fixed per problem), ΔE(i, j) ≥
+    d_i + d_j − 2 m_j for every light zero i. The few *heavy* columns (colmax > −BIG: entries
+    several times the rest, as rows with outlier input channels have) are left out of m_j —
+    they would loosen every row's bound — and bounded on their own, ΔE(i, j) ≥ d_i + min d_j −
+    2 colmax_i, scanned against every one only when that bound can beat the best found.
+    1. The row with the lowest d_j − 2 m_j is scanned against every light zero: a first "best".
+    2. Each heavy zero is checked (and scanned when its bound allows).
+    3. Rows whose bound (with the lowest light d_i) cannot beat the best are dropped; a zero can
+       only matter if d_i < best + max over the remaining rows of (2 m_j − d_j). Those zeros are
        moved to the front of the group's zero slots and sorted by d_i (few: ~10 % of pairs
        survive on real blocks), and each remaining row scans them up to its own bound.
     Exact: the pair returned is the best allowed one (ties aside). The slots' order inside
@@ -122,13 +132,20 @@ def _scan_pruned(Q, qo, n, co, d, rowmax, vo, slot, keys, tabu_until, it, curren
     zeros_begin = ones_begin + count
     zeros_end = co + end
     lowest_zero = BIG
+    heavy_zeros = 0
     for position in range(zeros_begin, zeros_end):
-        value = d[co + slot[position]]
+        i = slot[position]
+        if colmax[vo + i] > -BIG:
+            keys[position] = BIG  # never a candidate of the bounded scans
+            heavy_zeros += 1
+            continue
+        value = d[co + i]
         keys[position] = value
         if value < lowest_zero:
             lowest_zero = value
     first = -1
     lowest_key = BIG
+    lowest_one = BIG
     for position in range(ones_begin, zeros_begin):
         j = slot[position]
         key = d[co + j] - 2.0 * rowmax[vo + j]
@@ -136,20 +153,40 @@ def _scan_pruned(Q, qo, n, co, d, rowmax, vo, slot, keys, tabu_until, it, curren
         if key < lowest_key:
             lowest_key = key
             first = position
-    if lowest_key + lowest_zero >= found[0]:
+        if d[co + j] < lowest_one:
+            lowest_one = d[co + j]
+    light = lowest_key + lowest_zero < found[0]
+    # 1. the most promising row against every light zero (unsorted: no early stop)
+    if light:
+        j = slot[first]
+        dj = d[co + j]
+        row = qo + j * n
+        for zero in range(zeros_begin, zeros_end):
+            i = slot[zero]
+            value = dj + keys[zero] - 2.0 * np.float64(Q[row + i])
+            if value < found[0] and _allowed(tabu_until, co, i, j, it, value, current, best):
+                found[0] = value
+                found[1] = i
+                found[2] = j
+    # 2. heavy zeros, each against every one when its own bound can still win
+    if heavy_zeros:
+        for zero in range(zeros_begin, zeros_end):
+            i = slot[zero]
+            if colmax[vo + i] <= -BIG:
+                continue
+            di = d[co + i]
+            if di + lowest_one - 2.0 * colmax[vo + i] >= found[0]:
+                continue
+            for position in range(ones_begin, zeros_begin):
+                j = slot[position]
+                value = di + d[co + j] - 2.0 * np.float64(Q[qo + j * n + i])
+                if value < found[0] and _allowed(tabu_until, co, i, j, it, value, current, best):
+                    found[0] = value
+                    found[1] = i
+                    found[2] = j
+    if not light:
         return
-    # 1. the most promising row against every zero (unsorted: no early stop)
-    j = slot[first]
-    dj = d[co + j]
-    row = qo + j * n
-    for zero in range(zeros_begin, zeros_end):
-        i = slot[zero]
-        value = dj + keys[zero] - 2.0 * np.float64(Q[row + i])
-        if value < found[0] and _allowed(tabu_until, co, i, j, it, value, current, best):
-            found[0] = value
-            found[1] = i
-            found[2] = j
-    # 2. the zeros any other row could still use, sorted
+    # 3. the light zeros any other row could still use, sorted
     widest = -BIG
     for position in range(ones_begin, zeros_begin):
         if position != first and keys[position] + lowest_zero < found[0]:
@@ -186,7 +223,7 @@ def _move_slots(slot, co, begin, count, end, i, j):
 
 
 @njit(cache=True)
-def _best_swap(Q, qo, n, co, x, d, rowmax, vo, slot, keys, tabu_until, it, current, best, g_start, g_size, g_count,
+def _best_swap(Q, qo, n, co, x, d, rowmax, colmax, vo, slot, keys, tabu_until, it, current, best, g_start, g_size, g_count,
                sw_groups, sw_base, nsw, grp_base, found):
     """The best allowed swap over every swappable group: found = [ΔE, i (in), j (out)].
 
@@ -205,7 +242,7 @@ def _best_swap(Q, qo, n, co, x, d, rowmax, vo, slot, keys, tabu_until, it, curre
             if end - begin <= SMALL_GROUP:
                 _scan_small(Q, qo, n, co, x, d, tabu_until, now, current, best, begin, end, found)
             else:
-                _scan_pruned(Q, qo, n, co, d, rowmax, vo, slot, keys, tabu_until, now, current, best, begin,
+                _scan_pruned(Q, qo, n, co, d, rowmax, colmax, vo, slot, keys, tabu_until, now, current, best, begin,
                              g_count[grp_base + group], end, found)
         if found[1] >= 0:
             return
@@ -286,7 +323,7 @@ def _kick(Q, qo, n, co, vo, diag, x, best_x, slot, h, d, tabu_until, g_start, g_
 
 
 @njit(parallel=True, cache=True)
-def search(Q, diag, q_off, nvar, var_off, var_group, rowmax, grp_off, ngrp, g_start, g_size, g_count, sw_off, nsw, sw_groups,
+def search(Q, diag, q_off, nvar, var_off, var_group, rowmax, colmax, grp_off, ngrp, g_start, g_size, g_count, sw_off, nsw, sw_groups,
            chain_problem, chain_var_off, key_run, tenure_in, tenure_out, tenure_spread, stall, kick, it_begin, it_end,
            x, best_x, slot, keys, h, d, tabu_until, energy, best_energy, moves, since_best):
     """Iterations it_begin..it_end−1 of every chain's tabu search (state kept in the arrays).
@@ -319,7 +356,7 @@ def search(Q, diag, q_off, nvar, var_off, var_group, rowmax, grp_off, ngrp, g_st
                     for v in range(n):
                         best_x[co + v] = x[co + v]
                 continue
-            _best_swap(Q, qo, n, co, x, d, rowmax, var_off[p], slot, keys, tabu_until, it, current, best, g_start,
+            _best_swap(Q, qo, n, co, x, d, rowmax, colmax, var_off[p], slot, keys, tabu_until, it, current, best, g_start,
                        g_size, g_count, sw_groups, sw_off[p], nsw[p], grp_off[p], found)
             if found[1] < 0:
                 break
@@ -390,7 +427,8 @@ class KernelProblem:
     counts: np.ndarray
     x0: np.ndarray | None  # in kernel numbering
     tenure: tuple[int, int, int]  # (in, out, spread)
-    rowmax: np.ndarray  # (B,) float64: max_{i≠j} Q_ji over j's group (groups > SMALL_GROUP only)
+    rowmax: np.ndarray  # (B,) float64: max Q_ji over j's group's light columns i ≠ j (groups > SMALL_GROUP only)
+    colmax: np.ndarray  # (B,) float64: max_{j≠i} Q_ji over i's group for heavy columns i, −BIG for the rest
     kick: tuple[int, int] = (0, 0)  # (stall, swaps): kick after stall iterations without a new best; 0: never
 
     @property
@@ -402,6 +440,15 @@ class KernelProblem:
         return int(self.counts.shape[0])
 
 
+def heavy_columns(block: np.ndarray) -> np.ndarray:
+    """Columns of a large group (diagonal set to −inf) whose largest entry is HEAVY_FACTOR × the median
+    column's, at most size // HEAVY_SHARE of them (the largest): their own bound in :func:`_scan_pruned`."""
+    largest = block.max(axis=0)
+    limit = HEAVY_FACTOR * float(np.median(largest))
+    ranked = np.argsort(-largest, kind="stable")[: block.shape[0] // HEAVY_SHARE]
+    return np.sort(ranked[largest[ranked] > limit]) if limit > 0 else ranked[:0]
+
+
 def kernel_problem(Q: np.ndarray, group_of: np.ndarray, counts: np.ndarray, x0: np.ndarray | None,
                    tenure: tuple[int, int, int], kick: tuple[int, int] = (0, 0)) -> KernelProblem:
     """Renumber a dense problem so that each group is contiguous (a no-op copy for one group)."""
@@ -411,15 +458,19 @@ def kernel_problem(Q: np.ndarray, group_of: np.ndarray, counts: np.ndarray, x0: 
     Q = np.ascontiguousarray(Q, dtype=np.float32)
     sizes = np.bincount(group_of, minlength=len(counts))
     rowmax = np.zeros(order.shape[0], np.float64)
+    colmax = np.full(order.shape[0], -BIG)
     for begin, size in zip(np.concatenate(([0], np.cumsum(sizes)[:-1])), sizes):
         if size > SMALL_GROUP:
             block = Q[begin : begin + size, begin : begin + size].astype(np.float64)
             np.fill_diagonal(block, -np.inf)
+            heavy = heavy_columns(block)
+            colmax[begin + heavy] = block[:, heavy].max(axis=0)
+            block[:, heavy] = -np.inf
             rowmax[begin : begin + size] = block.max(axis=1)
     return KernelProblem(Q=Q, order=order, group_of=np.ascontiguousarray(group_of[order], dtype=np.int64),
                          counts=np.asarray(counts, np.int64),
                          x0=None if x0 is None else np.ascontiguousarray(x0[order], dtype=np.uint8), tenure=tenure,
-                         rowmax=rowmax, kick=(int(kick[0]), int(kick[1])))
+                         rowmax=rowmax, colmax=colmax, kick=(int(kick[0]), int(kick[1])))
 
 
 def _run_part(problems: list[KernelProblem], keys: np.ndarray, use_x0: np.ndarray, iterations: int,
@@ -445,6 +496,7 @@ def _run_part(problems: list[KernelProblem], keys: np.ndarray, use_x0: np.ndarra
     q_off = np.concatenate(([0], np.cumsum(L["nvar"] * L["nvar"])[:-1])).astype(np.int64)
     Q = np.concatenate([p.Q.reshape(-1) for p in problems])
     rowmax = np.concatenate([p.rowmax for p in problems])
+    colmax = np.concatenate([p.colmax for p in problems])
     diag = np.concatenate([np.diagonal(p.Q).astype(np.float64) for p in problems])
     tenure = np.array([p.tenure for p in problems], np.int64).reshape(count, 3)
     tenure_in, tenure_out, spread = (np.ascontiguousarray(tenure[:, column]) for column in range(3))
@@ -462,7 +514,7 @@ def _run_part(problems: list[KernelProblem], keys: np.ndarray, use_x0: np.ndarra
             break
         chunk = next_chunk(iterations - done, chunk, chunk_seconds, deadline)
         chunk_started = time.perf_counter()
-        search(Q, diag, q_off, L["nvar"], L["var_off"], L["var_group"], rowmax, L["grp_off"], L["ngrp"], L["g_start"],
+        search(Q, diag, q_off, L["nvar"], L["var_off"], L["var_group"], rowmax, colmax, L["grp_off"], L["ngrp"], L["g_start"],
                L["g_size"], L["g_count"], L["sw_off"], L["nsw"], L["sw_groups"], chain_problem, chain_var_off, key_run,
                tenure_in, tenure_out, spread, stall, kick, done, done + chunk, x, best_x, slot, keys, h, d, tabu_until,
                energy, best_energy, moves, since_best)

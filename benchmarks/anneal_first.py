@@ -15,17 +15,13 @@ benchmarks/out/anneal_first_B.json; best_known.json is not changed.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
-HERE = Path(__file__).resolve().parent
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE]
+import bench_common  # noqa: E402 - first: takes this folder off sys.path
 
 import numpy as np  # noqa: E402
 
@@ -33,12 +29,6 @@ from qsurgeon.worker.solve import solve  # noqa: E402
 
 FAMILIES = ("layerwise", "fisher", "outlier", "causal")
 
-
-def _module(name: str):
-    spec = importlib.util.spec_from_file_location(f"qsurgeon_bench_{name}", HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main() -> None:
@@ -48,8 +38,9 @@ def main() -> None:
     parser.add_argument("--sweeps", default="1000,2000,4000,8000", help="anneal_sweeps values to compare")
     parser.add_argument("--run-seeds", default="1,2")
     parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--json", type=Path, help="where the table goes (default benchmarks/out/anneal_first_B.json)")
     args = parser.parse_args()
-    instances, best_known = _module("instances"), _module("best_known")
+    instances, best_known = bench_common.sibling("instances"), bench_common.sibling("best_known")
     table = best_known.load()
     settings = [int(value) for value in args.sweeps.split(",")]
     run_seeds = [int(seed) for seed in args.run_seeds.split(",")]
@@ -83,9 +74,9 @@ def main() -> None:
             rows.append({"anneal_sweeps": sweeps, "family": family, "mean_gap": float(gaps.mean()),
                          "worst_gap": float(gaps.max()), "median_ms": ms, "runs": len(values)})
         print(f"{sweeps:<14}" + "".join(cells), flush=True)
-    out = HERE / "out"
-    out.mkdir(exist_ok=True)
-    (out / f"anneal_first_{args.size}.json").write_text(json.dumps(
+    path = args.json or bench_common.HERE / "out" / f"anneal_first_{args.size}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(
         {"size": args.size, "blocks": args.blocks, "run_seeds": run_seeds, "load": os.getloadavg(), "rows": rows},
         indent=1))
 

@@ -24,17 +24,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import os
-import sys
 import time
-from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
-HERE = Path(__file__).resolve().parent
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE]
+import bench_common  # noqa: E402 - first: takes this folder off sys.path
 
 import numpy as np  # noqa: E402
 
@@ -42,12 +37,6 @@ from qsurgeon.worker.solve import solve  # noqa: E402
 from qsurgeon.worker.solvers import group_descent  # noqa: E402
 from qsurgeon.worker.solvers.greedy import greedy_start  # noqa: E402
 
-
-def _module(name: str):
-    spec = importlib.util.spec_from_file_location(f"qsurgeon_bench_{name}", HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main() -> None:
@@ -58,7 +47,7 @@ def main() -> None:
     parser.add_argument("--families", default="", help="comma-separated subset of instances.FAMILIES")
     parser.add_argument("--no-dimod", action="store_true", help="skip neal and tabu")
     args = parser.parse_args()
-    instances, best_known = _module("instances"), _module("best_known")
+    instances, best_known = bench_common.sibling("instances"), bench_common.sibling("best_known")
     table = best_known.load()
     seeds = [int(s) for s in args.seeds.split(",")]
     run_seeds = [int(s) for s in args.run_seeds.split(",")]
@@ -137,7 +126,7 @@ def main() -> None:
         print(f"{label:<16}" + "".join(cells), flush=True)
     prints = {family: digest.hexdigest()[:12] for family, digest in fingerprints.items()}
     print("instance fingerprints: " + ", ".join(f"{family} {value}" for family, value in prints.items()))
-    out = HERE / "out"
+    out = bench_common.HERE / "out"
     out.mkdir(exist_ok=True)
     suffix = "" if not args.families else "_" + "_".join(chosen)
     (out / f"families_{args.size}{suffix}.json").write_text(json.dumps({"size": args.size, "load": os.getloadavg(),

@@ -17,17 +17,13 @@ long ``sa`` reference (4 × 20,000 sweeps) for instances the JSON lacks. One cor
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
-HERE = Path(__file__).resolve().parent
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE]
+import bench_common  # noqa: E402 - first: takes this folder off sys.path
 
 import numpy as np  # noqa: E402
 
@@ -39,20 +35,16 @@ REFERENCE = {"restarts": 4, "sweeps": 20000, "device": "cpu"}
 HIT = 1e-3
 
 
-def _module(name: str):
-    spec = importlib.util.spec_from_file_location(f"qsurgeon_bench_{name}", HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="64,128,256,384,512,1024")
     parser.add_argument("--blocks", type=int, default=4, help="instances (seeds 0..N-1) per size")
     parser.add_argument("--run-seeds", default="1,2")
+    parser.add_argument("--json", type=Path, default=bench_common.HERE / "out" / "nm_route.json",
+                        help="where the table goes")
     args = parser.parse_args()
-    instances, best_known = _module("instances"), _module("best_known")
+    instances, best_known = bench_common.sibling("instances"), bench_common.sibling("best_known")
     table = best_known.load()
     run_seeds = [int(seed) for seed in args.run_seeds.split(",")]
     solve(instances.nm_block(64, 0).with_x0(None), "sa", sweeps=1, device="cpu")  # compile the kernels
@@ -85,9 +77,8 @@ def main() -> None:
             rows.append(row)
             print(f"{size:>5} {name:<10} {row['mean_gap']:>10.2e} {row['worst_gap']:>9.2e} "
                   f"{row['within_0.1%']:>7.2f} {ms:>10.0f}", flush=True)
-    out = HERE / "out"
-    out.mkdir(exist_ok=True)
-    (out / "nm_route.json").write_text(json.dumps({"blocks": args.blocks, "run_seeds": run_seeds,
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"blocks": args.blocks, "run_seeds": run_seeds,
                                                    "load": os.getloadavg(), "rows": rows}, indent=1))
 
 

@@ -11,27 +11,13 @@ Prints mean gap per family and configuration; writes benchmarks/out/tune_greedy_
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
-import sys
-from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-HERE = Path(__file__).resolve().parent
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE]
+import bench_common  # noqa: E402 - first: takes this folder off sys.path
 
 import numpy as np  # noqa: E402
 
 from qsurgeon.worker.solve import solve  # noqa: E402
-
-
-def _module(name: str):
-    spec = importlib.util.spec_from_file_location(f"qsurgeon_bench_{name}", HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 QUANTILES = (0.5, 0.25, 0.1)
 RANGES = ((20.0, 300.0), (5.0, 300.0), (2.0, 100.0), (1.0, 30.0))
@@ -41,7 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=256)
     args = parser.parse_args()
-    instances, best_known = _module("instances"), _module("best_known")
+    instances, best_known = bench_common.sibling("instances"), bench_common.sibling("best_known")
     table = best_known.load()
     problems = {(family, seed): make(args.size, seed) for family, make in instances.FAMILIES.items() for seed in (0, 1, 2)}
     energies: dict[tuple, float] = {}
@@ -67,7 +53,7 @@ def main() -> None:
             rows.append({"quantile": quantile, "beta_range": beta, "mean_gap": gaps, "worst_gap": worst})
             print(f"{quantile:>8} {str(beta):<14}" + "".join(f"{gaps[f]:>11.2e}" for f in families) + f"{worst:>11.2e}",
                   flush=True)
-    out = HERE / "out"
+    out = bench_common.HERE / "out"
     out.mkdir(exist_ok=True)
     (out / "tune_greedy_start.json").write_text(json.dumps({"size": args.size, "rows": rows}, indent=1))
 

@@ -14,28 +14,17 @@ family and configuration; writes benchmarks/out/tune_kicks_B.json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import sys
 import time
-from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
-HERE = Path(__file__).resolve().parent
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE]
+import bench_common  # noqa: E402 - first: takes this folder off sys.path
 
 import numpy as np  # noqa: E402
 
 from qsurgeon.worker.solve import solve  # noqa: E402
 
-
-def _module(name: str):
-    spec = importlib.util.spec_from_file_location(f"qsurgeon_bench_{name}", HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main() -> None:
@@ -46,7 +35,7 @@ def main() -> None:
     parser.add_argument("--families", default=None, help="comma-separated subset of instances.FAMILIES")
     parser.add_argument("--config", action="append", required=True, help="'SOLVER {json params}'")
     args = parser.parse_args()
-    instances, best_known = _module("instances"), _module("best_known")
+    instances, best_known = bench_common.sibling("instances"), bench_common.sibling("best_known")
     table = best_known.load()
     configs = []
     for text in args.config:
@@ -84,7 +73,7 @@ def main() -> None:
             rows.append({"config": label, "family": family, "mean_gap": float(gaps.mean()),
                          "worst_gap": float(gaps.max()), "median_ms": ms})
         print(f"{label:<48}" + "".join(cells), flush=True)
-    out = HERE / "out"
+    out = bench_common.HERE / "out"
     out.mkdir(exist_ok=True)
     (out / f"tune_kicks_{args.size}.json").write_text(json.dumps({"size": args.size, "load": os.getloadavg(),
                                                                   "rows": rows}, indent=1))

@@ -1,0 +1,30 @@
+"""What the solver benchmarks share: this folder taken off sys.path, and siblings loaded by path.
+
+Every solver benchmark imports this module first (``import bench_common`` works because Python
+puts a script's folder first on sys.path). Importing it takes the folder off sys.path again: a
+benchmark script there could shadow a module that a library imports (torch imports ``queue``).
+Sibling scripts (``instances``, ``best_known``) are then loaded by path, once per process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE]
+
+
+def sibling(name: str) -> ModuleType:
+    """benchmarks/<name>.py as a module, loaded by path the first time it is asked for."""
+    key = f"qsurgeon_bench_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, HERE / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]

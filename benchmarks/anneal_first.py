@@ -23,7 +23,6 @@ from pathlib import Path
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 import bench_common  # noqa: E402 - first: takes this folder off sys.path
 
-import numpy as np  # noqa: E402
 
 from qsurgeon.worker.solve import solve  # noqa: E402
 
@@ -67,12 +66,9 @@ def main() -> None:
     for sweeps in settings:
         cells = []
         for family in families:
-            values = results[sweeps][family]
-            gaps = np.array([gap for gap, _ in values])
-            ms = 1e3 * float(np.median([seconds for _, seconds in values]))
-            cells.append(f"{gaps.mean():>11.2e} {gaps.max():>9.2e} {ms:>7.0f}")
-            rows.append({"anneal_sweeps": sweeps, "family": family, "mean_gap": float(gaps.mean()),
-                         "worst_gap": float(gaps.max()), "median_ms": ms, "runs": len(values)})
+            summary = bench_common.gap_summary(results[sweeps][family])
+            cells.append(bench_common.gap_cell(summary))
+            rows.append({"anneal_sweeps": sweeps, "family": family, **summary})
         print(f"{sweeps:<14}" + "".join(cells), flush=True)
     path = args.json or bench_common.HERE / "out" / f"anneal_first_{args.size}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE]
 
+import numpy as np  # noqa: E402
+
 
 def sibling(name: str) -> ModuleType:
     """benchmarks/<name>.py as a module, loaded by path the first time it is asked for."""
@@ -28,3 +30,15 @@ def sibling(name: str) -> ModuleType:
         sys.modules[key] = module
         spec.loader.exec_module(module)
     return sys.modules[key]
+
+
+def gap_summary(runs: list[tuple[float, float]]) -> dict[str, float]:
+    """Mean and worst gap, median milliseconds and count of (gap, seconds) runs: a table cell's figures."""
+    gaps = np.array([gap for gap, _ in runs])
+    return {"mean_gap": float(gaps.mean()), "worst_gap": float(gaps.max()),
+            "median_ms": 1e3 * float(np.median([seconds for _, seconds in runs])), "runs": len(runs)}
+
+
+def gap_cell(summary: dict[str, float]) -> str:
+    """``mean worst ms``, right-aligned in 30 characters (the solver tables' column)."""
+    return f"{summary['mean_gap']:>11.2e} {summary['worst_gap']:>9.2e} {summary['median_ms']:>7.0f}"

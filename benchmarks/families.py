@@ -118,11 +118,9 @@ def main() -> None:
             if not values:
                 cells.append(f"{'-':>30}")
                 continue
-            gaps = np.array([gap for gap, _ in values])
-            ms = 1e3 * float(np.median([seconds for _, seconds in values]))
-            cells.append(f"{gaps.mean():>11.2e} {gaps.max():>9.2e} {ms:>7.0f}")
-            rows.append({"solver": label, "family": family, "mean_gap": float(gaps.mean()),
-                         "worst_gap": float(gaps.max()), "median_ms": ms, "runs": len(values)})
+            summary = bench_common.gap_summary(values)
+            cells.append(bench_common.gap_cell(summary))
+            rows.append({"solver": label, "family": family, **summary})
         print(f"{label:<16}" + "".join(cells), flush=True)
     prints = {family: digest.hexdigest()[:12] for family, digest in fingerprints.items()}
     print("instance fingerprints: " + ", ".join(f"{family} {value}" for family, value in prints.items()))

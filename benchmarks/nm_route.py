@@ -70,13 +70,11 @@ def main() -> None:
             for name, values in energies.items():
                 runs[name].extend(((energy - best) / abs(best), seconds) for energy, seconds in values)
         for name, values in runs.items():
-            gaps = np.array([gap for gap, _ in values])
-            ms = 1e3 * float(np.median([seconds for _, seconds in values]))
-            row = {"size": size, "route": name, "mean_gap": float(gaps.mean()), "worst_gap": float(gaps.max()),
-                   "within_0.1%": float(np.mean(gaps <= HIT)), "median_ms": ms, "runs": len(values)}
+            row = {"size": size, "route": name, **bench_common.gap_summary(values),
+                   "within_0.1%": float(np.mean([gap <= HIT for gap, _ in values]))}
             rows.append(row)
             print(f"{size:>5} {name:<10} {row['mean_gap']:>10.2e} {row['worst_gap']:>9.2e} "
-                  f"{row['within_0.1%']:>7.2f} {ms:>10.0f}", flush=True)
+                  f"{row['within_0.1%']:>7.2f} {row['median_ms']:>10.0f}", flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"blocks": args.blocks, "run_seeds": run_seeds,
                                                    "load": os.getloadavg(), "rows": rows}, indent=1))

@@ -23,7 +23,6 @@ from pathlib import Path
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 import bench_common  # noqa: E402 - first: takes this folder off sys.path
 
-
 from qsurgeon.worker.solve import solve  # noqa: E402
 
 FAMILIES = ("layerwise", "fisher", "outlier", "causal")

@@ -15,6 +15,7 @@ from qsurgeon.client.cli import main
 from qsurgeon.client.errors import SolverUnavailableError, UsageError
 from qsurgeon.worker import solve
 from qsurgeon.worker.solvers import registry
+from qsurgeon.worker.solvers import sa as sa_solver
 from qsurgeon.worker.solvers.dimod_backends import NealSolver
 
 PLUGIN_MODULE = "qsurgeon_test_plugin_backend"
@@ -148,8 +149,9 @@ def test_solvers_json_shows_capabilities(capsys):
 def test_solvers_json_lists_each_declared_parameter(capsys):
     assert main(["solvers", "--json"]) == 0
     listed = {entry["name"]: {p["name"]: p for p in entry["parameters"]} for entry in json.loads(capsys.readouterr().out)}
-    assert listed["sa"]["sweeps"] == {"name": "sweeps", "type": "int", "default": 1000, "minimum": 0, "maximum": None,
+    assert listed["sa"]["sweeps"] == {"name": "sweeps", "type": "int", "default": None, "minimum": 0, "maximum": None,
                                       "above": None, "choices": [], "help": listed["sa"]["sweeps"]["help"]}
+    assert "none: by size" in listed["sa"]["sweeps"]["help"]
     assert listed["sa"]["start"]["choices"] == ["auto", "x0", "random", "greedy"] and listed["sa"]["start"]["default"] == "auto"
     assert listed["swap-tabu"]["restarts"]["maximum"] == 4096 and listed["swap-tabu"]["tenure"]["default"] == 2
     assert listed["neal"]["restarts"]["default"] == 16 and listed["neal"]["alpha"]["default"] == 0.5
@@ -208,7 +210,8 @@ def test_a_solve_uses_the_declared_defaults():
     problem = layerwise_like(8, 0)
     declared = {name: {p.name: p.default for p in registry.solver_parameters(name)} for name in ("sa", "swap-tabu")}
     sa = solve(problem, "sa", seed=1)
-    assert (sa.restarts, sa.sweeps) == (declared["sa"]["restarts"], declared["sa"]["sweeps"])
+    assert declared["sa"]["sweeps"] is None  # by size
+    assert (sa.restarts, sa.sweeps) == (declared["sa"]["restarts"], sa_solver.default_sweeps(problem.num_variables))
     tabu = solve(problem, "swap-tabu", seed=1)
     assert (tabu.restarts, tabu.sweeps) == (declared["swap-tabu"]["restarts"], declared["swap-tabu"]["iterations"])
     neal = solve(problem, "neal", seed=1)

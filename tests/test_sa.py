@@ -14,7 +14,7 @@ from qsurgeon.client.cli import main
 from qsurgeon.client.errors import SolverUnavailableError, UsageError
 from qsurgeon.worker.block.problem import BlockProblem
 from qsurgeon.worker.solve import solve, solve_batch
-from qsurgeon.worker.solvers import sa_rng
+from qsurgeon.worker.solvers import sa, sa_rng
 
 
 # ---------------------------------------------------------------------- kernel conventions
@@ -98,7 +98,6 @@ def test_the_schedule_scale_ignores_outlier_swaps():
 
 
 def test_from_scratch_the_scale_comes_from_the_greedy_state_and_the_answer_never_loses_to_it():
-    from qsurgeon.worker.solvers import sa
     from qsurgeon.worker.solvers.greedy import greedy_start, swap_deltas
 
     for seed in range(4):
@@ -115,8 +114,6 @@ def test_from_scratch_the_scale_comes_from_the_greedy_state_and_the_answer_never
 
 
 def test_the_greedy_schedule_depends_on_the_group_sizes_only_from_the_greedy_start():
-    from qsurgeon.worker.solvers import sa
-
     nm = pruning_block(64, 2, groups=np.arange(64) // 8, counts=[4] * 8)
     single = pruning_block(64, 3, k=30)
     with_x0 = pruning_block(64, 4, k=30, with_x0=True)
@@ -354,3 +351,25 @@ def test_a_matrix_stack_hands_out_consecutive_views_and_refuses_to_overflow():
     first[...] = np.arange(first.size, dtype=np.float32).reshape(first.shape)
     mixed = [BlockProblem.dense(first[i], k=2, validate=False) for i in range(2)]
     assert np.shares_memory(flat_matrices(mixed), first)
+
+
+def test_default_length_follows_each_blocks_size_alone_or_in_a_mixed_batch():
+    """Without sweeps: min(32·B, 2·10⁶/B) sweeps, at least 1000 — by the block's own size, so a
+    block's answer is the same alone or in a batch of other sizes; a time limit spans the call."""
+    assert [sa.default_sweeps(size) for size in (8, 31, 64, 128, 256, 1024, 2000, 8192)] == [
+        1000, 1000, 2048, 4096, 7812, 1953, 1000, 1000]
+    small = pruning_block(24, 1, k=10)
+    larger = pruning_block(40, 2, k=15)
+    alone = [solve(problem, "sa", seed=3) for problem in (small, larger)]
+    together = solve_batch([larger, small], "sa", seed=3)
+    assert [a.sweeps for a in alone] == [1000, 1280]
+    assert [a.sweeps for a in together] == [1280, 1000]
+    assert np.array_equal(alone[0].x, together[1].x) and np.array_equal(alone[1].x, together[0].x)
+    assert alone[1].metadata["sweeps_requested"] == 1280
+    big = pruning_block(300, 4, k=120)  # 16 chains × 6666 sweeps × 300: far more than 0.1 s allows
+    started = time.perf_counter()
+    limited = solve_batch([big, small], "sa", seed=3, time_limit=0.1, restarts=16)
+    assert time.perf_counter() - started < 5.0  # the limit spans both sizes' runs (generous: loaded CI)
+    assert limited[0].metadata["stopped_by_time_limit"] and limited[0].sweeps < 6666
+    for problem, answer in zip((big, small), limited):
+        assert answer.energy == pytest.approx(direct_energy(problem, answer.x), rel=1e-9)

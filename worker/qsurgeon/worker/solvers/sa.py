@@ -24,7 +24,7 @@ import functools
 import secrets
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -65,6 +65,14 @@ DEFAULT_BETA_RANGE_GREEDY_LARGE_GROUPS = (10.0, 100.0)
 SMALL_GROUP = 32
 GREEDY_SCALE_QUANTILE = 0.25
 DEFAULT_RESTARTS = 4
+#: Without ``sweeps``, a chain gets SWEEPS_PER_VARIABLE sweeps per variable (a larger block is a
+#: larger landscape), at most PROPOSALS_PER_CHAIN proposals (so a block's time stays bounded as B
+#: grows) and at least DEFAULT_SWEEPS: 1000 at B ≤ 31 and B ≥ 2000, 4096 at B = 128, 7812 at 256,
+#: 1953 at 1024 (:func:`default_sweeps`). At B = 256 the former flat 1000 left 1.7 % mean on
+#: outlier rows and 1.6 % on 4:8 blocks; 7812 left 0.52–0.77 % and 0.56–0.91 % on two sets of
+#: 8–12 blocks each, every family within 1 % (docs/solvers.md, "sa's default length").
+SWEEPS_PER_VARIABLE = 32
+PROPOSALS_PER_CHAIN = 2_000_000
 DEFAULT_SWEEPS = 1000
 _STARTS = ("auto", "x0", "random", "greedy")
 _DEVICES = ("auto", "cpu", "cuda")
@@ -74,7 +82,8 @@ _SEED_BOUND = 2**127
 #: Every parameter ``sa`` takes: the one declaration that parsing, checks and listings use.
 PARAMETERS = (
     Param("restarts", "int", "independent chains per problem", DEFAULT_RESTARTS, minimum=1),
-    Param("sweeps", "int", "sweeps per chain (a sweep = B swap proposals)", DEFAULT_SWEEPS, minimum=0),
+    Param("sweeps", "int", f"sweeps per chain (a sweep = B swap proposals; none: by size, min({SWEEPS_PER_VARIABLE}·B, "
+          f"{PROPOSALS_PER_CHAIN:,}/B), at least {DEFAULT_SWEEPS})", minimum=0),
     Param("beta_range", "pair", "(β_rel start, end); none: (20, 300) from x0 or random, from the greedy start "
           f"{DEFAULT_BETA_RANGE_GREEDY} on blocks with small groups (N:M) and "
           f"{DEFAULT_BETA_RANGE_GREEDY_LARGE_GROUPS} on the others"),
@@ -96,12 +105,17 @@ PARAMETERS = (
 )
 
 
+def default_sweeps(num_variables: int) -> int:
+    """Sweeps per chain when none are given: see SWEEPS_PER_VARIABLE."""
+    return max(DEFAULT_SWEEPS, min(SWEEPS_PER_VARIABLE * num_variables, PROPOSALS_PER_CHAIN // max(num_variables, 1)))
+
+
 @dataclass(frozen=True)
 class AnnealParams:
     """Validated parameters of one ``sa`` call."""
 
     restarts: int
-    sweeps: int
+    sweeps: int | None  # None: by size (default_sweeps), resolved per problem in sample_batch
     beta_range: tuple[float, float] | None  # None: by start (DEFAULT_BETA_RANGE_*)
     scale_quantile: float | None  # None: by start (median from x0/random, GREEDY_SCALE_QUANTILE from greedy)
     time_limit: float | None
@@ -274,7 +288,7 @@ class SimulatedAnnealingSolver(BatchSolver):
     def sample_batch(self, problems: Sequence[BlockProblem], **params: Any) -> list[BlockSolution]:
         """Anneal every problem; parameters (all optional, declared in PARAMETERS):
 
-        restarts (4), sweeps (1000; a sweep = B proposals), beta_range ((β_rel start, end);
+        restarts (4), sweeps (by size, :func:`default_sweeps`; a sweep = B proposals), beta_range ((β_rel start, end);
         default (20, 300) from either start), time_limit (seconds for
         the whole call, checked between chunks of sweeps; the best so far is returned),
         scale_quantile (the |ΔE| quantile behind β; default by start),
@@ -288,6 +302,28 @@ class SimulatedAnnealingSolver(BatchSolver):
         """
         options = AnnealParams.parse(params)
         problems = list(problems)
+        if options.sweeps is not None:
+            return self._anneal(problems, options)
+        # by size: each problem's length depends on its own B, so its answer does not depend on its batch
+        lengths: dict[int, list[int]] = {}
+        for index, problem in enumerate(problems):
+            lengths.setdefault(default_sweeps(problem.num_variables), []).append(index)
+        work = {sweeps: sweeps * sum(problems[i].num_variables for i in indices) for sweeps, indices in lengths.items()}
+        answers: list[BlockSolution | None] = [None] * len(problems)
+        started = time.perf_counter()
+        for sweeps, indices in lengths.items():
+            limit = options.time_limit
+            if limit is not None:  # the rest of the call's time, shared by the work left
+                left = sum(work.values())
+                limit = max(limit - (time.perf_counter() - started), 1e-3) * work[sweeps] / left
+            work.pop(sweeps)
+            for index, answer in zip(indices, self._anneal([problems[i] for i in indices],
+                                                           replace(options, sweeps=sweeps, time_limit=limit))):
+                answers[index] = answer
+        return answers  # type: ignore[return-value]
+
+    def _anneal(self, problems: list[BlockProblem], options: AnnealParams) -> list[BlockSolution]:
+        """:meth:`sample_batch` with the sweeps settled."""
         if not problems:
             return []
         started = time.perf_counter()

@@ -10,6 +10,7 @@ can never push an infeasible or mis-scored answer into a pruning job.
 from __future__ import annotations
 
 import math
+import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
@@ -242,3 +243,13 @@ def starts_from_x0(problem: BlockProblem, start: str, solver: str) -> bool:
         label = f"problem {problem.id!r}" if problem.id else "a problem"
         raise UsageError(f"{solver}: start='x0' but {label} has no x0")
     return problem.x0 is not None
+
+
+def time_share(time_limit: float | None, started: float, work: Sequence[float], position: int) -> float | None:
+    """Seconds for part ``position`` of a call run in parts (``work`` per part, in order): what is left
+    of ``time_limit`` since ``started``, in proportion to that part's work among the parts not yet run.
+    None without a limit."""
+    if time_limit is None:
+        return None
+    left = max(time_limit - (time.perf_counter() - started), 0.0)
+    return left * work[position] / max(sum(work[position:]), 1)

@@ -32,7 +32,8 @@ import numpy as np
 from qsurgeon.client.errors import SolverUnavailableError, UsageError
 from qsurgeon.worker.block.problem import MAX_VARIABLES, BlockProblem, BlockSolution
 from qsurgeon.worker.solvers import group_descent
-from qsurgeon.worker.solvers.base import BatchSolver, Capabilities, Param, check_params, declared_value, starts_from_x0
+from qsurgeon.worker.solvers.base import (BatchSolver, Capabilities, Param, check_params, declared_value,
+                                          starts_from_x0, time_share)
 from qsurgeon.worker.solvers.greedy import greedy_start, swap_deltas
 from qsurgeon.worker.solvers.sa_rng import chain_keys, problem_digest
 
@@ -308,17 +309,14 @@ class SimulatedAnnealingSolver(BatchSolver):
         lengths: dict[int, list[int]] = {}
         for index, problem in enumerate(problems):
             lengths.setdefault(default_sweeps(problem.num_variables), []).append(index)
-        work = {sweeps: sweeps * sum(problems[i].num_variables for i in indices) for sweeps, indices in lengths.items()}
+        parts = list(lengths.items())
+        work = [sweeps * sum(problems[i].num_variables for i in indices) for sweeps, indices in parts]
         answers: list[BlockSolution | None] = [None] * len(problems)
         started = time.perf_counter()
-        for sweeps, indices in lengths.items():
-            limit = options.time_limit
-            if limit is not None:  # the rest of the call's time, shared by the work left
-                left = sum(work.values())
-                limit = max(limit - (time.perf_counter() - started), 1e-3) * work[sweeps] / left
-            work.pop(sweeps)
-            for index, answer in zip(indices, self._anneal([problems[i] for i in indices],
-                                                           replace(options, sweeps=sweeps, time_limit=limit))):
+        for position, (sweeps, indices) in enumerate(parts):
+            limit = time_share(options.time_limit, started, work, position)
+            part = replace(options, sweeps=sweeps, time_limit=None if limit is None else max(limit, 1e-3))
+            for index, answer in zip(indices, self._anneal([problems[i] for i in indices], part)):
                 answers[index] = answer
         return answers  # type: ignore[return-value]
 

@@ -27,6 +27,7 @@ from numba import njit, prange
 
 from qsurgeon.worker.block.problem import BlockProblem
 from qsurgeon.worker.block.stack import flat_matrices
+from qsurgeon.worker.solvers.base import time_share
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -522,10 +523,8 @@ def run_batch(problems: list[BlockProblem], keys: np.ndarray, use_x0: np.ndarray
     results: list[ChainResults | None] = [None] * len(problems)
     started = time.perf_counter()
     for position, part in enumerate(parts):
-        deadline = None
-        if time_limit is not None:
-            remaining = time_limit - (time.perf_counter() - started)
-            deadline = time.perf_counter() + max(remaining, 0.0) * work[position] / max(sum(work[position:]), 1)
+        share = time_share(time_limit, started, work, position)
+        deadline = None if share is None else time.perf_counter() + share
         answers = _run_part([problems[i] for i in part], keys[part], use_x0[part], beta_rows[part], betas, deadline,
                             None if scales is None else np.asarray(scales)[part])
         for index, answer in zip(part, answers):

@@ -31,6 +31,7 @@ import torch
 
 from qsurgeon.worker.block.problem import BlockProblem
 from qsurgeon.worker.block.stack import flat_matrices
+from qsurgeon.worker.solvers.base import time_share
 from qsurgeon.worker.solvers.sa_cpu import ChainResults, next_chunk, override_scales
 from qsurgeon.worker.solvers.sa_rng import GAMMA, MAX_BETA_DELTA, MIX1, MIX2, SCALE_SAMPLES
 
@@ -475,10 +476,8 @@ def run_batch(problems: list[BlockProblem], keys: np.ndarray, use_x0: np.ndarray
     results: list[ChainResults | None] = [None] * len(problems)
     started = time.perf_counter()
     for position, part in enumerate(order):
-        deadline = None
-        if time_limit is not None:
-            remaining = time_limit - (time.perf_counter() - started)
-            deadline = time.perf_counter() + max(remaining, 0.0) * work[position] / max(sum(work[position:]), 1)
+        share = time_share(time_limit, started, work, position)
+        deadline = None if share is None else time.perf_counter() + share
         first = problems[part[0]]
         fused = bucket_kernel(kernel, first.num_variables, first.is_factored) == "fused"
         bucket = _bucket(problems, part, device)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
+from qsurgeon.worker.solvers.base import time_share
 from qsurgeon.worker.solvers.sa_cpu import MAX_BYTES_PER_CALL, _below, _constraint_layout, _draw, _pick, _start_state
 
 #: Stands for "no move found yet".
@@ -556,10 +557,8 @@ def run_batch(problems: list[KernelProblem], keys: np.ndarray, use_x0: np.ndarra
     results: list[TabuResults | None] = [None] * len(problems)
     started = time.perf_counter()
     for position, part in enumerate(parts):
-        deadline = None
-        if time_limit is not None:
-            remaining = time_limit - (time.perf_counter() - started)
-            deadline = time.perf_counter() + max(remaining, 0.0) * work[position] / max(sum(work[position:]), 1)
+        share = time_share(time_limit, started, work, position)
+        deadline = None if share is None else time.perf_counter() + share
         answers = _run_part([problems[i] for i in part], keys[part], use_x0[part], iterations, deadline)
         for index, answer in zip(part, answers):
             results[index] = answer

@@ -15,7 +15,7 @@ from qsurgeon.server.models.calibration import builtin_texts, tokenize_texts
 from qsurgeon.server.models.capture import capture_first_block_inputs, collect_stats, run_block
 from qsurgeon.server.models.dense_match import collect_matched_stats, input_groups
 from qsurgeon.server.models.loading import load_adapter
-from qsurgeon.server.pruning.refit import dense_target
+from qsurgeon.server.pruning.refit import dense_targets
 from test_adapters import save_tiny_model
 
 
@@ -31,7 +31,7 @@ def test_the_target_turns_the_dense_output_error_into_the_layer_error():
     """||A Wᵀ − Ā W0ᵀ||² − ||A (W − W0')ᵀ||² is the same for every W (undamped), so minimising the
     layer error towards W0' minimises the error against the dense model's output."""
     pruned, dense, weight0, generator = _streams()
-    target = dense_target(weight0, pruned.T @ pruned, pruned.T @ dense, damp=0.0)
+    target, = dense_targets([weight0], pruned.T @ pruned, pruned.T @ dense, damp=0.0)
     gaps = []
     for _ in range(5):
         weight = torch.randn(weight0.shape, generator=generator, dtype=torch.float64)
@@ -42,13 +42,18 @@ def test_the_target_turns_the_dense_output_error_into_the_layer_error():
     assert gaps[0] > 0  # what no W on the pruned inputs can reach
     # and W0' itself beats W0 against the dense output
     assert (pruned @ target.T - dense @ weight0.T).norm() < (pruned @ weight0.T - dense @ weight0.T).norm()
+    # layers that read the same input share one factorisation and get what each would alone
+    other = 2.0 * weight0[:3].flip(1)
+    together = dense_targets([weight0, other], pruned.T @ pruned, pruned.T @ dense, damp=0.0)
+    torch.testing.assert_close(together[0], target)
+    torch.testing.assert_close(together[1], dense_targets([other], pruned.T @ pruned, pruned.T @ dense, damp=0.0)[0])
 
 
 def test_the_target_is_the_original_weight_where_the_streams_agree():
     pruned, _, weight0, _ = _streams(seed=1)
     gram = pruned.T @ pruned
-    torch.testing.assert_close(dense_target(weight0, gram, gram.clone(), damp=0.01), weight0)
-    assert dense_target(weight0.float(), gram, gram, damp=0.01).dtype == torch.float32
+    torch.testing.assert_close(dense_targets([weight0], gram, gram.clone(), damp=0.01)[0], weight0)
+    assert dense_targets([weight0.float()], gram, gram, damp=0.01)[0].dtype == torch.float32
 
 
 @pytest.fixture(scope="module")

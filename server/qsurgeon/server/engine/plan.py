@@ -457,11 +457,13 @@ def estimate(shape: ModelShape, options: Any, probe: Probe | None = None, gpu: G
     forward_flops = L * (2 * 2 * P * tokens + 2 * 2 * tokens * options.seq_len * h)  # capture and pass-on runs
     gram_flops = L * sum(2 * width * width * tokens for width in shape.gram_inputs)
     if options.match_dense:
-        # the dense stream's passes and cross-Grams, and each tensor's target solve (Cholesky
-        # in³/3, then two out × in² products) in float64
+        # the dense stream's passes and cross-Grams, and the target solves in float64: a Cholesky
+        # (in³/3) per distinct input, shared by the linears that read it, and two out × in²
+        # products per tensor
         forward_flops *= MATCH_DENSE_FORWARD_FACTOR
         gram_flops *= 2
-        match_f64 = L * sum(width ** 3 / 3 + 4 * out * width * width for _, out, width in shape.targets)
+        match_f64 = L * (sum(width ** 3 / 3 for width in shape.gram_inputs)
+                         + sum(4 * out * width * width for _, out, width in shape.targets))
     else:
         match_f64 = 0
     sparsegpt_flops = L * sum(width ** 3 + 2 * out * width * width for _, out, width in shape.targets) \

@@ -43,7 +43,7 @@ from qsurgeon.server.models.base import ModelAdapter, TargetLayer
 from qsurgeon.server.models.loading import load_adapter
 from qsurgeon.server.models.calibration import CalibrationData, load_calibration
 from qsurgeon.server.models.capture import capture_first_block_inputs, collect_stats, move_inputs, run_block
-from qsurgeon.server.models.dense_match import collect_matched_stats, dense_matching_weight, input_groups
+from qsurgeon.server.models.dense_match import collect_matched_stats, dense_matching_weights, input_groups
 from qsurgeon.server.pruning.masks import check_mask
 from qsurgeon.server.pruning.refit import refit_rows
 from qsurgeon.server.pruning.sparsity import Sparsity
@@ -202,8 +202,7 @@ def run_prune(options: PruneOptions, *, queue: Queue | None = None, progress: Pr
                         stats, following = collect_matched_stats(block, group, inputs, dense_inputs, originals,
                                                                  on_device, outputs=number == len(groups) - 1)
                         originals += [(layer, layer.weight().detach().clone()) for layer in group]
-                        weights0 = {name: dense_matching_weight(weight0, stats[name])
-                                    for name, weight0 in weights0.items()}
+                        weights0 = dense_matching_weights(weights0, stats)
                 context = context_for(index, block, inputs, group, weights0, stats, whole=len(groups) == 1)
                 entries.append(_prune_block(context, group, on_device))
             if dense_inputs is not None:

@@ -5,7 +5,7 @@ model (``W0 A``), so the error that earlier pruned layers put into ``A`` is neve
 With it the target is the dense model's output, ``W0 Ā``, where ``Ā`` are the same tokens'
 inputs in the dense model (the asymmetric objective of docs/quality.md). The pipeline then
 keeps two streams of block inputs, the pruned model's and the dense model's, and needs the
-cross-Gram ``C = Σ a āᵀ`` beside ``H = Σ a aᵀ``: ``pruning.refit.dense_target`` turns
+cross-Gram ``C = Σ a āᵀ`` beside ``H = Σ a aᵀ``: ``pruning.refit.dense_targets`` turns
 ``(W0, H, C)`` into the target weights every method already minimises towards.
 
 A layer's pruned-model inputs must come from the block with its *earlier layers already
@@ -17,7 +17,7 @@ together, and each group's statistics are collected after the groups before it a
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from torch import nn
 from qsurgeon.server.models.base import StopForward, TargetLayer
 from qsurgeon.server.models.capture import (BlockInputs, LayerStats, _call_block, _hidden_of, _real_rows,
                                             append_call, to_device)
-from qsurgeon.server.pruning.refit import dense_target
+from qsurgeon.server.pruning.refit import dense_targets
 
 #: the ridge of the dense-output fit towards W0, per unknown per equation: damping
 #: ``RIDGE · (inputs / tokens)`` of mean(diag H). The fit has ``inputs`` unknowns per row and one
@@ -36,10 +36,19 @@ from qsurgeon.server.pruning.refit import dense_target
 RIDGE = 1.0
 
 
-def dense_matching_weight(weight0: torch.Tensor, stats: LayerStats) -> torch.Tensor:
-    """The target weights W0' of one layer (``pruning.refit.dense_target``), damped by :data:`RIDGE`."""
-    width = stats.gram.shape[0]
-    return dense_target(weight0, stats.gram, stats.cross, RIDGE * width / max(1, stats.tokens))
+def dense_matching_weights(weights0: Mapping[str, torch.Tensor],
+                           stats: Mapping[str, LayerStats]) -> dict[str, torch.Tensor]:
+    """The target weights W0' of a group's layers (``pruning.refit.dense_targets``, damped by
+    :data:`RIDGE`); layers that read the same input share one LayerStats and so one solve's factor."""
+    shared: dict[int, list[str]] = {}
+    for name in weights0:
+        shared.setdefault(id(stats[name]), []).append(name)
+    targets: dict[str, torch.Tensor] = {}
+    for names in shared.values():
+        layer = stats[names[0]]
+        damp = RIDGE * layer.gram.shape[0] / max(1, layer.tokens)
+        targets.update(zip(names, dense_targets([weights0[name] for name in names], layer.gram, layer.cross, damp)))
+    return targets
 
 
 def input_groups(block: nn.Module, targets: Sequence[TargetLayer], inputs: BlockInputs,

@@ -26,7 +26,7 @@ minimise exactly, so the refit never increases the damped error of a row.
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import torch
 
@@ -57,8 +57,10 @@ def damped_gram(gram: torch.Tensor, damp: float) -> torch.Tensor:
     return hessian
 
 
-def dense_target(weight0: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
-    """The weights ``W0'`` towards which the layer error is the error against the dense model's output.
+def dense_targets(weights0: Sequence[torch.Tensor], gram: torch.Tensor, cross: torch.Tensor,
+                  damp: float) -> list[torch.Tensor]:
+    """The weights ``W0'`` towards which the layer error is the error against the dense model's output,
+    for every layer in ``weights0`` that reads the input of ``gram`` and ``cross``.
 
     ``A`` are the layer's inputs in the pruned model, ``Ā`` the same tokens' inputs in the
     dense model, ``H = A Aᵀ`` and ``C = A Āᵀ``. The ridge fit of the dense output,
@@ -67,13 +69,16 @@ def dense_target(weight0: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor,
     (row by row). So every method that minimises ``(w − w0)ᵀ H (w − w0)`` fits the dense output
     when given ``W0'`` as ``w0``. The ridge pulls towards ``W0``, not towards 0: where the two
     streams agree (``C = H``) ``W0' = W0`` exactly. ``damp`` is λ as a fraction of mean(diag H).
+    One Cholesky factorisation serves every layer (q, k and v read the same input).
     """
-    hessian = damped_gram(gram, damp)
-    factor = torch.linalg.cholesky(hessian)
-    w0 = weight0.detach().to(torch.float64)
-    # ridge towards W0 (not towards 0): (H + λI) W0'ᵀ = C W0ᵀ + λ W0ᵀ, exactly W0 where C = H
-    rhs = (cross.to(torch.float64) - gram.to(torch.float64)) @ w0.T
-    return (w0 + torch.cholesky_solve(rhs, factor).T).to(weight0.dtype).contiguous()
+    factor = torch.linalg.cholesky(damped_gram(gram, damp))
+    difference = cross.to(torch.float64) - gram.to(torch.float64)
+    targets = []
+    for weight0 in weights0:
+        w0 = weight0.detach().to(torch.float64)
+        # ridge towards W0 (not towards 0): (H + λI) W0'ᵀ = C W0ᵀ + λ W0ᵀ = (C − H) W0ᵀ + (H + λI) W0ᵀ
+        targets.append((w0 + torch.cholesky_solve(difference @ w0.T, factor).T).to(weight0.dtype).contiguous())
+    return targets
 
 
 def inverse_from_cholesky(factor: torch.Tensor) -> torch.Tensor:

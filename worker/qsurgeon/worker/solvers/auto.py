@@ -10,8 +10,8 @@ the benchmark families at B = 256:
   neighbourhoods; at tenure 4 it left 0.27 % mean on 16 4:8 blocks at B = 256 in 84 ms, where
   ``sa`` 8 × 4000 sweeps (+ group polish) left 0.84 % in 236 ms (docs/solvers.md, "N:M blocks");
 - small groups, larger B: ``sa``, 8 chains × 4000 sweeps, each chain's best state then
-  group-descended (``sa``'s polish). There ``swap-tabu`` falls apart (B = 384: 4.6 % against
-  1.9 %; B = 1024: 24 % against 1.2 %) — it cannot leave the greedy state's basin;
+  group-descended (``sa``'s polish). There ``swap-tabu`` falls apart (benchmarks/nm_route.py:
+  B = 384 4.1 % against 1.4 %, B = 1024 31 % against 4.5 %) — it stays near the greedy state;
 - B ≤ EXACT_MAX_VARIABLES: enumeration is exact and takes milliseconds;
 - B > swap-tabu's limit (4096): only ``sa`` runs.
 
@@ -40,7 +40,7 @@ from qsurgeon.worker.solvers.sa import has_small_groups
 EXACT_MAX_VARIABLES = 16
 #: Small-grouped (N:M) blocks up to this many variables go to swap-tabu ("swap-tabu-groups"), larger
 #: ones to sa ("sa-groups"): measured at B = 64, 128, 256 (tabu as good or better) and 384, 512, 1024
-#: (tabu 2-20x worse), docs/solvers.md.
+#: (tabu 3–7× worse; benchmarks/nm_route.py, docs/solvers.md).
 TABU_GROUPS_MAX_VARIABLES = 256
 #: swap-tabu's own limit (a dense float32 Q of 4096² is 64 MiB and one iteration scans it).
 TABU_MAX_VARIABLES = 4096

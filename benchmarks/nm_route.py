@@ -3,7 +3,7 @@
 For 4:8 blocks (instances.nm_block) of B = 64 … 1024, from scratch, runs both N:M routes of
 ``solvers/auto.py`` at effort "default" with their budgets read from ``auto.BUDGETS``:
 
-- ``swap-tabu`` with the "swap-tabu-groups" budget (tenure 4, 2 × 17,500 iterations);
+- ``swap-tabu`` with the "swap-tabu-groups" budget (tenure 4, 4 × 10,000 iterations);
 - ``sa`` with the "sa-groups" budget (8 × 4000 sweeps, each chain's best state group-descended);
 
 and prints mean gap / worst gap / share within 0.1 % / median ms per (B, route). The gap is to

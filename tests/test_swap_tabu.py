@@ -114,6 +114,38 @@ def test_without_tabu_each_iteration_takes_the_best_swap(groups, counts, heavy):
             assert np.array_equal(answer.x, states[steps].astype(np.uint8))
 
 
+def test_small_groups_break_ties_by_index_whatever_the_slot_order():
+    """Groups of ≤ SMALL_GROUP variables are scanned from their [ones | zeros] slots, whose order
+    changes with every move; a tie between equal best swaps must still go to the first group, then
+    the lowest j (out), then the lowest i (in), as a scan in index order would. Twin variables (the
+    same row of Q) make ties. While each step improves, the best state after N iterations (tenure 0)
+    is the descent's N-th state."""
+    size, groups = 48, np.arange(48) // 16  # three groups of 16, eight ones each: moved again and again
+    twin = np.arange(size) // 2
+    ties = 0
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        upper = np.triu(rng.integers(0, 4, (size // 2, size // 2)))
+        Q = (upper + upper.T)[np.ix_(twin, twin)].astype(np.float32)
+        problem = BlockProblem.dense(Q, groups=groups, counts=[8] * 3)
+        problem = problem.with_x0(solve(problem, SOLVER, seed=seed, iterations=0, start="random").x)
+        x, Qd, steps = problem.x0.astype(np.float64), Q.astype(np.float64), 0
+        while True:
+            h = Qd @ x
+            d = np.where(x == 1, np.diag(Qd) - 2 * h, np.diag(Qd) + 2 * h)
+            moves = [(d[i] + d[j] - 2 * Qd[i, j], groups[j], j, i) for j in np.flatnonzero(x == 1)
+                     for i in np.flatnonzero((x == 0) & (groups == groups[j]))]
+            best = min(moves)
+            if best[0] >= 0:
+                break
+            ties += sum(move[0] == best[0] for move in moves) > 1
+            x[best[3]], x[best[2]] = 1.0, 0.0
+            steps += 1
+            answer = solve(problem, SOLVER, seed=0, restarts=1, tenure=0, stall=0, iterations=steps)
+            assert np.array_equal(answer.x, x.astype(np.uint8)), (seed, steps)
+    assert ties >= 8  # the case under test
+
+
 def test_x0_start_never_returns_worse_than_x0_and_zero_iterations_return_it():
     problems = [pruning_block(48, seed, k=20, with_x0=True) for seed in range(4)]
     for problem, answer in zip(problems, solve_batch(problems, SOLVER, seed=3, iterations=20)):

@@ -6,9 +6,12 @@ the benchmark families at B = 256:
 - single-group blocks (layer-wise, causal-LM and outlier rows, Fisher): ``swap-tabu``
   reaches the best known energy where ``sa`` at equal time leaves 0.3–6 %;
 - small groups (N:M, groups of ≤ sa.SMALL_GROUP variables), B ≤ TABU_GROUPS_MAX_VARIABLES:
-  ``swap-tabu`` with tenure 4, 2 × 17,500 iterations. At tenure 2 it cycles inside the tiny
+  ``swap-tabu`` with tenure 4, 4 × 10,000 iterations. At tenure 2 it cycles inside the tiny
   neighbourhoods; at tenure 4 it left 0.27 % mean on 16 4:8 blocks at B = 256 in 84 ms, where
-  ``sa`` 8 × 4000 sweeps (+ group polish) left 0.84 % in 236 ms (docs/solvers.md, "N:M blocks");
+  ``sa`` 8 × 4000 sweeps (+ group polish) left 0.84 % in 236 ms (docs/solvers.md, "N:M blocks").
+  Four shorter chains cut the tail that two longer ones leave: over 32 blocks × 6 runs, 4 × 8750
+  left 0.30 % mean (worst 3.0 %) where 2 × 17,500 left 0.41 % (worst 8.8 %), and the group scan's
+  slot layout made 4 × 10,000 as fast as 2 × 17,500 was;
 - small groups, larger B: ``sa``, 8 chains × 4000 sweeps, each chain's best state then
   group-descended (``sa``'s polish). There ``swap-tabu`` falls apart (benchmarks/nm_route.py:
   B = 384 4.1 % against 1.4 %, B = 1024 31 % against 4.5 %) — it stays near the greedy state;
@@ -70,8 +73,8 @@ BUDGETS: dict[tuple[str, str], dict[str, Any]] = {
     ("sa-groups", "short"): {"restarts": 2, "sweeps": 64},
     ("sa-groups", "default"): {"restarts": 8, "sweeps": 4000},
     ("sa-groups", "long"): {"restarts": 16, "sweeps": 8000},
-    ("swap-tabu-groups", "default"): {"restarts": 2, "iterations": 17500, "tenure": 4},
-    ("swap-tabu-groups", "long"): {"restarts": 2, "iterations": 70000, "tenure": 4},
+    ("swap-tabu-groups", "default"): {"restarts": 4, "iterations": 10000, "tenure": 4},
+    ("swap-tabu-groups", "long"): {"restarts": 4, "iterations": 40000, "tenure": 4},
     ("swap-tabu", "short"): {"restarts": 1, "iterations": 50},
     ("swap-tabu", "default"): {},
     ("swap-tabu", "long"): {"iterations": 12000},

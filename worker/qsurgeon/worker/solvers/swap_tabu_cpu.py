@@ -59,21 +59,37 @@ def _allowed(tabu_until, co, i, j, it, value, current, best):
 
 
 @njit(cache=True)
-def _scan_small(Q, qo, n, co, x, d, tabu_until, it, current, best, begin, end, found):
-    """Every (one, zero) pair of a small group; ``found`` = [value, i, j] is improved in place."""
-    for j in range(begin, end):
-        if not x[co + j]:
-            continue
+def _scan_small(Q, qo, n, co, slot, d, tabu_until, it, current, best, begin, count, end, found):
+    """Every (one, zero) pair of a small group; ``found`` = [value, i, j] is improved in place.
+
+    The pairs are read from the group's [ones | zeros] slots (count × (size − count) of them, no
+    test of x per pair: this scan is most of an iteration's cost on N:M blocks). Ties go to the
+    lowest (j, i), as if the pairs were visited in index order, so the order inside the slots
+    does not change the move taken.
+    """
+    ones_begin = co + begin
+    zeros_begin = ones_begin + count
+    zeros_end = co + end
+    limit = found[0]
+    local = BIG
+    local_i = -1
+    local_j = -1
+    for one in range(ones_begin, zeros_begin):
+        j = slot[one]
         row = qo + j * n
         dj = d[co + j]
-        for i in range(begin, end):
-            if x[co + i]:
-                continue
+        for zero in range(zeros_begin, zeros_end):
+            i = slot[zero]
             value = dj + d[co + i] - 2.0 * np.float64(Q[row + i])
-            if value < found[0] and _allowed(tabu_until, co, i, j, it, value, current, best):
-                found[0] = value
-                found[1] = i
-                found[2] = j
+            if value < limit and (value < local or (value == local and (j < local_j or (j == local_j and i < local_i)))) \
+                    and _allowed(tabu_until, co, i, j, it, value, current, best):
+                local = value
+                local_i = i
+                local_j = j
+    if local < limit:
+        found[0] = local
+        found[1] = local_i
+        found[2] = local_j
 
 
 @njit(cache=True, inline="always")
@@ -241,7 +257,8 @@ def _best_swap(Q, qo, n, co, x, d, rowmax, colmax, vo, slot, keys, tabu_until, i
             begin = g_start[grp_base + group]
             end = begin + g_size[grp_base + group]
             if end - begin <= SMALL_GROUP:
-                _scan_small(Q, qo, n, co, x, d, tabu_until, now, current, best, begin, end, found)
+                _scan_small(Q, qo, n, co, slot, d, tabu_until, now, current, best, begin, g_count[grp_base + group], end,
+                            found)
             else:
                 _scan_pruned(Q, qo, n, co, d, rowmax, colmax, vo, slot, keys, tabu_until, now, current, best, begin,
                              g_count[grp_base + group], end, found)

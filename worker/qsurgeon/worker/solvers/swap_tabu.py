@@ -173,13 +173,15 @@ class SwapTabuSolver(BatchSolver):
     def sample_batch(self, problems: Sequence[BlockProblem], **params: Any) -> list[BlockSolution]:
         """Search every problem; parameters (all optional):
 
-        restarts (2; independent searches per problem, run in parallel), iterations (3000 per
-        restart; one iteration = one best swap over the whole neighbourhood), tenure (2: a
-        variable that moved is tabu for tenure + U[0, tenure] iterations), anneal_sweeps (when
-        > 0, ``sa`` with this many sweeps and the same restarts and seed runs first on the CPU
-        and the search starts from its answer; 0: never; None: 1000 for problems whose largest
-        group has more than 512 variables, where descending from x0 one best swap per O(B²)
-        iteration is slow, else 0), time_limit (seconds for the whole call, checked
+        restarts (DEFAULT_RESTARTS; independent searches per problem, run in parallel), iterations
+        (DEFAULT_ITERATIONS per restart; one iteration = one best swap over the whole neighbourhood),
+        tenure (DEFAULT_TENURE: a variable that moved is tabu for tenure + U[0, tenure] iterations),
+        stall / kick (a kick of ``kick`` random swaps from the best state after ``stall`` iterations
+        without a new best), anneal_sweeps (when > 0, ``sa`` with this many sweeps and the same
+        restarts and seed runs first on the CPU and the search starts from its answer; 0: never;
+        None: DEFAULT_ANNEAL_SWEEPS for problems whose largest group has more than
+        AUTO_ANNEAL_ABOVE variables, where descending from x0 one best swap per O(B²) iteration
+        is slow, else 0), time_limit (seconds for the whole call, checked
         between chunks of iterations; the best so far is returned), start ("auto": x0 where
         the problem has one, else "greedy"; "x0"; "random"; "greedy"), seed (None: fresh, reported in the
         metadata), polish ("group": group descent from every restart's best state on blocks with

@@ -1,4 +1,4 @@
-"""The solver benchmarks behind auto's N:M route and swap-tabu's anneal default run and say what they measured."""
+"""The solver benchmarks behind auto's N:M route and budgets and swap-tabu's anneal default run and say what they measured."""
 
 from __future__ import annotations
 
@@ -39,3 +39,22 @@ def test_anneal_first_ranks_the_anneal_lengths_it_is_given(tmp_path):
     for row in record["rows"]:
         by_family.setdefault(row["family"], []).append(row["mean_gap"])
     assert all(min(gaps) == 0.0 and max(gaps) >= 0.0 for gaps in by_family.values())  # one setting is the reference
+
+
+def test_budgets_compares_chain_budgets_against_cached_references(tmp_path):
+    out, cache = tmp_path / "budgets.json", tmp_path / "references.json"
+    args = ("--family", "nm", "--size", "32", "--blocks", "2", "--run-seeds", "1,2", "--budgets", "1x20,2x200,auto",
+            "--reference-iterations", "400", "--reference-sweeps", "200", "--json", str(out), "--cache", str(cache))
+    printed = _run("budgets.py", *args)
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["budget"] for row in rows] == ["1x20", "2x200", "auto"]
+    assert rows[1]["params"] == {"restarts": 2, "iterations": 200, "tenure": 4}  # N:M blocks: tenure 4
+    for row in rows:  # the reference is the lowest energy seen, so no gap is negative
+        assert 0.0 <= row["mean_gap"] <= row["worst_gap"] and row["runs"] == 4 and 0.0 <= row["within_0.1%"] <= 1.0
+    assert "2x200" in printed and "auto" in printed
+    record = json.loads(cache.read_text())
+    assert set(record["energies"]) == {"0", "1"} and all(energy > 0 for energy in record["energies"].values())
+    record["energies"] = {seed: energy / 2 for seed, energy in record["energies"].items()}
+    cache.write_text(json.dumps(record))
+    _run("budgets.py", *args)  # a second run takes the cached references (here halved) instead of solving again
+    assert all(row["mean_gap"] > 0.5 for row in json.loads(out.read_text())["rows"])

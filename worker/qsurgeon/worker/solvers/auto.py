@@ -10,8 +10,9 @@ the benchmark families at B = 256:
   neighbourhoods; at tenure 4 it left 0.27 % mean on 16 4:8 blocks at B = 256 in 84 ms, where
   ``sa`` 8 × 4000 sweeps (+ group polish) left 0.84 % in 236 ms (docs/solvers.md, "N:M blocks").
   Four shorter chains cut the tail that two longer ones leave: over 32 blocks × 6 runs, 4 × 8750
-  left 0.30 % mean (worst 3.0 %) where 2 × 17,500 left 0.41 % (worst 8.8 %), and the group scan's
-  slot layout made 4 × 10,000 as fast as 2 × 17,500 was;
+  left 0.31 % mean (worst 3.0 %) where 2 × 17,500 left 0.41 % (worst 8.8 %), and the group scan's
+  slot layout made 4 × 10,000 as fast as 2 × 17,500 was (0.26 % over 32 blocks × 2 runs;
+  benchmarks/budgets.py);
 - small groups, larger B: ``sa``, 8 chains × 4000 sweeps, each chain's best state then
   group-descended (``sa``'s polish). There ``swap-tabu`` falls apart (benchmarks/nm_route.py:
   B = 384 4.1 % against 1.4 %, B = 1024 31 % against 4.5 %) — it stays near the greedy state;

@@ -55,6 +55,15 @@ def _all_assignments(size: int, k: int) -> np.ndarray:
 
 
 def enumerated_minimum(problem: BlockProblem) -> float:
-    """min xᵀQx + offset over every x with exactly k ones (one group), by itertools."""
-    X = _all_assignments(problem.num_variables, problem.k)
+    """min xᵀQx + offset over every x with each group's count of ones, by itertools (only the
+    feasible states: 13,824 for six groups of 4 where all 2^24 would take seconds)."""
+    if problem.num_groups == 1:
+        X = _all_assignments(problem.num_variables, problem.k)
+    else:
+        choices = [list(itertools.combinations(members, int(count)))
+                   for members, count in zip(problem.group_members(), problem.counts)]
+        X = np.zeros((int(np.prod([len(options) for options in choices])), problem.num_variables))
+        for row, picks in enumerate(itertools.product(*choices)):
+            for chosen in picks:
+                X[row, list(chosen)] = 1.0
     return float(np.einsum("nb,nb->n", X @ problem.dense_Q(), X).min()) + problem.offset

@@ -61,11 +61,14 @@ def float_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
+def digests_by_machine() -> dict[str, dict[str, str]]:
+    """machine kind -> {case: digest} for the cases whose masks differ there."""
+    return json.loads(MACHINE_DIGESTS_FILE.read_text()) if MACHINE_DIGESTS_FILE.is_file() else {}
+
+
 def expected_digests() -> dict[str, str]:
     """The recorded digest of every case, with this machine kind's own where it has one."""
-    recorded = json.loads(DIGESTS_FILE.read_text())
-    by_machine = json.loads(MACHINE_DIGESTS_FILE.read_text()) if MACHINE_DIGESTS_FILE.is_file() else {}
-    return recorded | by_machine.get(float_fingerprint(), {})
+    return json.loads(DIGESTS_FILE.read_text()) | digests_by_machine().get(float_fingerprint(), {})
 
 
 def mask_digest(masks_file: Path) -> str:
@@ -104,7 +107,7 @@ if __name__ == "__main__":
         digests = {case: run_case(case, models, Path(tmp) / case.replace(":", "-")) for case in CASES}
     if "--machine" in sys.argv[1:]:
         recorded = json.loads(DIGESTS_FILE.read_text())
-        by_machine = json.loads(MACHINE_DIGESTS_FILE.read_text()) if MACHINE_DIGESTS_FILE.is_file() else {}
+        by_machine = digests_by_machine()
         differing = {case: digest for case, digest in digests.items() if recorded.get(case) != digest}
         by_machine[float_fingerprint()] = differing
         MACHINE_DIGESTS_FILE.write_text(json.dumps(by_machine, indent=2, sort_keys=True) + "\n")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 
@@ -273,21 +272,6 @@ def test_cli_solve_and_solvers(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------- kicks
-def feasible_minimum(problem: BlockProblem) -> float:
-    """min energy over the states with every group's count (itertools over each group's choices:
-    thousands of states where the exhaustive solver walks all 2^B)."""
-    choices = [[np.array(chosen, np.int64) for chosen in itertools.combinations(members, int(count))]
-               for members, count in zip(problem.group_members(), problem.counts)]
-    states = []
-    for picks in itertools.product(*choices):
-        x = np.zeros(problem.num_variables)
-        for chosen in picks:
-            x[chosen] = 1.0
-        states.append(x)
-    X = np.array(states)
-    return float(np.einsum("nb,nb->n", X @ problem.dense_Q(), X).min()) + problem.offset
-
-
 @pytest.mark.parametrize("groups, counts", [(None, None), (np.arange(24) // 4, [1, 2, 3, 2, 1, 2])])
 def test_kicks_keep_counts_never_lose_the_best_and_reach_the_optimum(groups, counts):
     """Kicks (a few random swaps from the best state after `stall` idle iterations) on small blocks."""
@@ -295,7 +279,7 @@ def test_kicks_keep_counts_never_lose_the_best_and_reach_the_optimum(groups, cou
         size = 16 if groups is None else 24
         problem = pruning_block(size, 80 + seed, k=None if groups is not None else 7,
                                 groups=groups, counts=counts, with_x0=True)
-        exact = feasible_minimum(problem)
+        exact = enumerated_minimum(problem)
         answer = solve(problem, SOLVER, seed=seed, iterations=400, stall=3, kick=3)
         assert np.array_equal(problem.group_sums(answer.x), problem.counts)
         assert answer.energy == pytest.approx(direct_energy(problem, answer.x), rel=1e-9)

@@ -240,7 +240,7 @@ def _move_slots(slot, co, begin, count, end, i, j):
 
 
 @njit(cache=True)
-def _best_swap(Q, qo, n, co, x, d, rowmax, colmax, vo, slot, keys, tabu_until, it, current, best, g_start, g_size, g_count,
+def _best_swap(Q, qo, n, co, d, rowmax, colmax, vo, slot, keys, tabu_until, it, current, best, g_start, g_size, g_count,
                sw_groups, sw_base, nsw, grp_base, found):
     """The best allowed swap over every swappable group: found = [ΔE, i (in), j (out)].
 
@@ -374,7 +374,7 @@ def search(Q, diag, q_off, nvar, var_off, var_group, rowmax, colmax, grp_off, ng
                     for v in range(n):
                         best_x[co + v] = x[co + v]
                 continue
-            _best_swap(Q, qo, n, co, x, d, rowmax, colmax, var_off[p], slot, keys, tabu_until, it, current, best, g_start,
+            _best_swap(Q, qo, n, co, d, rowmax, colmax, var_off[p], slot, keys, tabu_until, it, current, best, g_start,
                        g_size, g_count, sw_groups, sw_off[p], nsw[p], grp_off[p], found)
             if found[1] < 0:
                 break

@@ -38,12 +38,19 @@ NM_TENURE = 4
 
 
 def parse_budget(text: str, tenure: int | None, grouped: bool) -> tuple[str, dict]:
-    """``RxI`` -> swap-tabu with R restarts × I iterations; ``auto`` / ``auto-long`` -> auto's choice."""
+    """``RxI`` -> swap-tabu with R restarts × I iterations; ``auto`` / ``auto-long`` -> auto's choice.
+
+    ``RxI+name=value+...`` adds swap-tabu parameters (``2x50000+move=drop-add+stall=800``).
+    """
     if text in ("auto", "auto-long"):
         return "auto", {"effort": "long"} if text == "auto-long" else {}
-    restarts, iterations = (int(part) for part in text.lower().split("x"))
-    params = {"restarts": restarts, "iterations": iterations}
-    if tenure is not None or grouped:
+    size, *extra = text.split("+")
+    restarts, iterations = (int(part) for part in size.lower().split("x"))
+    params: dict = {"restarts": restarts, "iterations": iterations}
+    for item in extra:
+        name, _, value = item.partition("=")
+        params[name] = int(value) if value.lstrip("-").isdigit() else value
+    if "tenure" not in params and (tenure is not None or grouped):
         params["tenure"] = tenure if tenure is not None else NM_TENURE
     return "swap-tabu", params
 
@@ -61,7 +68,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--family", default="nm")
     parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--blocks", type=int, default=32, help="instances (seeds 0..N-1)")
+    parser.add_argument("--blocks", type=int, default=32, help="instances (seeds first..first+N-1)")
+    parser.add_argument("--first", type=int, default=0, help="seed of the first instance (held-out sets)")
     parser.add_argument("--run-seeds", default="1,2")
     parser.add_argument("--budgets", default="2x17500,4x8750,4x10000")
     parser.add_argument("--tenure", type=int, default=None)
@@ -79,12 +87,13 @@ def main() -> None:
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     if cache.get("settings") != settings:
         cache = {"settings": settings, "energies": {}}
-    problems = [make(args.size, seed).with_x0(None) for seed in range(args.blocks)]
+    seeds = range(args.first, args.first + args.blocks)
+    problems = [make(args.size, seed).with_x0(None) for seed in seeds]
     grouped = has_small_groups(problems[0])
     budgets = [(text, *parse_budget(text, args.tenure, grouped)) for text in args.budgets.split(",")]
     solve(problems[0], "swap-tabu", iterations=10)  # compile / load the kernels
     references = []
-    for seed, problem in enumerate(problems):
+    for seed, problem in zip(seeds, problems):
         if str(seed) not in cache["energies"]:
             cache["energies"][str(seed)] = reference(problem, grouped, args.reference_iterations,
                                                      args.reference_sweeps)
@@ -92,7 +101,7 @@ def main() -> None:
             cache_file.write_text(json.dumps(cache, indent=1))
         references.append(cache["energies"][str(seed)])
     energies: dict[str, list[list[tuple[float, float]]]] = {text: [] for text, _, _ in budgets}
-    for seed, problem in enumerate(problems):
+    for index, problem in enumerate(problems):
         for text, solver, params in budgets:
             runs = []
             for run_seed in run_seeds:
@@ -100,10 +109,11 @@ def main() -> None:
                 answer = solve(problem, solver, seed=run_seed, **params)
                 runs.append((answer.energy, time.perf_counter() - started))
             energies[text].append(runs)
-        references[seed] = min([references[seed]] + [energy for per_block in energies.values()
-                                                      for energy, _ in per_block[seed]])
+        references[index] = min([references[index]] + [energy for per_block in energies.values()
+                                                        for energy, _ in per_block[index]])
     rows = []
-    print(f"{args.family}, B = {args.size}: {args.blocks} blocks × {len(run_seeds)} run seeds, from scratch, one core")
+    print(f"{args.family}, B = {args.size}: {args.blocks} blocks (seeds {args.first}–{args.first + args.blocks - 1}) × "
+          f"{len(run_seeds)} run seeds, from scratch, one core")
     print(f"{'budget':<12} {'mean gap':>10} {'worst':>9} {'≤0.1 %':>7} {'median ms':>10}")
     for text, solver, params in budgets:
         gaps = [((energy - best) / abs(best), seconds)
@@ -114,7 +124,7 @@ def main() -> None:
               f"{row['median_ms']:>10.0f}", flush=True)
     target = args.json or out / f"budgets_{args.family}_{args.size}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps({"family": args.family, "size": args.size, "blocks": args.blocks,
+    target.write_text(json.dumps({"family": args.family, "size": args.size, "blocks": list(seeds),
                                   "run_seeds": run_seeds, "load": os.getloadavg(), "rows": rows}, indent=1))
 
 

@@ -98,6 +98,27 @@ def test_auto_routes_by_size_and_groups_and_checks_its_answers():
     assert auto.choose(factored_block(5000, 2, 1, k=10))[0] == "sa"  # beyond swap-tabu's limit
 
 
+def test_auto_gives_rows_with_outlier_channels_drop_add_moves():
+    """A large group with heavy columns (a few channels' rows and columns of Q scaled 12×) between
+    DROP_ADD_MIN_VARIABLES and DROP_ADD_MAX_VARIABLES: drop-add moves, unless the run is iCBS-short."""
+    size = 192
+    rng = np.random.default_rng(5)
+    X, w = rng.standard_normal((size, 3 * size)), rng.uniform(0.5, 1.0, size) * 0.05  # no heavy tails
+    plain = BlockProblem.dense((w[:, None] * (X @ X.T / X.shape[1]) * w[None, :]).astype(np.float32), k=96)
+    scale = np.ones(size)
+    scale[[7, 40, 41, 150]] = 12.0
+    outliers = BlockProblem.dense((scale[:, None] * plain.dense_Q() * scale[None, :]).astype(np.float32), k=96)
+    assert auto.choose(outliers)[1]["move"] == "drop-add"
+    assert auto.choose(outliers, "long")[1]["iterations"] > auto.choose(outliers)[1]["iterations"]
+    assert "move" not in auto.choose(outliers, "short")[1] and "move" not in auto.choose(plain)[1]
+    small = BlockProblem.dense(outliers.dense_Q()[:128, :128].astype(np.float32), k=64)
+    assert "move" not in auto.choose(small)[1]  # B = 128: the best swap is as good and faster
+    answer = solve(outliers, "auto", seed=1, sweeps=3000)
+    assert answer.metadata["move"] == "drop-add" and answer.metadata["auto"]["move"] == "drop-add"
+    assert answer.metadata["tenure"] == 3 and answer.metadata["stall"] == 400 and answer.metadata["kick"] == size // 32
+    assert answer.energy <= solve(outliers, "swap-tabu", iterations=0).energy  # never above its greedy start
+
+
 def test_auto_takes_restarts_and_sweeps_in_the_chosen_solvers_terms():
     nm = pruning_block(64, 2, groups=np.arange(64) // 8, counts=[4] * 8)
     single = pruning_block(96, 3, k=40, with_x0=True)

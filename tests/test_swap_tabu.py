@@ -146,6 +146,62 @@ def test_small_groups_break_ties_by_index_whatever_the_slot_order():
     assert ties >= 8  # the case under test
 
 
+def drop_add_walk(problem: BlockProblem, steps: int) -> np.ndarray:
+    """The best state of ``steps`` drop-add moves from x0 without tabus, by numpy: drop the one with the
+    lowest d_j over all groups (lowest index on ties), add the zero of j's group with the lowest
+    d_i − 2Q_ij (lowest index on ties); the best state is replaced only by a strictly lower one."""
+    Q = problem.dense_Q()
+    x = problem.x0.astype(np.float64).copy()
+    energy = best_energy = x @ Q @ x
+    best = x.copy()
+    for _ in range(steps):
+        h = Q @ x
+        drops = np.where(x == 1, np.diag(Q) - 2 * h, np.inf)
+        j = int(np.argmin(drops))
+        adds = np.where((x == 0) & (problem.group_of == problem.group_of[j]), np.diag(Q) + 2 * h - 2 * Q[j], np.inf)
+        i = int(np.argmin(adds))
+        x[i], x[j] = 1.0, 0.0
+        energy += drops[j] + adds[i]
+        if energy < best_energy:
+            best_energy, best = energy, x.copy()
+    return best.astype(np.uint8)
+
+
+@pytest.mark.parametrize("groups, counts", [
+    (None, None),  # one group of 60
+    (np.arange(60) // 30, [11, 19]),  # two large groups: the drop is chosen across both
+    (np.arange(60) % 15, [2] * 15),  # groups of 4 (N:M)
+])
+def test_drop_add_takes_its_drop_then_its_add_step_by_step(groups, counts):
+    """move="drop-add", tenure 0, no kicks: the kernel walks the same states as numpy (integer Q, so the
+    float64 sums are exact and ties are real: they must go to the lowest index)."""
+    for seed in range(3):
+        rng = np.random.default_rng(90 + seed)
+        upper = np.triu(rng.integers(-6, 7, (60, 60)))
+        Q = (upper + upper.T).astype(np.float32)
+        problem = BlockProblem.dense(Q, k=None if groups is not None else 23, groups=groups, counts=counts)
+        problem = problem.with_x0(solve(problem, SOLVER, seed=seed, iterations=0, start="random").x)
+        for steps in (1, 2, 9, 40):
+            answer = solve(problem, SOLVER, seed=seed, restarts=1, tenure=0, stall=0, iterations=steps,
+                           move="drop-add")
+            assert np.array_equal(answer.x, drop_add_walk(problem, steps)), (seed, steps)
+            assert answer.metadata["move"] == "drop-add"
+
+
+def test_drop_add_reaches_the_exhaustive_optimum_and_keeps_counts():
+    problems = [pruning_block(16, seed) for seed in range(100)]
+    problems += [pruning_block(24, 200 + seed, groups=np.arange(24) // 4, counts=[1, 2, 3, 2, 1, 2]) for seed in range(20)]
+    answers = solve_batch(problems, SOLVER, seed=3, iterations=400, move="drop-add")
+    optimal = 0
+    for problem, answer in zip(problems, answers):
+        exact = enumerated_minimum(problem)
+        assert np.array_equal(problem.group_sums(answer.x), problem.counts)
+        assert answer.energy == pytest.approx(direct_energy(problem, answer.x), rel=1e-9, abs=1e-12)
+        assert answer.energy >= exact - 1e-12 * max(1.0, abs(exact))
+        optimal += answer.energy <= exact + 1e-9 * abs(exact) + 1e-15
+    assert optimal / len(problems) >= 0.95
+
+
 def test_x0_start_never_returns_worse_than_x0_and_zero_iterations_return_it():
     problems = [pruning_block(48, seed, k=20, with_x0=True) for seed in range(4)]
     for problem, answer in zip(problems, solve_batch(problems, SOLVER, seed=3, iterations=20)):
@@ -239,6 +295,7 @@ def test_time_limit_is_honoured_and_the_best_so_far_returned():
         ({"start": "x0"}, "no x0"),
         ({"seed": "abc"}, "seed"),
         ({"beta_range": (1, 2)}, "unknown parameter"),
+        ({"move": "triple"}, "move"),
     ],
 )
 def test_bad_parameters_are_usage_errors(params, message):

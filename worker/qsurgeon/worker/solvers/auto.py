@@ -4,7 +4,10 @@ Why: no one solver is best on every block (docs/solvers.md, "Choosing a solver: 
 the benchmark families at B = 256:
 
 - single-group blocks (layer-wise, causal-LM and outlier rows, Fisher): ``swap-tabu``
-  reaches the best known energy where ``sa`` at equal time leaves 0.3–6 %;
+  reaches the best known energy where ``sa`` at equal time leaves 0.3–6 %; where the group has
+  heavy columns (outlier input channels) and 128 < B ≤ 512, with drop-add moves, 4 × 25,000
+  iterations: the best-swap scan is costly there and the search needs many iterations
+  (0.07 % mean where the best swap's default left 0.28 % in 1.5× the time, B = 256);
 - small groups (N:M, groups of ≤ sa.SMALL_GROUP variables), B ≤ TABU_GROUPS_MAX_VARIABLES:
   ``swap-tabu`` with tenure 4, 4 × 10,000 iterations. At tenure 2 it cycles inside the tiny
   neighbourhoods; at tenure 4 it left 0.27 % mean on 16 4:8 blocks at B = 256 in 84 ms, where
@@ -39,6 +42,7 @@ from qsurgeon.worker.block.problem import MAX_VARIABLES, BlockProblem, BlockSolu
 from qsurgeon.worker.solvers.base import BatchSolver, Capabilities, Param, check_params
 from qsurgeon.worker.solvers.registry import get_solver
 from qsurgeon.worker.solvers.sa import has_small_groups
+from qsurgeon.worker.solvers.swap_tabu import has_heavy_columns
 
 #: Blocks up to this many variables are enumerated (2^16 patterns: milliseconds).
 EXACT_MAX_VARIABLES = 16
@@ -48,6 +52,13 @@ EXACT_MAX_VARIABLES = 16
 TABU_GROUPS_MAX_VARIABLES = 256
 #: swap-tabu's own limit (a dense float32 Q of 4096² is 64 MiB and one iteration scans it).
 TABU_MAX_VARIABLES = 4096
+#: Blocks of large groups with heavy columns (rows with outlier input channels, swap_tabu.has_heavy_columns)
+#: of more than DROP_ADD_MIN_VARIABLES and at most DROP_ADD_MAX_VARIABLES variables get swap-tabu's drop-add
+#: moves ("swap-tabu-heavy"). At B = 256 (64 outlier blocks × 2 runs, benchmarks/budgets.py) 4 × 25,000
+#: drop-add iterations left 0.07 % mean in 130–138 ms where the best-swap default 2 × 4000 left 0.28 % in
+#: 184–216 ms; at B = 128 both reach the best known and the best swap is the faster.
+DROP_ADD_MIN_VARIABLES = 128
+DROP_ADD_MAX_VARIABLES = 512
 EFFORTS = ("short", "default", "long")
 _SEED_BOUND = 2**127
 
@@ -79,6 +90,8 @@ BUDGETS: dict[tuple[str, str], dict[str, Any]] = {
     ("swap-tabu", "short"): {"restarts": 1, "iterations": 50},
     ("swap-tabu", "default"): {},
     ("swap-tabu", "long"): {"iterations": 12000},
+    ("swap-tabu-heavy", "default"): {"restarts": 4, "iterations": 25000, "move": "drop-add"},
+    ("swap-tabu-heavy", "long"): {"restarts": 4, "iterations": 100000, "move": "drop-add"},
     ("exhaustive", "short"): {},
     ("exhaustive", "default"): {},
     ("exhaustive", "long"): {},
@@ -96,6 +109,8 @@ def choose(problem: BlockProblem, effort: str = "default") -> tuple[str, dict[st
         return "sa", dict(BUDGETS[("sa-groups", effort)])
     if size > TABU_MAX_VARIABLES:
         return "sa", dict(BUDGETS[("sa", effort)])
+    if effort != "short" and DROP_ADD_MIN_VARIABLES < size <= DROP_ADD_MAX_VARIABLES and has_heavy_columns(problem):
+        return "swap-tabu", dict(BUDGETS[("swap-tabu-heavy", effort)])
     return "swap-tabu", dict(BUDGETS[("swap-tabu", effort)])
 
 

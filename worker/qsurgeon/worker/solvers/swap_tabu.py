@@ -6,7 +6,10 @@ known energy. Tabu search looks at *every* swap of one kept and one pruned varia
 group at each step (O(1) each from cached fields, ΔE(i in, j out) = d_i + d_j − 2Q_ij),
 takes the best one that is not tabu (or that beats the best state so far), and forbids
 the two variables to move back for a few iterations, so it walks through the low plateaus
-of such landscapes instead of sampling them.
+of such landscapes instead of sampling them. With ``move="drop-add"`` an iteration takes the
+cheapest drop and then the best add given it instead (O(B) in place of the whole
+neighbourhood): on rows with outlier input channels, where the full scan is costly and the
+search needs many iterations, that buys ~10× the iterations for the same time.
 
 Every chain starts feasible (x0; without one, the greedy construction + best-swap descent
 of :mod:`greedy`; or a random assignment with the right count in every group, when asked) and only swaps inside a group, so counts stay exact. Factored blocks are searched
@@ -67,6 +70,26 @@ KICK_DIVISOR = 16
 #: longer anneals kept gaining on layer-wise rows only (docs/solvers.md, "Large blocks").
 DEFAULT_ANNEAL_SWEEPS = 8000
 _STARTS = ("auto", "x0", "random", "greedy")
+
+
+@dataclass(frozen=True)
+class MoveDefaults:
+    """What a search with one kind of move uses where the call does not say (tuned per move)."""
+
+    tenure: int
+    stall: int
+    kick_divisor: int  # a kick makes B // kick_divisor random swaps (at least 2)
+
+
+#: Per move (swap_tabu_cpu.MOVE_CODES): "best" as tuned above; "drop-add" (swap_tabu_cpu._drop_add)
+#: tuned on 32 outlier rows at B = 256 (benchmarks/budgets.py, 4 × 25,000 iterations, docs/solvers.md
+#: "Drop-add moves"): tenure 3 / stall 400 / 8 swaps left 0.11 % mean where stall 100–200 (kicked
+#: before the cheap moves had searched a valley) or 16–24 swaps (a new start each time) left 0.16–0.8 %,
+#: and tenure 2 or 5 0.14–0.19 %.
+MOVE_DEFAULTS = {
+    "best": MoveDefaults(tenure=DEFAULT_TENURE, stall=DEFAULT_STALL, kick_divisor=KICK_DIVISOR),
+    "drop-add": MoveDefaults(tenure=3, stall=400, kick_divisor=32),
+}
 _MAX_ITERATIONS = 10**9
 _SEED_BOUND = 2**127
 #: Every parameter ``swap-tabu`` takes: the one declaration that parsing, checks and listings use.
@@ -74,14 +97,20 @@ _SEED_BOUND = 2**127
 PARAMETERS = (
     Param("restarts", "int", "independent searches per problem, run in parallel", DEFAULT_RESTARTS,
           minimum=1, maximum=4096),
-    Param("iterations", "int", "best swaps per restart", DEFAULT_ITERATIONS, minimum=0, maximum=_MAX_ITERATIONS),
+    Param("iterations", "int", "moves (swaps) per restart", DEFAULT_ITERATIONS, minimum=0, maximum=_MAX_ITERATIONS),
+    Param("move", "str", "best: the best allowed swap of the whole neighbourhood, O(B²) per iteration at worst; "
+          "drop-add: the cheapest drop, then the best add given it, O(B) (auto's choice on rows with outlier "
+          "channels)", "best", choices=tuple(MOVE_DEFAULTS)),
     Param("sweeps", "int", "another name for iterations", minimum=0, maximum=_MAX_ITERATIONS),
-    Param("tenure", "int", "a moved variable is tabu for tenure + U[0, tenure] iterations", DEFAULT_TENURE,
+    Param("tenure", "int", "a moved variable is tabu for tenure + U[0, tenure] iterations (none: "
+          + ", ".join(f"{value.tenure} for move {name}" for name, value in MOVE_DEFAULTS.items()) + ")",
           minimum=0, maximum=1_000_000),
-    Param("stall", "int", "iterations without a new best state before a kick (0: never kick)", DEFAULT_STALL,
+    Param("stall", "int", "iterations without a new best state before a kick (0: never kick; none: "
+          + ", ".join(f"{value.stall} for move {name}" for name, value in MOVE_DEFAULTS.items()) + ")",
           minimum=0, maximum=_MAX_ITERATIONS),
-    Param("kick", "int", f"random swaps of a kick, made from the best state seen (none: B/{KICK_DIVISOR}, "
-          "at least 2)", minimum=1, maximum=1_000_000),
+    Param("kick", "int", "random swaps of a kick, made from the best state seen (none: "
+          + ", ".join(f"B/{value.kick_divisor} for move {name}" for name, value in MOVE_DEFAULTS.items())
+          + ", at least 2)", minimum=1, maximum=1_000_000),
     Param("anneal_sweeps", "int", f"sa sweeps first (none: {DEFAULT_ANNEAL_SWEEPS} when a group has more than "
           f"{AUTO_ANNEAL_ABOVE} variables, else 0)", minimum=0, maximum=_MAX_ITERATIONS),
     Param("time_limit", "float", "seconds for the whole call, checked between chunks of iterations", above=0.0),
@@ -110,6 +139,7 @@ class TabuParams:
     start: str
     seed: int
     polish: str = "none"
+    move: str = "best"
 
     @classmethod
     def parse(cls, params: dict[str, Any]) -> "TabuParams":
@@ -120,15 +150,35 @@ class TabuParams:
             checked["iterations"] = checked["sweeps"]
         value = functools.partial(declared_value, PARAMETERS, checked)
         seed = value("seed")
-        return cls(restarts=value("restarts"), iterations=value("iterations"), tenure=value("tenure"),
-                   stall=value("stall"), kick=value("kick"), anneal_sweeps=value("anneal_sweeps"),
+        tuned = MOVE_DEFAULTS[value("move")]
+        tenure, stall = value("tenure"), value("stall")
+        return cls(restarts=value("restarts"), iterations=value("iterations"),
+                   tenure=tuned.tenure if tenure is None else tenure, stall=tuned.stall if stall is None else stall,
+                   kick=value("kick"), anneal_sweeps=value("anneal_sweeps"),
                    time_limit=value("time_limit"), start=value("start"),
-                   seed=secrets.randbits(63) if seed is None else seed, polish=value("polish"))
+                   seed=secrets.randbits(63) if seed is None else seed, polish=value("polish"),
+                   move=value("move"))
 
 
-def kick_swaps(problem: BlockProblem, kick: int | None) -> int:
-    """Random swaps of one kick: as asked, or B / KICK_DIVISOR (at least 2)."""
-    return kick if kick is not None else max(2, problem.num_variables // KICK_DIVISOR)
+def kick_swaps(problem: BlockProblem, kick: int | None, move: str = "best") -> int:
+    """Random swaps of one kick: as asked, or B / the move's kick_divisor (at least 2)."""
+    return kick if kick is not None else max(2, problem.num_variables // MOVE_DEFAULTS[move].kick_divisor)
+
+
+def has_heavy_columns(problem: BlockProblem) -> bool:
+    """Whether some group of more than swap_tabu_cpu.SMALL_GROUP variables has heavy columns (outlier input
+    channels: entries several times the rest, swap_tabu_cpu.heavy_columns): ``auto`` gives such blocks drop-add
+    moves."""
+    from qsurgeon.worker.solvers import swap_tabu_cpu
+
+    Q = problem.dense_Q()
+    for members in problem.group_members():
+        if len(members) > swap_tabu_cpu.SMALL_GROUP:
+            block = Q[np.ix_(members, members)]
+            np.fill_diagonal(block, -np.inf)
+            if len(swap_tabu_cpu.heavy_columns(block)):
+                return True
+    return False
 
 
 def sweeps_to_anneal(problem: BlockProblem, anneal_sweeps: int | None) -> int:
@@ -158,11 +208,11 @@ def _keys(problem: BlockProblem, Q: np.ndarray, seed: int, restarts: int) -> np.
 
 
 class SwapTabuSolver(BatchSolver):
-    """Tabu search over best swaps inside groups; never leaves the feasible set."""
+    """Tabu search over swaps inside groups; never leaves the feasible set."""
 
     capabilities = Capabilities(
         name="swap-tabu",
-        description="best-swap tabu search inside groups (CPU kernel; dense or factored, B ≤ 4096)",
+        description="swap tabu search inside groups (best swap or drop-add; CPU kernel; dense or factored, B ≤ 4096)",
         max_variables=MAX_VARIABLES,
         constraints="native",
         device="cpu",
@@ -174,10 +224,11 @@ class SwapTabuSolver(BatchSolver):
         """Search every problem; parameters (all optional):
 
         restarts (DEFAULT_RESTARTS; independent searches per problem, run in parallel), iterations
-        (DEFAULT_ITERATIONS per restart; one iteration = one best swap over the whole neighbourhood),
-        tenure (DEFAULT_TENURE: a variable that moved is tabu for tenure + U[0, tenure] iterations),
-        stall / kick (a kick of ``kick`` random swaps from the best state after ``stall`` iterations
-        without a new best), anneal_sweeps (when > 0, ``sa`` with this many sweeps and the same
+        (DEFAULT_ITERATIONS per restart; one iteration = one swap), move ("best": the best swap over the
+        whole neighbourhood; "drop-add": the cheapest drop, then the best add given it), tenure (a
+        variable that moved is tabu for tenure + U[0, tenure] iterations), stall / kick (a kick of
+        ``kick`` random swaps from the best state after ``stall`` iterations without a new best;
+        tenure, stall and kick default to MOVE_DEFAULTS[move]), anneal_sweeps (when > 0, ``sa`` with this many sweeps and the same
         restarts and seed runs first on the CPU and the search starts from its answer; 0: never;
         None: DEFAULT_ANNEAL_SWEEPS for problems whose largest group has more than
         AUTO_ANNEAL_ABOVE variables, where descending from x0 one best swap per O(B²) iteration
@@ -229,7 +280,8 @@ class SwapTabuSolver(BatchSolver):
             keys.append(_keys(problem, Q, options.seed, options.restarts))
             kernel_problems.append(swap_tabu_cpu.kernel_problem(
                 Q, problem.group_of, problem.counts, problem.x0, (options.tenure, options.tenure, options.tenure),
-                (options.stall, kick_swaps(problem, options.kick))))
+                (options.stall, kick_swaps(problem, options.kick, options.move)),
+                swap_tabu_cpu.MOVE_CODES[options.move]))
         # the time limit covers forming the dense matrices too (seconds at B = 4096)
         time_limit = None if deadline is None else max(deadline - time.perf_counter(), 1e-6)
         return swap_tabu_cpu.run_batch(kernel_problems, np.stack(keys), use_x0, options.iterations, time_limit)
@@ -243,8 +295,9 @@ class SwapTabuSolver(BatchSolver):
             "seed": options.seed,
             "start": ("sa" if annealed is not None else kind),
             "tenure": options.tenure,
+            "move": options.move,
             "stall": options.stall,
-            "kick": kick_swaps(problem, options.kick),
+            "kick": kick_swaps(problem, options.kick, options.move),
             "iterations": result.iterations_done,
             "iterations_requested": options.iterations,
             "moves": int(result.moves.sum()),

@@ -43,6 +43,11 @@ _U32 = np.uint64(32)
 _LOW32 = np.uint64(0xFFFFFFFF)
 #: Salt of the kicks' random stream (the tenures draw from the chain key itself).
 _KICK_SALT = np.uint64(0x6B69636B5F737470)
+#: The move of an iteration (KernelProblem.move): the best swap of the whole neighbourhood (:func:`_best_swap`),
+#: or a drop then an add (:func:`_drop_add`); by the names ``swap-tabu``'s ``move`` takes.
+MOVE_BEST = 0
+MOVE_DROP_ADD = 1
+MOVE_CODES = {"best": MOVE_BEST, "drop-add": MOVE_DROP_ADD}
 
 
 @njit(cache=True)
@@ -266,6 +271,79 @@ def _best_swap(Q, qo, n, co, d, rowmax, colmax, vo, slot, keys, tabu_until, it, 
             return
 
 
+@njit(cache=True, inline="always")
+def _drop_add_pass(Q, diag, vo, qo, n, co, x, h, tabu_until, now, current, best, g_start, g_size, sw_groups, sw_base,
+                   nsw, grp_base, found):
+    """One pass of :func:`_drop_add` with variables tabu until after ``now``; False when no move is allowed.
+
+    Each group is read through views indexed from 0: an index the compiler knows to be ≥ 0
+    spares numba's wrap-around test for negative indices (x[co + v] kept it: 30 % slower).
+    """
+    drop = BIG
+    j = -1
+    j_group = -1
+    for s in range(nsw):
+        group = grp_base + sw_groups[sw_base + s]
+        first = g_start[group]
+        size = g_size[group]
+        xs = x[co + first : co + first + size]
+        hs = h[co + first : co + first + size]
+        tabu = tabu_until[co + first : co + first + size]
+        diagonal = diag[vo + first : vo + first + size]
+        for t in range(size):
+            if xs[t] and tabu[t] <= now:
+                value = diagonal[t] - 2.0 * hs[t]
+                if value < drop:
+                    drop = value
+                    j = first + t
+                    j_group = group
+    if j < 0:
+        return False
+    first = g_start[j_group]
+    size = g_size[j_group]
+    xs = x[co + first : co + first + size]
+    hs = h[co + first : co + first + size]
+    tabu = tabu_until[co + first : co + first + size]
+    diagonal = diag[vo + first : vo + first + size]
+    row = Q[qo + j * n + first : qo + j * n + first + size]
+    add = BIG
+    i = -1
+    for t in range(size):
+        if not xs[t]:
+            value = diagonal[t] + 2.0 * hs[t] - 2.0 * np.float64(row[t])
+            if value < add and (tabu[t] <= now or current + drop + value < best):
+                add = value
+                i = first + t
+    if i < 0:
+        return False
+    found[0] = drop + add
+    found[1] = i
+    found[2] = j
+    return True
+
+
+@njit(cache=True)
+def _drop_add(Q, diag, vo, qo, n, co, x, h, tabu_until, it, current, best, g_start, g_size, g_count, sw_groups, sw_base,
+              nsw, grp_base, found):
+    """A swap chosen in two halves, O(B) in all: found = [ΔE, i (in), j (out)].
+
+    The drop is the allowed one with the lowest single-flip delta d_j = Q_jj − 2h_j over every
+    swappable group; the add is the allowed zero of j's group with the lowest ΔE given that
+    drop, d_i − 2Q_ij (or any zero that makes a new best state). Why: on rows with outlier input
+    channels the best-swap scan keeps thousands of pairs per iteration past its bound, and the
+    search needs tens of thousands of iterations to leave the valleys it stalls in; this move
+    costs a few hundred operations, so the same time buys ~10× the iterations (docs/solvers.md,
+    "Drop-add moves"). Groups are read in index order from x (the slot layout is not kept up to
+    date in this mode: only kicks use it, and they rebuild it), so ties go to the lowest index.
+    As in :func:`_best_swap`, a second pass ignores tabus when nothing is allowed.
+    """
+    if not _drop_add_pass(Q, diag, vo, qo, n, co, x, h, tabu_until, it, current, best, g_start, g_size, sw_groups,
+                          sw_base, nsw, grp_base, found):
+        if not _drop_add_pass(Q, diag, vo, qo, n, co, x, h, tabu_until, 1 << 62, current, best, g_start, g_size,
+                              sw_groups, sw_base, nsw, grp_base, found):
+            found[1] = -1
+
+
 @njit(parallel=True, cache=True)
 def init_chains(Q, q_off, nvar, var_off, var_group, x0, grp_off, ngrp, g_start, g_count, chain_problem,
                 chain_var_off, chain_use_x0, key_start, x, best_x, slot, h, tabu_until, energy, best_energy):
@@ -342,13 +420,14 @@ def _kick(Q, qo, n, co, vo, diag, x, best_x, slot, h, d, tabu_until, g_start, g_
 
 @njit(parallel=True, cache=True)
 def search(Q, diag, q_off, nvar, var_off, var_group, rowmax, colmax, grp_off, ngrp, g_start, g_size, g_count, sw_off, nsw, sw_groups,
-           chain_problem, chain_var_off, key_run, tenure_in, tenure_out, tenure_spread, stall, kick, it_begin, it_end,
-           x, best_x, slot, keys, h, d, tabu_until, energy, best_energy, moves, since_best):
+           chain_problem, chain_var_off, key_run, tenure_in, tenure_out, tenure_spread, stall, kick, move, it_begin,
+           it_end, x, best_x, slot, keys, h, d, tabu_until, energy, best_energy, moves, since_best):
     """Iterations it_begin..it_end−1 of every chain's tabu search (state kept in the arrays).
 
     stall[p] > 0: after that many iterations without a new best state the chain is kicked
     (:func:`_kick`, kick[p] random swaps from the best state); the kick takes the place
     of that iteration's move. since_best (per chain) carries the count across calls.
+    move[p]: MOVE_BEST (the best allowed swap, :func:`_best_swap`) or MOVE_DROP_ADD (:func:`_drop_add`).
     """
     for c in prange(chain_problem.shape[0]):
         p = chain_problem[c]
@@ -363,6 +442,7 @@ def search(Q, diag, q_off, nvar, var_off, var_group, rowmax, colmax, grp_off, ng
         vo = var_off[p]
         found = np.empty(3, np.float64)
         _refresh(diag, vo, n, co, x, h, d)
+        chain_move = move[p]
         for it in range(it_begin, it_end):
             if stall[p] > 0 and since_best[c] >= stall[p]:
                 current = _kick(Q, qo, n, co, vo, diag, x, best_x, slot, h, d, tabu_until, g_start, g_size, g_count,
@@ -374,23 +454,39 @@ def search(Q, diag, q_off, nvar, var_off, var_group, rowmax, colmax, grp_off, ng
                     for v in range(n):
                         best_x[co + v] = x[co + v]
                 continue
-            _best_swap(Q, qo, n, co, d, rowmax, colmax, var_off[p], slot, keys, tabu_until, it, current, best, g_start,
-                       g_size, g_count, sw_groups, sw_off[p], nsw[p], grp_off[p], found)
+            if chain_move == MOVE_DROP_ADD:
+                _drop_add(Q, diag, vo, qo, n, co, x, h, tabu_until, it, current, best, g_start, g_size, g_count, sw_groups,
+                          sw_off[p], nsw[p], grp_off[p], found)
+            else:
+                _best_swap(Q, qo, n, co, d, rowmax, colmax, var_off[p], slot, keys, tabu_until, it, current, best,
+                           g_start, g_size, g_count, sw_groups, sw_off[p], nsw[p], grp_off[p], found)
             if found[1] < 0:
                 break
             i = np.int64(found[1])
             j = np.int64(found[2])
             x[co + i] = 1
             x[co + j] = 0
-            group = grp_off[p] + var_group[var_off[p] + i]
-            begin = g_start[group]
-            _move_slots(slot, co, begin, g_count[group], begin + g_size[group], i, j)
+            if chain_move == MOVE_BEST:
+                group = grp_off[p] + var_group[var_off[p] + i]
+                begin = g_start[group]
+                _move_slots(slot, co, begin, g_count[group], begin + g_size[group], i, j)
             row_i = qo + i * n
             row_j = qo + j * n
-            for v in range(n):  # fields and single-flip deltas after the move, in one pass
-                field = h[co + v] + (np.float64(Q[row_i + v]) - np.float64(Q[row_j + v]))
-                h[co + v] = field
-                d[co + v] = diag[vo + v] + (2.0 - 4.0 * x[co + v]) * field
+            # views indexed from 0 (see _drop_add_pass)
+            fields = h[co : co + n]
+            into = Q[row_i : row_i + n]
+            out = Q[row_j : row_j + n]
+            if chain_move == MOVE_DROP_ADD:  # it reads the fields only
+                for v in range(n):
+                    fields[v] += np.float64(into[v]) - np.float64(out[v])
+            else:
+                deltas = d[co : co + n]
+                diagonal = diag[vo : vo + n]
+                xs = x[co : co + n]
+                for v in range(n):  # fields and single-flip deltas after the move, in one pass
+                    field = fields[v] + (np.float64(into[v]) - np.float64(out[v]))
+                    fields[v] = field
+                    deltas[v] = diagonal[v] + (2.0 - 4.0 * xs[v]) * field
             current += found[0]
             bits = _draw(key, it)
             # j may not come back for tenure_out + U[0, spread] iterations; i may not leave for tenure_in + ...
@@ -448,6 +544,7 @@ class KernelProblem:
     rowmax: np.ndarray  # (B,) float64: max Q_ji over j's group's light columns i ≠ j (groups > SMALL_GROUP only)
     colmax: np.ndarray  # (B,) float64: max_{j≠i} Q_ji over i's group for heavy columns i, −BIG for the rest
     kick: tuple[int, int] = (0, 0)  # (stall, swaps): kick after stall iterations without a new best; 0: never
+    move: int = MOVE_BEST  # MOVE_BEST or MOVE_DROP_ADD
 
     @property
     def num_variables(self) -> int:
@@ -468,7 +565,7 @@ def heavy_columns(block: np.ndarray) -> np.ndarray:
 
 
 def kernel_problem(Q: np.ndarray, group_of: np.ndarray, counts: np.ndarray, x0: np.ndarray | None,
-                   tenure: tuple[int, int, int], kick: tuple[int, int] = (0, 0)) -> KernelProblem:
+                   tenure: tuple[int, int, int], kick: tuple[int, int] = (0, 0), move: int = MOVE_BEST) -> KernelProblem:
     """Renumber a dense problem so that each group is contiguous (a no-op copy for one group)."""
     order = np.argsort(group_of, kind="stable").astype(np.int64)
     if not np.array_equal(order, np.arange(order.shape[0])):
@@ -488,7 +585,7 @@ def kernel_problem(Q: np.ndarray, group_of: np.ndarray, counts: np.ndarray, x0: 
     return KernelProblem(Q=Q, order=order, group_of=np.ascontiguousarray(group_of[order], dtype=np.int64),
                          counts=np.asarray(counts, np.int64),
                          x0=None if x0 is None else np.ascontiguousarray(x0[order], dtype=np.uint8), tenure=tenure,
-                         rowmax=rowmax, colmax=colmax, kick=(int(kick[0]), int(kick[1])))
+                         rowmax=rowmax, colmax=colmax, kick=(int(kick[0]), int(kick[1])), move=int(move))
 
 
 def _run_part(problems: list[KernelProblem], keys: np.ndarray, use_x0: np.ndarray, iterations: int,
@@ -520,6 +617,7 @@ def _run_part(problems: list[KernelProblem], keys: np.ndarray, use_x0: np.ndarra
     tenure_in, tenure_out, spread = (np.ascontiguousarray(tenure[:, column]) for column in range(3))
     stall = np.array([p.kick[0] for p in problems], np.int64)
     kick = np.array([p.kick[1] for p in problems], np.int64)
+    move = np.array([p.move for p in problems], np.int64)
     since_best = np.zeros(chains, np.int64)
     init_chains(Q, q_off, L["nvar"], L["var_off"], L["var_group"], L["x0"], L["grp_off"], L["ngrp"], L["g_start"],
                 L["g_count"], chain_problem, chain_var_off, chain_use_x0, key_start, x, best_x, slot, h,
@@ -534,7 +632,7 @@ def _run_part(problems: list[KernelProblem], keys: np.ndarray, use_x0: np.ndarra
         chunk_started = time.perf_counter()
         search(Q, diag, q_off, L["nvar"], L["var_off"], L["var_group"], rowmax, colmax, L["grp_off"], L["ngrp"], L["g_start"],
                L["g_size"], L["g_count"], L["sw_off"], L["nsw"], L["sw_groups"], chain_problem, chain_var_off, key_run,
-               tenure_in, tenure_out, spread, stall, kick, done, done + chunk, x, best_x, slot, keys, h, d, tabu_until,
+               tenure_in, tenure_out, spread, stall, kick, move, done, done + chunk, x, best_x, slot, keys, h, d, tabu_until,
                energy, best_energy, moves, since_best)
         chunk_seconds = time.perf_counter() - chunk_started
         done += chunk

@@ -43,17 +43,19 @@ def test_anneal_first_ranks_the_anneal_lengths_it_is_given(tmp_path):
 
 def test_budgets_compares_chain_budgets_against_cached_references(tmp_path):
     out, cache = tmp_path / "budgets.json", tmp_path / "references.json"
-    args = ("--family", "nm", "--size", "32", "--blocks", "2", "--run-seeds", "1,2", "--budgets", "1x20,2x200,auto",
-            "--reference-iterations", "400", "--reference-sweeps", "200", "--json", str(out), "--cache", str(cache))
+    args = ("--family", "nm", "--size", "32", "--first", "3", "--blocks", "2", "--run-seeds", "1,2", "--budgets",
+            "1x20,2x200,auto,2x300+move=drop-add+stall=50", "--reference-iterations", "400", "--reference-sweeps", "200",
+            "--json", str(out), "--cache", str(cache))
     printed = _run("budgets.py", *args)
     rows = json.loads(out.read_text())["rows"]
-    assert [row["budget"] for row in rows] == ["1x20", "2x200", "auto"]
+    assert [row["budget"] for row in rows] == ["1x20", "2x200", "auto", "2x300+move=drop-add+stall=50"]
     assert rows[1]["params"] == {"restarts": 2, "iterations": 200, "tenure": 4}  # N:M blocks: tenure 4
+    assert rows[3]["params"] == {"restarts": 2, "iterations": 300, "move": "drop-add", "stall": 50, "tenure": 4}
     for row in rows:  # the reference is the lowest energy seen, so no gap is negative
         assert 0.0 <= row["mean_gap"] <= row["worst_gap"] and row["runs"] == 4 and 0.0 <= row["within_0.1%"] <= 1.0
     assert "2x200" in printed and "auto" in printed
     record = json.loads(cache.read_text())
-    assert set(record["energies"]) == {"0", "1"} and all(energy > 0 for energy in record["energies"].values())
+    assert set(record["energies"]) == {"3", "4"} and all(energy > 0 for energy in record["energies"].values())
     record["energies"] = {seed: energy / 2 for seed, energy in record["energies"].items()}
     cache.write_text(json.dumps(record))
     _run("budgets.py", *args)  # a second run takes the cached references (here halved) instead of solving again

@@ -78,17 +78,18 @@ class MoveDefaults:
 
     tenure: int
     stall: int
-    kick_divisor: int  # a kick makes B // kick_divisor random swaps (at least 2)
+    kick_divisor: int  # a kick makes B // kick_divisor random swaps (at least 2) ...
+    kick_most: int | None = None  # ... and at most this many
 
 
 #: Per move (swap_tabu_cpu.MOVE_CODES): "best" as tuned above; "drop-add" (swap_tabu_cpu._drop_add)
 #: tuned on 32 outlier rows at B = 256 (benchmarks/budgets.py, 4 × 25,000 iterations, docs/solvers.md
 #: "Drop-add moves"): tenure 3 / stall 400 / 8 swaps left 0.11 % mean where stall 100–200 (kicked
 #: before the cheap moves had searched a valley) or 16–24 swaps (a new start each time) left 0.16–0.8 %,
-#: and tenure 2 or 5 0.14–0.19 %.
+#: and tenure 2 or 5 0.14–0.19 %; at B = 512 kicks of 16 swaps left 5.9 % where 8 left 2.2 %, hence the cap.
 MOVE_DEFAULTS = {
     "best": MoveDefaults(tenure=DEFAULT_TENURE, stall=DEFAULT_STALL, kick_divisor=KICK_DIVISOR),
-    "drop-add": MoveDefaults(tenure=3, stall=400, kick_divisor=32),
+    "drop-add": MoveDefaults(tenure=3, stall=400, kick_divisor=32, kick_most=8),
 }
 _MAX_ITERATIONS = 10**9
 _SEED_BOUND = 2**127
@@ -109,7 +110,8 @@ PARAMETERS = (
           + ", ".join(f"{value.stall} for move {name}" for name, value in MOVE_DEFAULTS.items()) + ")",
           minimum=0, maximum=_MAX_ITERATIONS),
     Param("kick", "int", "random swaps of a kick, made from the best state seen (none: "
-          + ", ".join(f"B/{value.kick_divisor} for move {name}" for name, value in MOVE_DEFAULTS.items())
+          + ", ".join(f"B/{value.kick_divisor}" + (f" up to {value.kick_most}" if value.kick_most else "")
+                      + f" for move {name}" for name, value in MOVE_DEFAULTS.items())
           + ", at least 2)", minimum=1, maximum=1_000_000),
     Param("anneal_sweeps", "int", f"sa sweeps first (none: {DEFAULT_ANNEAL_SWEEPS} when a group has more than "
           f"{AUTO_ANNEAL_ABOVE} variables, else 0)", minimum=0, maximum=_MAX_ITERATIONS),
@@ -161,8 +163,11 @@ class TabuParams:
 
 
 def kick_swaps(problem: BlockProblem, kick: int | None, move: str = "best") -> int:
-    """Random swaps of one kick: as asked, or B / the move's kick_divisor (at least 2)."""
-    return kick if kick is not None else max(2, problem.num_variables // MOVE_DEFAULTS[move].kick_divisor)
+    """Random swaps of one kick: as asked, or B / the move's kick_divisor (at least 2, at most its kick_most)."""
+    if kick is not None:
+        return kick
+    tuned = MOVE_DEFAULTS[move]
+    return max(2, min(problem.num_variables // tuned.kick_divisor, tuned.kick_most or problem.num_variables))
 
 
 def has_heavy_columns(problem: BlockProblem) -> bool:

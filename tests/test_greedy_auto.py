@@ -115,7 +115,7 @@ def test_auto_gives_rows_with_outlier_channels_drop_add_moves():
     assert "move" not in auto.choose(small)[1]  # B = 128: the best swap is as good and faster
     answer = solve(outliers, "auto", seed=1, sweeps=3000)
     assert answer.metadata["move"] == "drop-add" and answer.metadata["auto"]["move"] == "drop-add"
-    assert answer.metadata["tenure"] == 3 and answer.metadata["stall"] == 400 and answer.metadata["kick"] == min(size // 32, 8)
+    assert (answer.metadata["tenure"], answer.metadata["stall"], answer.metadata["kick"]) == (3, 400, size // 32)
     assert answer.energy <= solve(outliers, "swap-tabu", iterations=0).energy  # never above its greedy start
 
 

@@ -43,9 +43,9 @@ def test_anneal_first_ranks_the_anneal_lengths_it_is_given(tmp_path):
 
 def test_budgets_compares_chain_budgets_against_cached_references(tmp_path):
     out, cache = tmp_path / "budgets.json", tmp_path / "references.json"
-    args = ("--family", "nm", "--size", "32", "--first", "3", "--blocks", "2", "--run-seeds", "1,2", "--budgets",
-            "1x20,2x200,auto,2x300+move=drop-add+stall=50", "--reference-iterations", "400", "--reference-sweeps", "200",
-            "--json", str(out), "--cache", str(cache))
+    args = ("--family", "nm", "--size", "32", "--first", "3", "--blocks", "2", "--run-seeds", "1,2",
+            "--budgets", "1x20,2x200,auto,2x300+move=drop-add+stall=50", "--reference-iterations", "400",
+            "--reference-sweeps", "200", "--json", str(out), "--cache", str(cache))
     printed = _run("budgets.py", *args)
     rows = json.loads(out.read_text())["rows"]
     assert [row["budget"] for row in rows] == ["1x20", "2x200", "auto", "2x300+move=drop-add+stall=50"]

@@ -193,7 +193,7 @@ def test_each_move_has_its_own_tuned_defaults_and_given_values_win():
     assert (best.tenure, best.stall) == (2, 100) and (drop_add.tenure, drop_add.stall) == (3, 400)
     given = swap_tabu.TabuParams.parse({"move": "drop-add", "tenure": 1, "stall": 0})
     assert (given.tenure, given.stall) == (1, 0)
-    kicks = {size: swap_tabu.kick_swaps(BlockProblem.dense(np.eye(size, dtype=np.float32), k=size // 2), None, "drop-add")
+    kicks = {size: swap_tabu.kick_swaps(BlockProblem.dense(np.eye(size, dtype=np.float32), k=9), None, "drop-add")
              for size in (40, 128, 256, 512)}
     assert kicks == {40: 2, 128: 4, 256: 8, 512: 8}  # B/32, at least 2, at most 8
     assert swap_tabu.kick_swaps(BlockProblem.dense(np.eye(512, dtype=np.float32), k=9), None) == 32  # best: B/16
@@ -202,7 +202,8 @@ def test_each_move_has_its_own_tuned_defaults_and_given_values_win():
 
 def test_drop_add_reaches_the_exhaustive_optimum_and_keeps_counts():
     problems = [pruning_block(16, seed) for seed in range(100)]
-    problems += [pruning_block(24, 200 + seed, groups=np.arange(24) // 4, counts=[1, 2, 3, 2, 1, 2]) for seed in range(20)]
+    problems += [pruning_block(24, 200 + seed, groups=np.arange(24) // 4, counts=[1, 2, 3, 2, 1, 2])
+                 for seed in range(20)]
     answers = solve_batch(problems, SOLVER, seed=3, iterations=400, move="drop-add")
     optimal = 0
     for problem, answer in zip(problems, answers):

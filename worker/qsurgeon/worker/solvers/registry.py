@@ -39,7 +39,8 @@ BUILTIN_SOLVERS: dict[str, _BuiltinSpec] = {
     "sa": _BuiltinSpec("qsurgeon.worker.solvers.sa", "SimulatedAnnealingSolver", "worker",
                        "cardinality-preserving simulated annealing with swap moves (CPU kernel or CUDA)"),
     "swap-tabu": _BuiltinSpec("qsurgeon.worker.solvers.swap_tabu", "SwapTabuSolver", "worker",
-                              "swap tabu search inside groups (best swap or drop-add; CPU kernel; dense or factored, B ≤ 4096)"),
+                              "swap tabu search inside groups (best swap or drop-add; CPU kernel; dense or factored, "
+                              "B ≤ 4096)"),
     "auto": _BuiltinSpec("qsurgeon.worker.solvers.auto", "AutoSolver", "worker",
                          "picks exhaustive, swap-tabu or sa and its effort per block (size, groups)"),
     "neal": _BuiltinSpec("qsurgeon.worker.solvers.dimod_backends", "NealSolver", "worker",

@@ -9,7 +9,7 @@ the two variables to move back for a few iterations, so it walks through the low
 of such landscapes instead of sampling them. With ``move="drop-add"`` an iteration takes the
 cheapest drop and then the best add given it instead (O(B) in place of the whole
 neighbourhood): on rows with outlier input channels, where the full scan is costly and the
-search needs many iterations, that buys ~10× the iterations for the same time.
+search needs many iterations, that buys ~17× the iterations for the same time.
 
 Every chain starts feasible (x0; without one, the greedy construction + best-swap descent
 of :mod:`greedy`; or a random assignment with the right count in every group, when asked) and only swaps inside a group, so counts stay exact. Factored blocks are searched
@@ -229,17 +229,17 @@ class SwapTabuSolver(BatchSolver):
         """Search every problem; parameters (all optional):
 
         restarts (DEFAULT_RESTARTS; independent searches per problem, run in parallel), iterations
-        (DEFAULT_ITERATIONS per restart; one iteration = one swap), move ("best": the best swap over the
-        whole neighbourhood; "drop-add": the cheapest drop, then the best add given it), tenure (a
-        variable that moved is tabu for tenure + U[0, tenure] iterations), stall / kick (a kick of
-        ``kick`` random swaps from the best state after ``stall`` iterations without a new best;
-        tenure, stall and kick default to MOVE_DEFAULTS[move]), anneal_sweeps (when > 0, ``sa`` with this many sweeps and the same
-        restarts and seed runs first on the CPU and the search starts from its answer; 0: never;
-        None: DEFAULT_ANNEAL_SWEEPS for problems whose largest group has more than
-        AUTO_ANNEAL_ABOVE variables, where descending from x0 one best swap per O(B²) iteration
-        is slow, else 0), time_limit (seconds for the whole call, checked
-        between chunks of iterations; the best so far is returned), start ("auto": x0 where
-        the problem has one, else "greedy"; "x0"; "random"; "greedy"), seed (None: fresh, reported in the
+        (DEFAULT_ITERATIONS per restart; one iteration = one swap), move ("best": the best swap over
+        the whole neighbourhood; "drop-add": the cheapest drop, then the best add given it), tenure
+        (a variable that moved is tabu for tenure + U[0, tenure] iterations), stall / kick (a kick
+        of ``kick`` random swaps from the best state after ``stall`` iterations without a new best;
+        tenure, stall and kick default to MOVE_DEFAULTS[move]), anneal_sweeps (when > 0, ``sa``
+        with this many sweeps and the same restarts and seed runs first on the CPU and the search
+        starts from its answer; 0: never; None: DEFAULT_ANNEAL_SWEEPS for problems whose largest
+        group has more than AUTO_ANNEAL_ABOVE variables, where descending from x0 one best swap per
+        O(B²) iteration is slow, else 0), time_limit (seconds for the whole call, checked between
+        chunks of iterations; the best so far is returned), start ("auto": x0 where the problem has
+        one, else "greedy"; "x0"; "random"; "greedy"), seed (None: fresh, reported in the
         metadata), polish ("group": group descent from every restart's best state on blocks with
         small groups, kept where lower; "none", the default: it gained nothing on the 4:8 families).
         """

@@ -272,25 +272,28 @@ def _best_swap(Q, qo, n, co, d, rowmax, colmax, vo, slot, keys, tabu_until, it, 
 
 
 @njit(cache=True, inline="always")
+def _group_views(x, h, tabu_until, diag, co, vo, first, size):
+    """One group's x, h, tabu_until and diagonal in one chain, as views indexed from 0.
+
+    Why: an index the compiler knows to be ≥ 0 spares numba's wrap-around test for negative
+    indices; read as x[co + v], the drop-add kernel was 1.7× slower.
+    """
+    return (x[co + first : co + first + size], h[co + first : co + first + size],
+            tabu_until[co + first : co + first + size], diag[vo + first : vo + first + size])
+
+
+@njit(cache=True, inline="always")
 def _drop_add_pass(Q, diag, vo, qo, n, co, x, h, tabu_until, now, current, best, g_start, g_size, sw_groups, sw_base,
                    nsw, grp_base, found):
-    """One pass of :func:`_drop_add` with variables tabu until after ``now``; False when no move is allowed.
-
-    Each group is read through views indexed from 0: an index the compiler knows to be ≥ 0
-    spares numba's wrap-around test for negative indices (x[co + v] kept it: 30 % slower).
-    """
+    """One pass of :func:`_drop_add` with variables tabu until after ``now``; False when no move is allowed."""
     drop = BIG
     j = -1
     j_group = -1
     for s in range(nsw):
         group = grp_base + sw_groups[sw_base + s]
         first = g_start[group]
-        size = g_size[group]
-        xs = x[co + first : co + first + size]
-        hs = h[co + first : co + first + size]
-        tabu = tabu_until[co + first : co + first + size]
-        diagonal = diag[vo + first : vo + first + size]
-        for t in range(size):
+        xs, hs, tabu, diagonal = _group_views(x, h, tabu_until, diag, co, vo, first, g_size[group])
+        for t in range(g_size[group]):
             if xs[t] and tabu[t] <= now:
                 value = diagonal[t] - 2.0 * hs[t]
                 if value < drop:
@@ -301,10 +304,7 @@ def _drop_add_pass(Q, diag, vo, qo, n, co, x, h, tabu_until, now, current, best,
         return False
     first = g_start[j_group]
     size = g_size[j_group]
-    xs = x[co + first : co + first + size]
-    hs = h[co + first : co + first + size]
-    tabu = tabu_until[co + first : co + first + size]
-    diagonal = diag[vo + first : vo + first + size]
+    xs, hs, tabu, diagonal = _group_views(x, h, tabu_until, diag, co, vo, first, size)
     row = Q[qo + j * n + first : qo + j * n + first + size]
     add = BIG
     i = -1
@@ -323,8 +323,8 @@ def _drop_add_pass(Q, diag, vo, qo, n, co, x, h, tabu_until, now, current, best,
 
 
 @njit(cache=True)
-def _drop_add(Q, diag, vo, qo, n, co, x, h, tabu_until, it, current, best, g_start, g_size, g_count, sw_groups, sw_base,
-              nsw, grp_base, found):
+def _drop_add(Q, diag, vo, qo, n, co, x, h, tabu_until, it, current, best, g_start, g_size, sw_groups, sw_base, nsw,
+              grp_base, found):
     """A swap chosen in two halves, O(B) in all: found = [ΔE, i (in), j (out)].
 
     The drop is the allowed one with the lowest single-flip delta d_j = Q_jj − 2h_j over every
@@ -332,7 +332,7 @@ def _drop_add(Q, diag, vo, qo, n, co, x, h, tabu_until, it, current, best, g_sta
     drop, d_i − 2Q_ij (or any zero that makes a new best state). Why: on rows with outlier input
     channels the best-swap scan keeps thousands of pairs per iteration past its bound, and the
     search needs tens of thousands of iterations to leave the valleys it stalls in; this move
-    costs a few hundred operations, so the same time buys ~10× the iterations (docs/solvers.md,
+    costs three passes over the group, so the same time buys ~17× the iterations (docs/solvers.md,
     "Drop-add moves"). Groups are read in index order from x (the slot layout is not kept up to
     date in this mode: only kicks use it, and they rebuild it), so ties go to the lowest index.
     As in :func:`_best_swap`, a second pass ignores tabus when nothing is allowed.
@@ -455,7 +455,7 @@ def search(Q, diag, q_off, nvar, var_off, var_group, rowmax, colmax, grp_off, ng
                         best_x[co + v] = x[co + v]
                 continue
             if chain_move == MOVE_DROP_ADD:
-                _drop_add(Q, diag, vo, qo, n, co, x, h, tabu_until, it, current, best, g_start, g_size, g_count, sw_groups,
+                _drop_add(Q, diag, vo, qo, n, co, x, h, tabu_until, it, current, best, g_start, g_size, sw_groups,
                           sw_off[p], nsw[p], grp_off[p], found)
             else:
                 _best_swap(Q, qo, n, co, d, rowmax, colmax, var_off[p], slot, keys, tabu_until, it, current, best,
@@ -472,7 +472,7 @@ def search(Q, diag, q_off, nvar, var_off, var_group, rowmax, colmax, grp_off, ng
                 _move_slots(slot, co, begin, g_count[group], begin + g_size[group], i, j)
             row_i = qo + i * n
             row_j = qo + j * n
-            # views indexed from 0 (see _drop_add_pass)
+            # views indexed from 0 (see _group_views)
             fields = h[co : co + n]
             into = Q[row_i : row_i + n]
             out = Q[row_j : row_j + n]
@@ -565,7 +565,8 @@ def heavy_columns(block: np.ndarray) -> np.ndarray:
 
 
 def kernel_problem(Q: np.ndarray, group_of: np.ndarray, counts: np.ndarray, x0: np.ndarray | None,
-                   tenure: tuple[int, int, int], kick: tuple[int, int] = (0, 0), move: int = MOVE_BEST) -> KernelProblem:
+                   tenure: tuple[int, int, int], kick: tuple[int, int] = (0, 0),
+                   move: int = MOVE_BEST) -> KernelProblem:
     """Renumber a dense problem so that each group is contiguous (a no-op copy for one group)."""
     order = np.argsort(group_of, kind="stable").astype(np.int64)
     if not np.array_equal(order, np.arange(order.shape[0])):
@@ -632,8 +633,8 @@ def _run_part(problems: list[KernelProblem], keys: np.ndarray, use_x0: np.ndarra
         chunk_started = time.perf_counter()
         search(Q, diag, q_off, L["nvar"], L["var_off"], L["var_group"], rowmax, colmax, L["grp_off"], L["ngrp"], L["g_start"],
                L["g_size"], L["g_count"], L["sw_off"], L["nsw"], L["sw_groups"], chain_problem, chain_var_off, key_run,
-               tenure_in, tenure_out, spread, stall, kick, move, done, done + chunk, x, best_x, slot, keys, h, d, tabu_until,
-               energy, best_energy, moves, since_best)
+               tenure_in, tenure_out, spread, stall, kick, move, done, done + chunk, x, best_x, slot, keys, h, d,
+               tabu_until, energy, best_energy, moves, since_best)
         chunk_seconds = time.perf_counter() - chunk_started
         done += chunk
     results = []

@@ -14,6 +14,9 @@ benchmarks/out/references_<family>_<B>.json (about 5 s per block at B = 256, onc
 
     .venv/bin/python benchmarks/budgets.py --family nm --blocks 32 --budgets 2x17500,4x8750,4x10000
     .venv/bin/python benchmarks/budgets.py --family outlier --blocks 32 --budgets 2x4000,4x2000,auto-long
+    .venv/bin/python benchmarks/budgets.py --family outlier --first 32 --budgets 2x4000,auto,4x40000+move=drop-add
+
+``RxI+name=value+...`` passes further swap-tabu parameters; ``--first`` picks held-out instances.
 
 Writes benchmarks/out/budgets_<family>_<B>.json (or --json).
 """

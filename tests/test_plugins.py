@@ -153,7 +153,9 @@ def test_solvers_json_lists_each_declared_parameter(capsys):
                                       "above": None, "choices": [], "help": listed["sa"]["sweeps"]["help"]}
     assert "none: by size" in listed["sa"]["sweeps"]["help"]
     assert listed["sa"]["start"]["choices"] == ["auto", "x0", "random", "greedy"] and listed["sa"]["start"]["default"] == "auto"
-    assert listed["swap-tabu"]["restarts"]["maximum"] == 4096 and listed["swap-tabu"]["tenure"]["default"] == 2
+    assert listed["swap-tabu"]["restarts"]["maximum"] == 4096 and listed["swap-tabu"]["tenure"]["default"] is None
+    assert "2 for move best, 3 for move drop-add" in listed["swap-tabu"]["tenure"]["help"]  # the default, by move
+    assert listed["swap-tabu"]["move"]["choices"] == ["best", "drop-add"] and listed["swap-tabu"]["move"]["default"] == "best"
     assert listed["neal"]["restarts"]["default"] == 16 and listed["neal"]["alpha"]["default"] == 0.5
     assert listed["tabu"]["time_limit"]["above"] == 0.0 and listed["exact-dimod"]["alpha"]["default"] == "hard"
     assert listed["qaoa"]["optimizer"]["choices"] == ["cobyla", "nelder-mead", "spsa"]

@@ -7,7 +7,8 @@ the benchmark families at B = 256:
   reaches the best known energy where ``sa`` at equal time leaves 0.3–6 %; where the group has
   heavy columns (outlier input channels) and 128 < B ≤ 512, with drop-add moves, 4 × 25,000
   iterations: the best-swap scan is costly there and the search needs many iterations
-  (0.07 % mean where the best swap's default left 0.28 % in 1.5× the time, B = 256);
+  (0.071 % mean over 64 outlier blocks where the best swap's default left 0.28 % in 1.4× the
+  time, B = 256);
 - small groups (N:M, groups of ≤ sa.SMALL_GROUP variables), B ≤ TABU_GROUPS_MAX_VARIABLES:
   ``swap-tabu`` with tenure 4, 4 × 10,000 iterations. At tenure 2 it cycles inside the tiny
   neighbourhoods; at tenure 4 it left 0.27 % mean on 16 4:8 blocks at B = 256 in 84 ms, where
@@ -55,8 +56,10 @@ TABU_MAX_VARIABLES = 4096
 #: Blocks of large groups with heavy columns (rows with outlier input channels, swap_tabu.has_heavy_columns)
 #: of more than DROP_ADD_MIN_VARIABLES and at most DROP_ADD_MAX_VARIABLES variables get swap-tabu's drop-add
 #: moves ("swap-tabu-heavy"). At B = 256 (64 outlier blocks × 2 runs, benchmarks/budgets.py) 4 × 25,000
-#: drop-add iterations left 0.07 % mean in 130–138 ms where the best-swap default 2 × 4000 left 0.28 % in
-#: 184–216 ms; at B = 128 both reach the best known and the best swap is the faster.
+#: drop-add iterations left 0.071 % mean in 136–147 ms where the best-swap default 2 × 4000 left 0.28 % in
+#: 191–194 ms; at B = 512 (8 blocks) 2.2 % against 10 %; at B = 128 both reach the best known and the best
+#: swap is the faster. Causal-LM rows have milder heavy columns, take this route too and pay 1.25× the time
+#: for the same answers (docs/solvers.md, "Drop-add moves").
 DROP_ADD_MIN_VARIABLES = 128
 DROP_ADD_MAX_VARIABLES = 512
 EFFORTS = ("short", "default", "long")

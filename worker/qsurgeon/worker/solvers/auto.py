@@ -57,9 +57,9 @@ TABU_MAX_VARIABLES = 4096
 #: of more than DROP_ADD_MIN_VARIABLES and at most DROP_ADD_MAX_VARIABLES variables get swap-tabu's drop-add
 #: moves ("swap-tabu-heavy"). At B = 256 (64 outlier blocks × 2 runs, benchmarks/budgets.py) 4 × 25,000
 #: drop-add iterations left 0.071 % mean in 136–147 ms where the best-swap default 2 × 4000 left 0.28 % in
-#: 191–194 ms; at B = 512 (8 blocks) 2.2 % against 10 %; at B = 128 both reach the best known and the best
-#: swap is the faster. Causal-LM rows have milder heavy columns, take this route too and pay 1.25× the time
-#: for the same answers (docs/solvers.md, "Drop-add moves").
+#: 191–194 ms; at B = 512 (8 blocks) 2.2 % against 9.9 % in 271 ms against 871; at B = 128 both reach the
+#: best known and the best swap is the faster. Causal-LM rows have milder heavy columns, take this route too
+#: and pay 1.25× the time for the same answers at B = 256 (docs/solvers.md, "Drop-add moves").
 DROP_ADD_MIN_VARIABLES = 128
 DROP_ADD_MAX_VARIABLES = 512
 EFFORTS = ("short", "default", "long")

@@ -307,6 +307,9 @@ def test_solve_directory_streams_and_resumes(tmp_path, capsys, monkeypatch):
     assert len(list(tmp_path.glob("*.exhaustive.solution.npz"))) == len(entries)
     assert main(["solve", str(tmp_path), "--solver", "exhaustive", "--quiet"]) == 0
     assert "0 solved, 9 already answered" in capsys.readouterr().out
+    assert main(["solve", str(tmp_path), "--solver", "exhaustive", "--quiet", "--json"]) == 0
+    printed = capsys.readouterr()  # no record on stdout for a skipped block, and a line on stderr saying so
+    assert printed.out == "" and "9 of 9 blocks already answered (skipped; --fresh solves them again)" in printed.err
 
 
 def test_solve_directory_with_a_reference_writes_the_record(tmp_path, capsys, mock_qpu):

@@ -249,6 +249,8 @@ def run_solve(args: argparse.Namespace) -> int:
     bar.close()
     if writer is not None:
         writer.finish(Path(args.out) / RECORD_FILE)
+    if args.json and skipped:  # stdout holds one JSON record per solved block; say why some have none
+        print(f"{skipped} of {len(files)} blocks already answered (skipped; --fresh solves them again)", file=sys.stderr)
     if not args.json:
         print(f"{len(files)} blocks: {solved} solved, {skipped} already answered (skipped), {len(failures)} failed")
         if versus:

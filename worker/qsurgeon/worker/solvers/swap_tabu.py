@@ -34,6 +34,7 @@ import numpy as np
 
 from qsurgeon.client.errors import UsageError
 from qsurgeon.worker.block.problem import BlockProblem, BlockSolution
+from qsurgeon.worker.solvers import swap_tabu_cpu
 from qsurgeon.worker.solvers.base import BatchSolver, Capabilities, Param, check_params, declared_value
 from qsurgeon.worker.solvers.greedy import greedy_start
 from qsurgeon.worker.solvers.sa import polish_chains, start_kind
@@ -74,22 +75,24 @@ _STARTS = ("auto", "x0", "random", "greedy")
 
 @dataclass(frozen=True)
 class MoveDefaults:
-    """What a search with one kind of move uses where the call does not say (tuned per move)."""
+    """A move's code in the kernel, and what a search with it uses where the call does not say (tuned per move)."""
 
+    code: int  # swap_tabu_cpu.MOVE_BEST or MOVE_DROP_ADD
     tenure: int
     stall: int
     kick_divisor: int  # a kick makes B // kick_divisor random swaps (at least 2) ...
     kick_most: int | None = None  # ... and at most this many
 
 
-#: Per move (swap_tabu_cpu.MOVE_CODES): "best" as tuned above; "drop-add" (swap_tabu_cpu._drop_add)
+#: Per move, by the name ``move`` takes: "best" as tuned above; "drop-add" (swap_tabu_cpu._drop_add)
 #: tuned on 32 outlier rows at B = 256 (benchmarks/budgets.py, 4 × 25,000 iterations, docs/solvers.md
 #: "Drop-add moves"): tenure 3 / stall 400 / 8 swaps left 0.11 % mean where stall 100–200 (kicked
 #: before the cheap moves had searched a valley) or 16–24 swaps (a new start each time) left 0.16–0.8 %,
 #: and tenure 2 or 5 0.14–0.19 %; at B = 512 kicks of 16 swaps left 5.9 % where 8 left 2.2 %, hence the cap.
 MOVE_DEFAULTS = {
-    "best": MoveDefaults(tenure=DEFAULT_TENURE, stall=DEFAULT_STALL, kick_divisor=KICK_DIVISOR),
-    "drop-add": MoveDefaults(tenure=3, stall=400, kick_divisor=32, kick_most=8),
+    "best": MoveDefaults(swap_tabu_cpu.MOVE_BEST, tenure=DEFAULT_TENURE, stall=DEFAULT_STALL,
+                         kick_divisor=KICK_DIVISOR),
+    "drop-add": MoveDefaults(swap_tabu_cpu.MOVE_DROP_ADD, tenure=3, stall=400, kick_divisor=32, kick_most=8),
 }
 _MAX_ITERATIONS = 10**9
 _SEED_BOUND = 2**127
@@ -174,8 +177,6 @@ def has_heavy_columns(problem: BlockProblem) -> bool:
     """Whether some group of more than swap_tabu_cpu.SMALL_GROUP variables has heavy columns (outlier input
     channels: entries several times the rest, swap_tabu_cpu.heavy_columns): ``auto`` gives such blocks drop-add
     moves."""
-    from qsurgeon.worker.solvers import swap_tabu_cpu
-
     Q = problem.dense_Q()
     for members in problem.group_members():
         if len(members) > swap_tabu_cpu.SMALL_GROUP:
@@ -277,8 +278,6 @@ class SwapTabuSolver(BatchSolver):
     @staticmethod
     def _search(problems: list[BlockProblem], use_x0: np.ndarray, options: TabuParams,
                 deadline: float | None) -> list:
-        from qsurgeon.worker.solvers import swap_tabu_cpu
-
         kernel_problems, keys = [], []
         for problem in problems:
             Q = dense_kernel_Q(problem)
@@ -286,7 +285,7 @@ class SwapTabuSolver(BatchSolver):
             kernel_problems.append(swap_tabu_cpu.kernel_problem(
                 Q, problem.group_of, problem.counts, problem.x0, (options.tenure, options.tenure, options.tenure),
                 (options.stall, kick_swaps(problem, options.kick, options.move)),
-                swap_tabu_cpu.MOVE_CODES[options.move]))
+                MOVE_DEFAULTS[options.move].code))
         # the time limit covers forming the dense matrices too (seconds at B = 4096)
         time_limit = None if deadline is None else max(deadline - time.perf_counter(), 1e-6)
         return swap_tabu_cpu.run_batch(kernel_problems, np.stack(keys), use_x0, options.iterations, time_limit)

@@ -44,10 +44,9 @@ _LOW32 = np.uint64(0xFFFFFFFF)
 #: Salt of the kicks' random stream (the tenures draw from the chain key itself).
 _KICK_SALT = np.uint64(0x6B69636B5F737470)
 #: The move of an iteration (KernelProblem.move): the best swap of the whole neighbourhood (:func:`_best_swap`),
-#: or a drop then an add (:func:`_drop_add`); by the names ``swap-tabu``'s ``move`` takes.
+#: or a drop then an add (:func:`_drop_add`); ``swap_tabu.MOVE_DEFAULTS`` names them.
 MOVE_BEST = 0
 MOVE_DROP_ADD = 1
-MOVE_CODES = {"best": MOVE_BEST, "drop-add": MOVE_DROP_ADD}
 
 
 @njit(cache=True)
